@@ -1,0 +1,1 @@
+"""servegym environments: workloads, the engine, and (later) the Gymnasium envs over them."""

@@ -1,0 +1,1 @@
+"""The mini inference engine: paged KV cache, continuous batching, cluster, backends."""

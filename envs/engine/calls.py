@@ -1,0 +1,123 @@
+"""Per-call engine state as preallocated numpy columns (structure of arrays).
+
+The hot path touches dozens of live calls every iteration; Python objects per call would cost
+more than the simulation itself, so each field is a column indexed by an engine call id and
+the scheduler works on slices. Block tables and hash chains stay Python lists (their lengths
+differ per call and they change only at block boundaries).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+
+class CallState(IntEnum):
+    PENDING = 0  # parents or their tools not done yet
+    WAITING = 1  # ready, queued on a replica, holds no KV (or only its computed prefix after recompute)
+    RUNNING = 2  # scheduled in the replica's running set, holds KV
+    SWAPPED = 3  # preempted to the host tier, queued for swap-in
+    FINISHED = 4
+    REJECTED = 5  # cannot ever run (e.g. larger than the KV cache), or its tree was cut
+
+
+TERMINAL = (CallState.FINISHED, CallState.REJECTED)
+
+_INT_COLUMNS = (
+    "job",  # engine job index
+    "call_in_job",
+    "replica",
+    "state",
+    "prompt_tokens",  # resolved when the call becomes ready
+    "target_tokens",  # min(true output, role budget): where the call stops
+    "max_tokens",
+    "true_output_tokens",
+    "num_computed",  # tokens whose KV exists
+    "num_output",  # tokens generated
+    "num_held_blocks",
+    "num_registered_blocks",  # leading blocks whose hash is published to the prefix cache
+    "num_preemptions",
+    "recomputed_tokens",
+    "lost_tokens",  # KV tokens dropped by the last recompute preemption, not yet recomputed
+    "host_blocks",  # blocks parked in the host tier while swapped
+    "cached_prompt_tokens",  # prompt tokens served by the prefix cache at first admission
+    "role",
+    "depth",
+    "pending_parents",
+)
+_FLOAT_COLUMNS = (
+    "ready_s",
+    "enqueue_s",  # last time it joined a waiting queue
+    "first_token_s",
+    "finish_s",
+    "release_s",  # earliest time its children may start (max over parents of finish + tool)
+    "tool_latency_s",
+    "path_service",  # critical-path service (tokens) through this call, for ATLAS
+)
+
+
+class CallTable:
+    """Columns for every call the engine has seen, grown by doubling."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.size = 0
+        self._capacity = capacity
+        for name in _INT_COLUMNS:
+            setattr(self, name, np.zeros(capacity, dtype=np.int64))
+        for name in _FLOAT_COLUMNS:
+            setattr(self, name, np.full(capacity, np.nan))
+        self.blocks: list[list[int]] = []  # block table per call
+        self.segments: list[list[tuple[int, int]]] = []  # prompt as (content key id, tokens)
+        self.hashes: list[list[int]] = []  # chained hashes of full blocks computed so far
+
+    def add(self, count: int) -> range:
+        """Reserve ``count`` new call ids."""
+        while self.size + count > self._capacity:
+            self._grow()
+        ids = range(self.size, self.size + count)
+        self.size += count
+        for _ in ids:
+            self.blocks.append([])
+            self.segments.append([])
+            self.hashes.append([])
+        return ids
+
+    def _grow(self) -> None:
+        new = self._capacity * 2
+        for name in _INT_COLUMNS + _FLOAT_COLUMNS:
+            old = getattr(self, name)
+            fresh = np.zeros(new, dtype=old.dtype) if old.dtype.kind == "i" else np.full(new, np.nan)
+            fresh[: self._capacity] = old
+            setattr(self, name, fresh)
+        self._capacity = new
+
+    def hash_chain(self, call: int, num_blocks: int, block_size: int) -> list[int]:
+        """Chained hashes of the call's first ``num_blocks`` full blocks (prompt then its own
+        output), extending a memo. Equal chains mean equal token prefixes, so they key the
+        prefix cache exactly like vLLM's hash(parent hash, block tokens)."""
+        chain = self.hashes[call]
+        if len(chain) >= num_blocks:
+            return chain
+        segments = self.segments[call] + [(-1 - call, int(self.num_output[call]))]
+        start = len(chain) * block_size
+        stop = num_blocks * block_size
+        prev = chain[-1] if chain else 0
+        pieces: list[tuple[int, int, int]] = []
+        pos = 0  # token position where the current segment starts
+        for key, length in segments:
+            seg_end = pos + length
+            lo = max(start, pos)
+            while lo < min(seg_end, stop):
+                block_end = (lo // block_size + 1) * block_size
+                hi = min(seg_end, block_end, stop)
+                pieces.append((key, lo - pos, hi - pos))
+                if hi == block_end:
+                    prev = hash((prev, tuple(pieces)))
+                    chain.append(prev)
+                    pieces = []
+                lo = hi
+            pos = seg_end
+            if pos >= stop:
+                break
+        return chain

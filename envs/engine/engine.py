@@ -1,0 +1,350 @@
+"""The cluster engine: one discrete-event virtual clock over replicas, jobs and tools.
+
+Events are job arrivals, calls becoming ready (parents done, tools returned, network crossed)
+and replica iterations ending. The engine does not call a policy: ``next_decision()`` advances
+the clock until a choice is needed and returns it, ``decide(scores)`` applies the answer, and
+``run(policy)`` is the plain driver loop that does both. Nothing here reads wall-clock time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Generator
+from enum import IntEnum
+
+import numpy as np
+
+from servegym.envs.engine.backend import Backend, Batch, SimBackend
+from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
+from servegym.envs.engine.config import ClusterConfig, EngineConfig
+from servegym.envs.engine.cost_model import ModelProfile, load_profile
+from servegym.envs.engine.features import candidate_decision, route_decision
+from servegym.envs.engine.metrics import RunMetrics, collect_metrics
+from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
+from servegym.envs.engine.scheduler import Replica
+from servegym.envs.workloads.job import Job, Output, role_id
+from servegym.envs.workloads.source import JobSource
+
+
+class EventKind(IntEnum):
+    """Also the tie-break at equal times: arrivals, then ready calls, then iterations."""
+
+    ARRIVAL = 0
+    READY = 1
+    STEP = 2
+
+
+class Engine:
+    def __init__(
+        self,
+        source: JobSource,
+        cluster: ClusterConfig | None = None,
+        engine: EngineConfig | None = None,
+        time_scale_s: float = 30.0,
+        backend_factory: Callable[[ModelProfile], Backend] = SimBackend,
+    ) -> None:
+        self.cluster = cluster or ClusterConfig()
+        self.config = engine or EngineConfig()
+        if not time_scale_s > 0:
+            raise ValueError(f"time_scale_s must be > 0, got {time_scale_s!r}")
+        self.time_scale_s = time_scale_s
+        self.source = source
+        self.calls = CallTable()
+        self.replicas = [
+            Replica(i, profile, self.config, self.calls, backend_factory(profile), self._build_decision)
+            for i, profile in enumerate(load_profile(name) for name in self.cluster.replicas)
+        ]
+        self.now_s = 0.0
+        self._events: list[tuple[float, int, int, object]] = []
+        self._keys: dict[str, int] = {}  # prompt content key -> id for block hashing
+        # per job
+        self.jobs: list[Job] = []
+        self.job_first_call: list[int] = []
+        self.job_children: list[list[list[int]]] = []
+        self.job_arrival_s = np.zeros(0)
+        self.job_finish_s = np.zeros(0)
+        self.job_service = np.zeros(0)
+        self.job_calls_done = np.zeros(0, dtype=np.int64)
+        self.job_num_calls = np.zeros(0, dtype=np.int64)
+        self.job_tenant = np.zeros(0, dtype=np.int64)
+        self.job_failed = np.zeros(0, dtype=bool)
+        self.job_replicas: list[set[int]] = []
+        self.tenants: dict[str, int] = {}
+        self.tenant_service = np.zeros(0)
+        self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
+        self.num_live_jobs = 0
+        self.stall: str | None = None
+        self.kv_samples: list[tuple[float, int, float]] = []  # (time, replica, used fraction)
+        self._loop = self._run()
+        self._pending: Decision | None = None
+        self._answer: np.ndarray | None = None
+        self._started = False
+        for job in source.initial_jobs():
+            self._add_job(job)
+
+    # ------------------------------------------------------------------ driver API
+    @property
+    def done(self) -> bool:
+        """True once the workload has drained (or the run stalled; see ``stall``)."""
+        return self._started and self._loop is None
+
+    def next_decision(self) -> Decision | None:
+        """Advance the clock to the next choice; None once the workload has drained."""
+        if self._pending is not None:
+            return self._pending
+        if self._started and self._loop is None:
+            return None
+        self._started = True
+        try:
+            self._pending = self._loop.send(None) if self._answer is None else self._loop.send(self._answer)
+        except StopIteration:
+            self._pending = None
+            self._loop = None
+        self._answer = None
+        return self._pending
+
+    def decide(self, scores: np.ndarray) -> None:
+        if self._pending is None:
+            raise RuntimeError("decide() called with no pending decision; call next_decision() first")
+        scores = check_scores(self._pending, scores)
+        if self._pending.kind == DecisionKind.ROUTE:
+            scores = np.where(self._pending.mask, scores, -np.inf)
+        self._answer = scores
+        self._pending = None
+
+    def run(self, policy: Policy, progress: Callable[[Engine], None] | None = None) -> RunMetrics:
+        """Drive the engine with ``policy`` until the workload drains; returns the metrics."""
+        while (decision := self.next_decision()) is not None:
+            self.decide(policy.scores(decision))
+            if progress is not None:
+                progress(self)
+        return self.metrics()
+
+    def metrics(self) -> RunMetrics:
+        return collect_metrics(self)
+
+    # ------------------------------------------------------------------ events
+    def _push(self, time_s: float, kind: EventKind, key: int, payload: object = None) -> None:
+        heapq.heappush(self._events, (time_s, int(kind), key, payload))
+
+    def _run(self) -> Generator[Decision, np.ndarray | None, None]:
+        events = self._events
+        while events:
+            time_s, kind, key, payload = heapq.heappop(events)
+            self.now_s = time_s
+            if kind == EventKind.ARRIVAL:
+                self._arrive(key)
+            elif kind == EventKind.READY:
+                yield from self._route(key)
+            else:
+                yield from self._step(self.replicas[key])
+        unfinished = np.flatnonzero(np.isnan(self.job_finish_s)).tolist()
+        if unfinished and self.stall is None:
+            self.stall = self._diagnose(unfinished)
+
+    def _diagnose(self, unfinished: list[int]) -> str:
+        lines = [f"stalled at t={self.now_s:.3f}s with {len(unfinished)} unfinished jobs and no event left"]
+        for replica in self.replicas:
+            if replica.waiting or replica.running:
+                head = replica.waiting[0] if replica.waiting else replica.running[0]
+                plan = replica.admission_plan(head, replica.config.max_num_batched_tokens)
+                lines.append(
+                    f"replica {replica.index}: {len(replica.waiting)} waiting, {len(replica.running)} running, "
+                    f"{replica.blocks.num_free_blocks}/{replica.blocks.num_blocks} blocks free; "
+                    f"head call {head} needs {plan.total_blocks} blocks for a {plan.chunk_tokens}-token chunk"
+                )
+        return "; ".join(lines)
+
+    # ------------------------------------------------------------------ jobs and calls
+    def _add_job(self, job: Job) -> None:
+        index = len(self.jobs)
+        self.jobs.append(job)
+        tenant = self.tenants.setdefault(job.tenant, len(self.tenants))
+        if tenant >= len(self.tenant_service):
+            self.tenant_service = np.append(self.tenant_service, 0.0)
+        self.job_arrival_s = np.append(self.job_arrival_s, job.arrival_s)
+        self.job_finish_s = np.append(self.job_finish_s, np.nan)
+        self.job_service = np.append(self.job_service, 0.0)
+        self.job_calls_done = np.append(self.job_calls_done, 0)
+        self.job_num_calls = np.append(self.job_num_calls, len(job.calls))
+        self.job_tenant = np.append(self.job_tenant, tenant)
+        self.job_failed = np.append(self.job_failed, False)
+        self.job_replicas.append(set())
+        self.job_first_call.append(-1)  # set when the job arrives and its calls get ids
+        self.job_children.append(job.children())
+        self._push(job.arrival_s, EventKind.ARRIVAL, index)
+
+    def _arrive(self, index: int) -> None:
+        job = self.jobs[index]
+        calls = self.calls
+        ids = calls.add(len(job.calls))
+        self.job_first_call[index] = ids.start
+        depths = job.depth()
+        for call, spec, depth in zip(ids, job.calls, depths, strict=True):
+            calls.job[call] = index
+            calls.call_in_job[call] = spec.call_id
+            calls.replica[call] = -1
+            calls.state[call] = CallState.PENDING
+            calls.max_tokens[call] = spec.max_tokens
+            calls.true_output_tokens[call] = spec.output_tokens
+            calls.target_tokens[call] = spec.generated_tokens
+            calls.tool_latency_s[call] = spec.tool_latency_s
+            calls.role[call] = role_id(spec.role)
+            calls.depth[call] = depth
+            calls.pending_parents[call] = len(spec.parents)
+            calls.release_s[call] = job.arrival_s
+            calls.path_service[call] = 0.0
+        self.num_live_jobs += 1
+        for call, spec in zip(ids, job.calls, strict=True):
+            if not spec.parents:
+                self._push(job.arrival_s, EventKind.READY, call)
+
+    def _resolve_prompt(self, call: int) -> None:
+        """Turn the call's segments into (content id, tokens) now that its ancestors ran."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        job = self.jobs[job_index]
+        base = self.job_first_call[job_index]
+        segments = []
+        for seg in job.calls[int(calls.call_in_job[call])].prompt:
+            if isinstance(seg, Output):
+                source = base + seg.call
+                segments.append((-1 - source, int(calls.num_output[source])))
+            else:
+                segments.append((self._keys.setdefault(seg.key, len(self._keys)), seg.num_tokens))
+        calls.segments[call] = segments
+        calls.prompt_tokens[call] = sum(length for _, length in segments)
+
+    def _route(self, call: int) -> Generator[Decision, np.ndarray, None]:
+        calls = self.calls
+        if calls.state[call] != CallState.PENDING:  # rejected with its tree meanwhile
+            return
+        self._resolve_prompt(call)
+        spec = self.jobs[int(calls.job[call])].calls[int(calls.call_in_job[call])]
+        need_tokens = int(calls.prompt_tokens[call]) + spec.max_tokens
+        serves = np.array([spec.model in (None, r.profile.name, r.profile.model) for r in self.replicas])
+        fits = np.array([need_tokens <= r.capacity_tokens for r in self.replicas])
+        eligible = serves & fits
+        if not eligible.any():
+            if not serves.any():
+                reason = f"no replica serves model {spec.model!r}"
+            else:
+                largest = max(r.capacity_tokens for r, ok in zip(self.replicas, serves, strict=True) if ok)
+                reason = (
+                    f"prompt {int(calls.prompt_tokens[call])} + max_tokens {spec.max_tokens} tokens exceeds "
+                    f"the KV cache ({largest} tokens) of every replica serving it"
+                )
+            self._reject(call, reason)
+            return
+        if eligible.sum() == 1:
+            target = int(np.flatnonzero(eligible)[0])
+        else:
+            scores = yield route_decision(self, call, eligible)
+            target = int(np.argmax(np.where(eligible, scores, -np.inf)))
+        replica = self.replicas[target]
+        calls.replica[call] = target
+        calls.state[call] = CallState.WAITING
+        calls.ready_s[call] = self.now_s
+        calls.enqueue_s[call] = self.now_s
+        self.job_replicas[int(calls.job[call])].add(target)
+        replica.waiting.append(call)
+        if replica.in_flight is None:
+            replica.in_flight = Batch(np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, 0.0, 0)
+            self._push(self.now_s, EventKind.STEP, target)
+
+    def _reject(self, call: int, reason: str) -> None:
+        """Reject a call and, with it, every call of its tree that has not run yet."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        job = self.jobs[job_index]
+        base = self.job_first_call[job_index]
+        self.rejections.append((job.job_id, int(calls.call_in_job[call]), reason))
+        self.job_failed[job_index] = True
+        for other in range(base, base + len(job.calls)):
+            if calls.state[other] == CallState.PENDING:
+                calls.state[other] = CallState.REJECTED
+                calls.finish_s[other] = self.now_s
+                self._call_done(other)
+
+    def _call_done(self, call: int) -> None:
+        job_index = int(self.calls.job[call])
+        self.job_calls_done[job_index] += 1
+        if self.job_calls_done[job_index] == self.job_num_calls[job_index]:
+            self.job_finish_s[job_index] = self.now_s
+            self.num_live_jobs -= 1
+            for job in self.source.on_job_finished(self.jobs[job_index], self.now_s):
+                self._add_job(job)
+
+    def _finish(self, call: int) -> None:
+        calls = self.calls
+        job_index = int(calls.job[call])
+        job = self.jobs[job_index]
+        base = self.job_first_call[job_index]
+        spec = job.calls[int(calls.call_in_job[call])]
+        calls.state[call] = CallState.FINISHED
+        calls.finish_s[call] = self.now_s
+        parents_path = max((calls.path_service[base + p] for p in spec.parents), default=0.0)
+        calls.path_service[call] = parents_path + calls.prompt_tokens[call] + calls.num_output[call]
+        release = self.now_s + spec.tool_latency_s
+        for child in self.job_children[job_index][spec.call_id]:
+            child_id = base + child
+            calls.release_s[child_id] = max(calls.release_s[child_id], release)
+            calls.pending_parents[child_id] -= 1
+            if calls.pending_parents[child_id] == 0 and calls.state[child_id] == CallState.PENDING:
+                self._push(calls.release_s[child_id] + self.cluster.network_delay_s, EventKind.READY, child_id)
+        self._call_done(call)
+
+    # ------------------------------------------------------------------ iterations
+    def _build_decision(self, replica, kind, candidates, plans, budget_left) -> Decision:
+        return candidate_decision(self, replica, kind, candidates, plans, budget_left)
+
+    def _step(self, replica: Replica) -> Generator[Decision, np.ndarray, None]:
+        if replica.in_flight is not None and len(replica.in_flight.calls):
+            self._complete(replica, replica.in_flight)
+        replica.in_flight = None
+        batch = yield from replica.schedule()
+        if batch is None and replica.waiting:  # everything was preempted: admit afresh
+            batch = yield from replica.schedule()
+        if batch is None:
+            if replica.waiting:  # waiting work, nothing running, nothing admissible: a stall
+                self.stall = self._diagnose(np.flatnonzero(np.isnan(self.job_finish_s)).tolist())
+                self._events.clear()
+            return
+        horizon = self._events[0][0] if self._events else np.inf
+        replica.time_batch(batch, self.now_s, horizon)
+        replica.in_flight = batch
+        replica.num_iterations += batch.num_iterations
+        replica.busy_s += batch.end_s - self.now_s
+        replica.kv_used_block_s += batch.kv_used_block_s
+        self.kv_samples.append((self.now_s, replica.index, replica.blocks.num_used_blocks / replica.blocks.num_blocks))
+        self._push(batch.end_s, EventKind.STEP, replica.index)
+
+    def _complete(self, replica: Replica, batch: Batch) -> None:
+        """Apply a finished batch: tokens computed, tokens sampled, calls done."""
+        calls = self.calls
+        ids, n_iter = batch.calls, batch.num_iterations
+        calls.num_computed[ids] += batch.num_new_tokens * n_iter
+        sampled = calls.num_computed[ids] == calls.prompt_tokens[ids] + calls.num_output[ids] + (n_iter - 1)
+        first = sampled & (calls.num_output[ids] == 0)
+        calls.first_token_s[ids[first]] = self.now_s
+        calls.num_output[ids[sampled]] += n_iter
+        processed = batch.num_new_tokens * n_iter
+        jobs = calls.job[ids]
+        np.add.at(self.job_service, jobs, processed)
+        # VTC's weights: an input token costs 1, an output token 2
+        vtc = np.where(sampled & (calls.num_output[ids] > n_iter), 2 * processed, processed)
+        np.add.at(self.tenant_service, self.job_tenant[jobs], vtc)
+        done = ids[sampled & (calls.num_output[ids] >= calls.target_tokens[ids])]
+        if len(done):
+            for call in done.tolist():
+                replica.running.remove(call)
+                replica.release_blocks(call)
+                self._finish(call)
+
+
+def assert_all_terminal(engine: Engine) -> None:
+    """Every call reached exactly one terminal state (used by tests and debug runs)."""
+    states = engine.calls.state[: engine.calls.size]
+    bad = np.flatnonzero(~np.isin(states, [int(s) for s in TERMINAL]))
+    if len(bad):
+        raise AssertionError(f"{len(bad)} calls not terminal, e.g. call {bad[0]} in {CallState(states[bad[0]]).name}")

@@ -1,0 +1,139 @@
+"""Builds the feature tables of ``Decision``s (schema and scaling documented in policy.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from servegym.envs.engine.calls import CallState
+from servegym.envs.engine.policy import (
+    CANDIDATE_FEATURES,
+    GLOBAL_FEATURES,
+    PRIVILEGED_FEATURES,
+    ROUTE_FEATURES,
+    Decision,
+    DecisionKind,
+)
+from servegym.envs.workloads.job import role_id
+
+if TYPE_CHECKING:
+    from servegym.envs.engine.engine import Engine
+    from servegym.envs.engine.scheduler import AdmissionPlan, Replica
+
+
+def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.ndarray:
+    bm = replica.blocks
+    cached_free = bm.num_free_blocks - (bm.num_blocks - len(bm.cached)) if False else None  # noqa: F841
+    cached_free_blocks = sum(1 for b in bm.cached.values() if bm.ref_count[b] == 0) if bm.cached else 0
+    return np.array(
+        [
+            engine.now_s / engine.time_scale_s,
+            bm.num_used_blocks / bm.num_blocks,
+            cached_free_blocks / bm.num_blocks,
+            bm.num_free_blocks / bm.num_blocks,
+            bm.num_host_used_blocks / max(bm.num_host_blocks, 1),
+            np.log1p(len(replica.waiting)),
+            np.log1p(len(replica.running)),
+            np.log1p(engine.num_live_jobs),
+            budget_left / replica.config.max_num_batched_tokens,
+        ],
+        dtype=np.float32,
+    )
+
+
+def candidate_decision(
+    engine: Engine,
+    replica: Replica,
+    kind: DecisionKind,
+    candidates: list[int],
+    plans: list[AdmissionPlan] | None,
+    budget_left: int,
+) -> Decision:
+    calls = engine.calls
+    ids = np.array(candidates, dtype=np.int64)
+    num_blocks = replica.blocks.num_blocks
+    prompt = calls.prompt_tokens[ids]
+    jobs = calls.job[ids]
+    if plans is not None:
+        hit = np.array([len(p.hit_blocks) for p in plans], dtype=np.float64) * replica.config.block_size
+        needed = np.array([p.total_blocks for p in plans], dtype=np.float64)
+    else:
+        hit = np.minimum(calls.num_computed[ids], prompt).astype(np.float64)
+        needed = np.ones(len(ids))
+    tenant_vtc = engine.tenant_service[engine.job_tenant[jobs]]
+    table = np.empty((len(ids), len(CANDIDATE_FEATURES)), dtype=np.float32)
+    state = calls.state[ids]
+    table[:, 0] = state == CallState.RUNNING
+    table[:, 1] = state == CallState.SWAPPED
+    table[:, 2] = np.log1p(prompt)
+    table[:, 3] = hit / np.maximum(prompt, 1)
+    table[:, 4] = np.log1p(calls.num_computed[ids])
+    table[:, 5] = np.log1p(calls.num_output[ids])
+    table[:, 6] = np.log1p(calls.max_tokens[ids] - calls.num_output[ids])
+    table[:, 7] = calls.num_held_blocks[ids] / num_blocks
+    table[:, 8] = needed / num_blocks
+    table[:, 9] = (engine.now_s - calls.enqueue_s[ids]) / engine.time_scale_s
+    table[:, 10] = (engine.now_s - engine.job_arrival_s[jobs]) / engine.time_scale_s
+    table[:, 11] = calls.role[ids]
+    table[:, 12] = calls.depth[ids]
+    table[:, 13] = np.log1p(engine.job_service[jobs])
+    table[:, 14] = np.log1p(calls.path_service[ids])
+    table[:, 15] = engine.job_calls_done[jobs]
+    table[:, 16] = np.log1p(engine.job_num_calls[jobs])
+    table[:, 17] = np.log1p(tenant_vtc - tenant_vtc.min())
+    table[:, 18] = calls.num_preemptions[ids]
+    table[:, 19] = replica.index
+    privileged = np.empty((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32)
+    privileged[:, 0] = calls.target_tokens[ids] - calls.num_output[ids]
+    privileged[:, 1] = calls.tool_latency_s[ids]
+    return Decision(
+        kind=kind,
+        replica=replica.index,
+        candidates=ids,
+        features=table,
+        privileged=privileged,
+        global_features=global_features(engine, replica, budget_left),
+        mask=np.ones(len(ids), dtype=bool),
+        now_s=engine.now_s,
+    )
+
+
+def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
+    """Rows are replicas; ``eligible`` masks those that serve the call's model and can fit it."""
+    calls = engine.calls
+    prompt = int(calls.prompt_tokens[call])
+    table = np.zeros((len(engine.replicas), len(ROUTE_FEATURES)), dtype=np.float32)
+    tree_replicas = engine.job_replicas[int(calls.job[call])]
+    for r, replica in enumerate(engine.replicas):
+        bm, bs = replica.blocks, replica.config.block_size
+        max_hit = (prompt - 1) // bs
+        hits = len(bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit)) if max_hit else 0
+        queued = sum(int(calls.prompt_tokens[c] - calls.num_computed[c]) for c in replica.waiting)
+        table[r] = (
+            bm.num_used_blocks / bm.num_blocks,
+            bm.num_free_blocks / bm.num_blocks,
+            np.log1p(len(replica.waiting)),
+            np.log1p(len(replica.running)),
+            np.log1p(max(queued, 0)),
+            hits * bs / max(prompt, 1),
+            np.log10(replica.profile.num_params),
+            r in tree_replicas,
+            np.log1p(prompt),
+            calls.role[call],
+        )
+    ids = np.arange(len(engine.replicas), dtype=np.int64)
+    return Decision(
+        kind=DecisionKind.ROUTE,
+        replica=-1,
+        candidates=ids,
+        features=table,
+        privileged=np.zeros((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32),
+        global_features=np.zeros(len(GLOBAL_FEATURES), dtype=np.float32),
+        mask=eligible.copy(),
+        call=call,
+        now_s=engine.now_s,
+    )
+
+
+__all__ = ["candidate_decision", "global_features", "role_id", "route_decision"]

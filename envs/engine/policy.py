@@ -1,0 +1,137 @@
+"""The Policy protocol and the candidate feature schema: the one contract between the engine
+and everything that makes scheduling decisions (heuristics, RL agents, exported networks).
+
+The engine yields a ``Decision``: what kind of choice it faces, one feature row per candidate,
+a global feature vector, and a validity mask. A policy answers with one score per candidate:
+
+* ``ORDER``: candidates are waiting calls; they are admitted in descending score order while
+  the token budget, sequence slots and free blocks allow (the first that does not fit stops
+  admission, as in vLLM).
+* ``EVICT``: candidates are running calls not yet scheduled this iteration (the call that
+  could not get a block included); the lowest score is preempted.
+* ``ROUTE``: candidates are replicas (rows of ``ROUTE_FEATURES``); the highest valid score
+  receives the call.
+
+Scale by construction: token counts enter as ``log1p``, block counts as fractions of the
+replica's capacity, times over ``time_scale_s`` (a config value), so a network needs no running
+normalisation. Privileged columns (the true remaining output, the true tool latency) live in
+a separate array that RL observations and exported policies never see; oracle baselines may
+read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+FEATURE_SCHEMA_VERSION = 1
+
+CANDIDATE_FEATURES: tuple[str, ...] = (
+    "is_running",  # 1 for a running call (EVICT), 0 for a waiting one
+    "is_swapped",  # 1 when its KV sits in the host tier
+    "prompt_tokens_log",  # log1p(prompt tokens, incl. ancestors' outputs)
+    "cached_prefix_frac",  # prefix-cache hit on this replica / prompt tokens
+    "computed_tokens_log",  # log1p(tokens already in KV)
+    "output_tokens_log",  # log1p(tokens generated so far)
+    "budget_left_log",  # log1p(role budget max_tokens - generated)
+    "blocks_held_frac",  # blocks it holds / replica blocks
+    "blocks_needed_frac",  # new blocks its next chunk needs / replica blocks
+    "wait_s",  # time since it became ready (or was preempted) / time_scale_s
+    "tree_age_s",  # time since its job arrived / time_scale_s
+    "role_id",  # index into servegym.envs.workloads.job.KNOWN_ROLES
+    "depth",  # depth in its tree (root = 0)
+    "tree_service_log",  # log1p(tokens processed for its whole tree so far): Autellix PLAS
+    "critical_path_service_log",  # log1p(max over parents' path service): Autellix ATLAS
+    "tree_calls_done",  # finished calls in its tree
+    "tree_calls_total_log",  # log1p(calls in its tree)
+    "tenant_vtc_log",  # log1p(tenant's virtual token counter - min over backlogged tenants): VTC
+    "preemptions",  # times this call was preempted
+    "replica",  # replica index the call sits on
+)
+
+PRIVILEGED_FEATURES: tuple[str, ...] = (
+    "true_remaining_output_tokens",  # oracle SJF only
+    "true_tool_latency_s",  # oracle TTL pinning only
+)
+
+GLOBAL_FEATURES: tuple[str, ...] = (
+    "time_s",  # virtual time / time_scale_s
+    "kv_used_frac",  # owned blocks / capacity, on the deciding replica
+    "kv_cached_frac",  # unreferenced but cached blocks / capacity
+    "kv_free_frac",  # allocatable blocks / capacity
+    "host_used_frac",  # swap tier use
+    "waiting_log",  # log1p(waiting calls on the replica)
+    "running_log",  # log1p(running calls on the replica)
+    "live_trees_log",  # log1p(unfinished jobs in the cluster)
+    "token_budget_left_frac",  # token budget left this iteration / max_num_batched_tokens
+)
+
+ROUTE_FEATURES: tuple[str, ...] = (
+    "kv_used_frac",
+    "kv_free_frac",
+    "waiting_log",
+    "running_log",
+    "queued_prefill_tokens_log",  # log1p(prompt tokens waiting to be computed)
+    "cached_prefix_frac",  # how much of this call's prompt the replica has cached
+    "model_params_log10",  # log10 of the replica model's parameter count
+    "is_tree_replica",  # 1 if an earlier call of the same tree ran there (locality)
+    "call_prompt_tokens_log",  # the call being routed: log1p(prompt tokens)
+    "call_role_id",
+)
+
+
+def column(name: str, schema: tuple[str, ...] = CANDIDATE_FEATURES) -> int:
+    """Index of a feature column, failing loudly on a name the schema lacks."""
+    try:
+        return schema.index(name)
+    except ValueError:
+        raise KeyError(f"unknown feature {name!r}; the schema has {list(schema)}") from None
+
+
+class DecisionKind(IntEnum):
+    ORDER = 0
+    EVICT = 1
+    ROUTE = 2
+
+
+@dataclass
+class Decision:
+    """A choice the engine needs made. Rows of ``features`` align with ``candidates``."""
+
+    kind: DecisionKind
+    replica: int  # deciding replica (ORDER/EVICT) or -1 (ROUTE)
+    candidates: np.ndarray  # (K,) int64: engine call ids, or replica ids for ROUTE
+    features: np.ndarray  # (K, F) float32
+    privileged: np.ndarray  # (K, P) float32; never part of an RL observation
+    global_features: np.ndarray  # (G,) float32
+    mask: np.ndarray  # (K,) bool: candidates the engine may accept
+    call: int = -1  # ROUTE: the call being routed
+    now_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that scores candidates: a heuristic, an SB3 model wrapper, an ONNX session."""
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        """One float per candidate (shape ``(len(decision),)``); see the module docstring."""
+        ...
+
+
+def check_scores(decision: Decision, scores: np.ndarray) -> np.ndarray:
+    """Validate a policy's answer; NaN is an error, not a silent tie."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.shape != (len(decision),):
+        raise ValueError(
+            f"{decision.kind.name} decision has {len(decision)} candidates but the policy "
+            f"returned {scores.shape[0]} scores; return one score per candidate"
+        )
+    if np.isnan(scores).any():
+        raise ValueError(f"{decision.kind.name} scores contain NaN: {scores}")
+    return scores

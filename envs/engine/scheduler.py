@@ -1,0 +1,393 @@
+"""One replica's continuous-batching scheduler, in the style of vLLM V1.
+
+Each iteration: running calls first (decodes, then prefill chunks) within the token budget
+``max_num_batched_tokens``; a running call that cannot get a block preempts a victim chosen by
+the policy (by recompute, or by swap to the host tier); then, if nothing was preempted,
+waiting calls are admitted in the policy's order while slots, budget and blocks allow.
+
+``schedule`` is a generator: it yields a ``Decision`` whenever the policy must choose and
+receives the scores back, so the engine can hand decisions to an RL agent step by step.
+Runs of decode-only iterations with nothing else going on are folded into one ``Batch`` in
+closed form (``fast_forward``); the result equals stepping them one at a time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import numpy as np
+
+from servegym.envs.engine.backend import Backend, Batch
+from servegym.envs.engine.block_manager import BlockManager
+from servegym.envs.engine.calls import CallState, CallTable
+from servegym.envs.engine.config import EngineConfig
+from servegym.envs.engine.cost_model import ModelProfile
+from servegym.envs.engine.policy import Decision, DecisionKind
+
+MAX_FAST_FORWARD_ITERATIONS = 4096
+"""Longest decode run folded at once (bounds the size of the vectorised arrays)."""
+
+
+@dataclass
+class AdmissionPlan:
+    """What admitting a waiting call would take right now."""
+
+    hit_blocks: list[int]
+    chunk_tokens: int
+    new_blocks: int
+    reclaimed_blocks: int  # prefix hits that sit in the free queue
+    swap_in_blocks: int
+
+    @property
+    def total_blocks(self) -> int:
+        return self.new_blocks + self.reclaimed_blocks
+
+
+DecisionBuilder = Callable[["Replica", DecisionKind, list[int], list[AdmissionPlan] | None, int], Decision]
+
+
+class Replica:
+    """A model instance: its KV cache, queues and iteration timeline."""
+
+    def __init__(
+        self,
+        index: int,
+        profile: ModelProfile,
+        config: EngineConfig,
+        calls: CallTable,
+        backend: Backend,
+        build_decision: DecisionBuilder,
+    ) -> None:
+        self.index = index
+        self.profile = profile
+        self.config = config
+        self.calls = calls
+        self.backend = backend
+        self.build_decision = build_decision
+        bs = config.block_size
+        self.block_bytes = profile.kv_bytes_per_token * bs
+        if config.num_gpu_blocks is not None:
+            num_blocks = config.num_gpu_blocks
+        else:
+            budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else profile.kv_budget_bytes
+            num_blocks = int(budget // self.block_bytes)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"replica {index} ({profile.name}): a KV budget of {budget:.3g} bytes holds no "
+                    f"{bs}-token block of {self.block_bytes} bytes; raise engine.kv_budget_bytes"
+                )
+        self.blocks = BlockManager(
+            num_blocks,
+            bs,
+            num_host_blocks=int(config.swap_space_bytes // self.block_bytes),
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.capacity_tokens = num_blocks * bs
+        self.waiting: deque[int] = deque()
+        self.running: list[int] = []
+        self.in_flight: Batch | None = None
+        # statistics
+        self.num_iterations = 0
+        self.busy_s = 0.0
+        self.kv_used_block_s = 0.0
+        self.num_preemptions = 0
+        self.swap_bytes = 0.0
+        self.prompt_tokens_admitted = 0
+        self.prompt_tokens_hit = 0
+
+    # ---------------------------------------------------------------- admission
+    def admission_plan(self, call: int, budget_tokens: int) -> AdmissionPlan:
+        calls, bs, bm = self.calls, self.config.block_size, self.blocks
+        total = int(calls.prompt_tokens[call] + calls.num_output[call])
+        if calls.state[call] == CallState.SWAPPED:
+            computed = int(calls.num_computed[call])
+            full = computed // bs
+            hits = bm.match_prefix(calls.hash_chain(call, full, bs), full) if full else []
+            swap_in = -(-computed // bs) - len(hits)
+        else:
+            max_hit = (total - 1) // bs  # always leave a token to compute, so a token is sampled
+            hits = bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit) if max_hit else []
+            computed = len(hits) * bs
+            swap_in = 0
+        chunk = min(total - computed, budget_tokens)
+        if self.config.long_prefill_token_threshold:
+            chunk = min(chunk, self.config.long_prefill_token_threshold)
+        new = -(-(computed + chunk) // bs) - len(hits)
+        return AdmissionPlan(hits, chunk, new, bm.num_reclaimed_by_taking(hits), swap_in)
+
+    def fits(self, plan: AdmissionPlan) -> bool:
+        return plan.chunk_tokens > 0 and plan.total_blocks <= self.blocks.num_free_blocks
+
+    def _admit(self, call: int, plan: AdmissionPlan) -> float:
+        """Move a waiting call into the running set; returns the swap-in bytes it costs."""
+        calls, bm, bs = self.calls, self.blocks, self.config.block_size
+        bm.take(plan.hit_blocks)
+        table = calls.blocks[call]
+        table[:] = plan.hit_blocks + bm.allocate(plan.new_blocks)
+        calls.num_held_blocks[call] = len(table)
+        swap_bytes = 0.0
+        if calls.state[call] == CallState.SWAPPED:
+            bm.release_host(int(calls.host_blocks[call]))
+            calls.host_blocks[call] = 0
+            swap_bytes = plan.swap_in_blocks * self.block_bytes
+        else:
+            hit_tokens = len(plan.hit_blocks) * bs
+            calls.num_computed[call] = hit_tokens
+            calls.num_registered_blocks[call] = len(plan.hit_blocks)
+            lost = int(calls.lost_tokens[call])
+            if lost:
+                calls.recomputed_tokens[call] += max(0, lost - hit_tokens)
+                calls.lost_tokens[call] = 0
+            else:
+                if np.isnan(calls.first_token_s[call]):
+                    calls.cached_prompt_tokens[call] = hit_tokens
+                self.prompt_tokens_admitted += int(calls.prompt_tokens[call])
+                self.prompt_tokens_hit += hit_tokens
+        calls.state[call] = CallState.RUNNING
+        self.running.append(call)
+        return swap_bytes
+
+    # ---------------------------------------------------------------- preemption
+    def register_full_blocks(self, call: int, num_tokens: int) -> None:
+        """Publish hashes of the call's full blocks covering its first ``num_tokens`` tokens."""
+        if not self.blocks.enable_prefix_caching:
+            return
+        calls, bs = self.calls, self.config.block_size
+        full = min(num_tokens // bs, int(calls.num_held_blocks[call]))
+        done = int(calls.num_registered_blocks[call])
+        if full <= done:
+            return
+        chain = calls.hash_chain(call, full, bs)
+        table = calls.blocks[call]
+        for i in range(done, full):
+            self.blocks.register(table[i], chain[i])
+        calls.num_registered_blocks[call] = full
+
+    def release_blocks(self, call: int) -> None:
+        calls = self.calls
+        self.register_full_blocks(call, int(calls.num_computed[call]))
+        self.blocks.free(calls.blocks[call])
+        calls.blocks[call] = []
+        calls.num_held_blocks[call] = 0
+        calls.num_registered_blocks[call] = 0
+
+    def preempt(self, call: int) -> float:
+        """Take a running call off the GPU; returns the swap-out bytes it costs."""
+        calls = self.calls
+        held = int(calls.num_held_blocks[call])
+        self.running.remove(call)
+        calls.num_preemptions[call] += 1
+        self.num_preemptions += 1
+        swap = self.config.preemption_mode == "swap" and self.blocks.reserve_host(held)
+        self.release_blocks(call)
+        if swap:
+            calls.state[call] = CallState.SWAPPED
+            calls.host_blocks[call] = held
+            swap_bytes = held * self.block_bytes
+        else:
+            calls.state[call] = CallState.WAITING
+            calls.lost_tokens[call] = calls.num_computed[call]
+            calls.num_computed[call] = 0
+            swap_bytes = 0.0
+        self.waiting.appendleft(call)  # vLLM puts a preempted request at the queue front
+        return swap_bytes
+
+    # ---------------------------------------------------------------- one iteration
+    def schedule(self) -> Generator[Decision, np.ndarray, Batch | None]:
+        cfg, calls, bm, bs = self.config, self.calls, self.blocks, self.config.block_size
+        budget = cfg.max_num_batched_tokens
+        order: list[int] = []
+        grants: list[int] = []
+        swap_bytes = 0.0
+        preempted = False
+        if self.running:
+            run = np.array(self.running, dtype=np.int64)
+            remaining = calls.prompt_tokens[run] + calls.num_output[run] - calls.num_computed[run]
+            is_decode = remaining == 1
+            run = np.concatenate([run[is_decode], run[~is_decode]])  # decodes first
+            want = np.concatenate([remaining[is_decode], remaining[~is_decode]])
+            if cfg.long_prefill_token_threshold:
+                want = np.minimum(want, cfg.long_prefill_token_threshold)
+            before = np.cumsum(want) - want
+            grant = np.minimum(want, np.maximum(budget - before, 0))
+            count = int(np.count_nonzero(grant))
+            run, grant = run[:count], grant[:count]
+            need = -(-(calls.num_computed[run] + grant) // bs) - calls.num_held_blocks[run]
+            if int(need.sum()) <= bm.num_free_blocks:
+                new_blocks = bm.allocate(int(need.sum()))
+                pos = 0
+                for call, n in zip(run.tolist(), need.tolist(), strict=True):
+                    if n:
+                        calls.blocks[call].extend(new_blocks[pos : pos + n])
+                        pos += n
+                calls.num_held_blocks[run] += need
+                order, grants = run.tolist(), grant.tolist()
+            else:
+                order, grants, swap_bytes = yield from self._schedule_under_pressure(run, grant)
+                preempted = True
+            budget -= sum(grants)
+            self.register_prefill_blocks(order, grants)
+
+        admitted = False
+        blocked_waiting = False
+        if not preempted and self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
+            admitted, spent, swap_in, blocked_waiting = yield from self._admit_waiting(order, grants, budget)
+            budget -= spent
+            swap_bytes += swap_in
+        if not order:
+            return None
+        batch = self._make_batch(order, grants, swap_bytes)
+        batch.fast_forwardable = (
+            cfg.fast_forward
+            and self.backend.supports_fast_forward
+            and not preempted
+            and not admitted
+            and batch.prefill_tokens == 0
+            and batch.swap_bytes == 0
+            and len(order) == len(self.running)
+            and (not self.waiting or blocked_waiting)
+        )
+        return batch
+
+    def _schedule_under_pressure(self, run: np.ndarray, grant: np.ndarray):
+        """The slow path: allocate call by call, preempting victims the policy picks."""
+        calls, bm, bs = self.calls, self.blocks, self.config.block_size
+        order: list[int] = []
+        grants: list[int] = []
+        swap_bytes = 0.0
+        pending = dict(zip(run.tolist(), grant.tolist(), strict=True))
+        for call in run.tolist():
+            if call not in pending:  # preempted as a victim earlier in this loop
+                continue
+            n = pending.pop(call)
+            stop = False
+            while True:
+                need = -(-(int(calls.num_computed[call]) + n) // bs) - int(calls.num_held_blocks[call])
+                if need <= bm.num_free_blocks:
+                    break
+                candidates = [c for c in self.running if c not in order]
+                victim = call
+                if len(candidates) > 1:
+                    decision = self.build_decision(self, DecisionKind.EVICT, candidates, None, 0)
+                    scores = yield decision
+                    victim = candidates[int(np.argmin(scores))]
+                swap_bytes += self.preempt(victim)
+                pending.pop(victim, None)
+                if victim == call:
+                    stop = True
+                    break
+            if stop:
+                break
+            calls.blocks[call].extend(bm.allocate(need))
+            calls.num_held_blocks[call] += need
+            order.append(call)
+            grants.append(n)
+        return order, grants, swap_bytes
+
+    def _admit_waiting(self, order: list[int], grants: list[int], budget: int):
+        cfg = self.config
+        queue = list(self.waiting)
+        plans = [self.admission_plan(call, budget) for call in queue]
+        fitting = [self.fits(plan) for plan in plans]
+        if not any(fitting):
+            return False, 0, 0.0, True
+        if len(queue) > 1:
+            decision = self.build_decision(self, DecisionKind.ORDER, queue, plans, budget)
+            scores = yield decision
+            ranked = [queue[i] for i in np.argsort(-np.asarray(scores), kind="stable")]
+        else:
+            ranked = queue
+        spent = 0
+        swap_bytes = 0.0
+        admitted = False
+        for call in ranked:
+            if len(self.running) >= cfg.max_num_seqs or budget - spent <= 0:
+                break
+            plan = self.admission_plan(call, budget - spent)
+            if not self.fits(plan):
+                break  # head-of-line: the policy's order is respected, as in vLLM
+            self.waiting.remove(call)
+            swap_bytes += self._admit(call, plan)
+            order.append(call)
+            grants.append(plan.chunk_tokens)
+            self.register_prefill_blocks([call], [plan.chunk_tokens])
+            spent += plan.chunk_tokens
+            admitted = True
+        return admitted, spent, swap_bytes, False
+
+    def register_prefill_blocks(self, order: list[int], grants: list[int]) -> None:
+        """Publish prompt blocks as soon as they are scheduled (vLLM caches at allocation),
+        so a sibling admitted next iteration already hits them."""
+        if not self.blocks.enable_prefix_caching:
+            return
+        calls = self.calls
+        for call, n in zip(order, grants, strict=True):
+            if n > 1:
+                self.register_full_blocks(call, min(int(calls.num_computed[call]) + n, int(calls.prompt_tokens[call])))
+
+    def _make_batch(self, order: list[int], grants: list[int], swap_bytes: float) -> Batch:
+        calls = self.calls
+        ids = np.array(order, dtype=np.int64)
+        new = np.array(grants, dtype=np.int64)
+        computed = calls.num_computed[ids]
+        is_decode = (calls.prompt_tokens[ids] + calls.num_output[ids] - computed) == 1
+        prefill_new = new[~is_decode]
+        prefill_ctx = computed[~is_decode]
+        self.swap_bytes += swap_bytes
+        return Batch(
+            calls=ids,
+            num_new_tokens=new,
+            num_decodes=int(np.count_nonzero(is_decode)),
+            prefill_tokens=int(prefill_new.sum()),
+            prefill_attn_tokens=float((prefill_new * (prefill_ctx + (prefill_new + 1) / 2)).sum()),
+            kv_read_tokens=int((computed[is_decode] + 1).sum() + prefill_ctx.sum()),
+            swap_bytes=swap_bytes,
+        )
+
+    # ---------------------------------------------------------------- timing
+    def time_batch(self, batch: Batch, now_s: float, horizon_s: float) -> None:
+        """Set the batch's end time, folding a run of decode-only iterations when allowed."""
+        dt = self.backend.iteration_time_s(batch)
+        batch.end_s = now_s + dt
+        batch.kv_used_block_s = self.blocks.num_used_blocks * dt
+        if not batch.fast_forwardable:
+            return
+        calls, bs, bm = self.calls, self.config.block_size, self.blocks
+        ids = batch.calls
+        n_max = min(int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS)
+        if n_max <= 1:
+            return
+        num = len(ids)
+        k = np.arange(n_max, dtype=np.int64)
+        dts = self.backend.decode_run_times_s(num, batch.kv_read_tokens + k * num)
+        starts = np.cumsum(np.concatenate(([now_s], dts)))  # sequential adds, as stepping does
+        n_time = int(np.searchsorted(starts[:n_max], horizon_s, side="left"))
+        # iteration k >= 1 needs a new block for each call whose next KV slot opens one
+        phase = (-calls.num_computed[ids]) % bs  # iterations until the next block boundary
+        first = np.where(phase == 0, bs, phase)
+        per_k = np.zeros(n_max, dtype=np.int64)
+        counts_by_phase = np.bincount(first % bs, minlength=bs)
+        per_k[1:] = counts_by_phase[k[1:] % bs]
+        cum_need = np.cumsum(per_k)
+        n_blocks = int(np.searchsorted(cum_need, bm.num_free_blocks, side="right"))
+        n = max(1, min(n_max, n_time, n_blocks))
+        if n == 1:
+            return
+        counts = np.where(first <= n - 1, (n - 1 - first) // bs + 1, 0)
+        total = int(counts.sum())
+        if total:
+            owner = np.repeat(np.arange(num), counts)
+            offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            when = np.repeat(first, counts) + offset * bs
+            owners = ids[owner[np.lexsort((owner, when))]]
+            new_blocks = bm.allocate(total)
+            table = calls.blocks
+            for call, block in zip(owners.tolist(), new_blocks, strict=True):
+                table[call].append(block)
+            calls.num_held_blocks[ids] += counts
+        used = self.blocks.num_used_blocks - total + cum_need[:n]
+        batch.num_iterations = n
+        batch.end_s = float(starts[n])
+        batch.kv_used_block_s = float(np.dot(used, dts[:n]))

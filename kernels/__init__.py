@@ -1,0 +1,1 @@
+"""Paged-attention kernels (Triton on GPU, torch reference on CPU); filled by the real-backend issue."""
