@@ -62,4 +62,6 @@ class SimBackend:
         )
 
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
-        return np.asarray(self.cost.iteration_time_s(0, 0.0, num_decodes, kv_read_tokens, 0.0), dtype=np.float64)
+        return np.asarray(
+            self.cost.iteration_time_s(0, 0.0, num_decodes, kv_read_tokens, 0.0), dtype=np.float64
+        )

@@ -174,7 +174,9 @@ class BlockManager:
         for block in range(self.num_blocks):
             free = self.ref_count[block] == 0
             if order is not None and free != (block in in_queue):
-                raise AssertionError(f"block {block}: ref {self.ref_count[block]} but queued={block in in_queue}")
+                raise AssertionError(
+                    f"block {block}: ref {self.ref_count[block]} but queued={block in in_queue}"
+                )
         for block_hash, block in self.cached.items():
             if self.block_hash[block] != block_hash:
                 raise AssertionError(f"cached hash of block {block} out of sync")

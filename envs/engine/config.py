@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 class EngineConfig:
     """Scheduler and KV-cache settings of every replica (names follow vLLM's engine args)."""
 
+    profile: str = "llama8b_h100"
+    """Model/GPU cost profile of the replicas (a name in envs/engine/profiles/ or a YAML path)."""
     block_size: int = 16
     """Tokens per KV block (vLLM's default)."""
     max_num_batched_tokens: int = 8192
@@ -52,15 +54,20 @@ class EngineConfig:
 
 @dataclass
 class ClusterConfig:
-    """Replicas (one profile name each, possibly of different model sizes) and the network."""
+    """Replicas (possibly of different model sizes) and the network between them."""
 
-    replicas: list[str] = field(default_factory=lambda: ["llama8b_h100"])
-    """Cost-model profile of each replica (see envs/engine/profiles/)."""
+    num_replicas: int = 1
+    """Replicas of ``engine.profile`` (ignored when ``replicas`` lists profiles)."""
+    replicas: list[str] = field(default_factory=list)
+    """Explicit profile per replica for a heterogeneous cluster, e.g. [llama8b_h100, llama70b_h100x4]."""
     network_delay_s: float = 0.0
     """Delay between a call finishing and its children reaching the cluster (after the tool)."""
 
     def __post_init__(self) -> None:
-        if not self.replicas:
-            raise ValueError("cluster.replicas must name at least one profile")
+        if self.num_replicas < 1:
+            raise ValueError(f"cluster.num_replicas must be >= 1, got {self.num_replicas!r}")
         if self.network_delay_s < 0:
             raise ValueError(f"cluster.network_delay_s must be >= 0, got {self.network_delay_s!r}")
+
+    def profiles(self, default: str) -> list[str]:
+        return list(self.replicas) if self.replicas else [default] * self.num_replicas

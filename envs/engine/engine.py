@@ -52,7 +52,9 @@ class Engine:
         self.calls = CallTable()
         self.replicas = [
             Replica(i, profile, self.config, self.calls, backend_factory(profile), self._build_decision)
-            for i, profile in enumerate(load_profile(name) for name in self.cluster.replicas)
+            for i, profile in enumerate(
+                load_profile(name) for name in self.cluster.profiles(self.config.profile)
+            )
         ]
         self.now_s = 0.0
         self._events: list[tuple[float, int, int, object]] = []
@@ -87,6 +89,10 @@ class Engine:
     def done(self) -> bool:
         """True once the workload has drained (or the run stalled; see ``stall``)."""
         return self._started and self._loop is None
+
+    @property
+    def num_jobs_done(self) -> int:
+        return len(self.jobs) - int(np.isnan(self.job_finish_s).sum())
 
     def next_decision(self) -> Decision | None:
         """Advance the clock to the next choice; None once the workload has drained."""
@@ -291,7 +297,9 @@ class Engine:
             calls.release_s[child_id] = max(calls.release_s[child_id], release)
             calls.pending_parents[child_id] -= 1
             if calls.pending_parents[child_id] == 0 and calls.state[child_id] == CallState.PENDING:
-                self._push(calls.release_s[child_id] + self.cluster.network_delay_s, EventKind.READY, child_id)
+                self._push(
+                    calls.release_s[child_id] + self.cluster.network_delay_s, EventKind.READY, child_id
+                )
         self._call_done(call)
 
     # ------------------------------------------------------------------ iterations
@@ -316,7 +324,9 @@ class Engine:
         replica.num_iterations += batch.num_iterations
         replica.busy_s += batch.end_s - self.now_s
         replica.kv_used_block_s += batch.kv_used_block_s
-        self.kv_samples.append((self.now_s, replica.index, replica.blocks.num_used_blocks / replica.blocks.num_blocks))
+        self.kv_samples.append(
+            (self.now_s, replica.index, replica.blocks.num_used_blocks / replica.blocks.num_blocks)
+        )
         self._push(batch.end_s, EventKind.STEP, replica.index)
 
     def _complete(self, replica: Replica, batch: Batch) -> None:
@@ -347,4 +357,6 @@ def assert_all_terminal(engine: Engine) -> None:
     states = engine.calls.state[: engine.calls.size]
     bad = np.flatnonzero(~np.isin(states, [int(s) for s in TERMINAL]))
     if len(bad):
-        raise AssertionError(f"{len(bad)} calls not terminal, e.g. call {bad[0]} in {CallState(states[bad[0]]).name}")
+        raise AssertionError(
+            f"{len(bad)} calls not terminal, e.g. call {bad[0]} in {CallState(states[bad[0]]).name}"
+        )

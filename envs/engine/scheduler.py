@@ -325,7 +325,9 @@ class Replica:
         calls = self.calls
         for call, n in zip(order, grants, strict=True):
             if n > 1:
-                self.register_full_blocks(call, min(int(calls.num_computed[call]) + n, int(calls.prompt_tokens[call])))
+                self.register_full_blocks(
+                    call, min(int(calls.num_computed[call]) + n, int(calls.prompt_tokens[call]))
+                )
 
     def _make_batch(self, order: list[int], grants: list[int], swap_bytes: float) -> Batch:
         calls = self.calls
@@ -356,7 +358,9 @@ class Replica:
             return
         calls, bs, bm = self.calls, self.config.block_size, self.blocks
         ids = batch.calls
-        n_max = min(int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS)
+        n_max = min(
+            int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS
+        )
         if n_max <= 1:
             return
         num = len(ids)

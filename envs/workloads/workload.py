@@ -135,3 +135,35 @@ class Workload:
         times = self.arrival_process().times(np.random.default_rng(arrival_seed), self.num_jobs)
         rng = np.random.default_rng(generator_seed)
         return FixedJobs([self.generator.sample(rng, f"j{i}", float(t)) for i, t in enumerate(times)])
+
+
+TRACE_FORMATS = ("jsonl", "mooncake", "azure", "burstgpt")
+
+
+@dataclass
+class TraceWorkload:
+    """Replay a trace: our own JSONL (``traces.save_jobs``) or a public serving trace.
+
+    The seed is unused: a trace is the same workload every time.
+    """
+
+    path: str
+    format: str = "jsonl"
+    """jsonl | mooncake | azure | burstgpt"""
+    limit: int | None = None
+    """Keep only the first N usable rows of a public trace."""
+    group_sessions: bool = False
+    """Mooncake only: chain requests that extend an earlier prompt into multi-call jobs."""
+
+    def __post_init__(self) -> None:
+        if self.format not in TRACE_FORMATS:
+            raise ValueError(f"TraceWorkload.format must be one of {TRACE_FORMATS}, got {self.format!r}")
+
+    def build(self, seed: int) -> JobSource:
+        from servegym.envs.workloads import importers, traces
+
+        if self.format == "jsonl":
+            jobs = traces.load_jobs(self.path)
+            return FixedJobs(jobs[: self.limit] if self.limit else jobs)
+        load = getattr(importers, f"import_{self.format}")
+        return FixedJobs(load(self.path, group_sessions=self.group_sessions, limit=self.limit).jobs)

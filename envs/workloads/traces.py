@@ -1,0 +1,288 @@
+"""Save a workload as a JSONL trace and replay it: ``FixedJobs(load_jobs(path))``.
+
+A trace is the exact list of jobs an experiment ran, so a result can be reproduced without the
+generator's code or seed, and a workload from elsewhere (see ``importers.py``) can be checked in.
+
+Line format, schema 1. One job per line; blank lines are skipped. Every line carries
+``"schema": 1`` so files can be concatenated, split or streamed without a header::
+
+    {"schema": 1, "job_id": "react-0", "arrival_s": 0.25, "tenant": "default", "kind": "react",
+     "slo_s": null, "meta": {"seed": 7},
+     "calls": [
+       {"role": "planner", "prompt": [{"text": "sys/planner", "tokens": 300},
+                                      {"text": "react-0/question", "tokens": 42}],
+        "output_tokens": 120, "max_tokens": 256, "parents": [], "tool_latency_s": 1.5,
+        "model": null},
+       {"role": "worker", "prompt": [{"text": "sys/worker", "tokens": 200}, {"output": 0}],
+        "output_tokens": 80, "max_tokens": 256, "parents": [0], "tool_latency_s": 0.0,
+        "model": null}]}
+
+(shown wrapped; a real line has no newlines). ``save_jobs`` writes every field.
+
+- Job fields. Required: ``schema`` (1), ``job_id`` (string), ``arrival_s`` (number),
+  ``calls`` (array). Optional, with the ``Job`` defaults: ``tenant``, ``kind`` (strings),
+  ``slo_s`` (number or null), ``meta`` (object; kept but not compared, as in ``Job``).
+- Call fields, in topological order; a call's id is its position. Required: ``role`` (string),
+  ``prompt`` (array of segments), ``output_tokens``, ``max_tokens`` (integers). Optional:
+  ``parents`` (array of earlier call positions, default []), ``tool_latency_s`` (number,
+  default 0), ``model`` (string or null, default null).
+- Segments: ``{"text": key, "tokens": n}`` is a ``Text``; ``{"output": i}`` is an ``Output``
+  of ancestor call ``i``.
+
+Any other field is an error, not silently dropped: a typo such as ``max_token`` would otherwise
+replay a different workload. Integers must be JSON integers (``true`` is not ``1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from servegym.envs.workloads.job import Call, Job, JobValidationError, Output, Segment, Text
+
+SCHEMA_VERSION = 1
+
+_JOB_REQUIRED = ("schema", "job_id", "arrival_s", "calls")
+_JOB_OPTIONAL = ("tenant", "kind", "slo_s", "meta")
+_CALL_REQUIRED = ("role", "prompt", "output_tokens", "max_tokens")
+_CALL_OPTIONAL = ("parents", "tool_latency_s", "model")
+
+
+class TraceFormatError(ValueError):
+    """A trace (ours or an imported one) is malformed. The message names the file, the 1-based
+    line and the field, e.g. ``trace.jsonl line 7: calls[2].parents: ...``."""
+
+
+class _FieldError(Exception):
+    """A JSON-shape problem at ``field``; ``load_jobs`` adds the file and line."""
+
+    def __init__(self, field: str, what: str) -> None:
+        super().__init__(f"{field}: {what}" if field else what)
+
+
+def save_jobs(jobs: Iterable[Job], path: str | os.PathLike[str]) -> Path:
+    """Write ``jobs`` to ``path`` as schema-1 JSONL (see the module docstring); returns the path.
+
+    Writes to a temporary file and renames it, so an interrupted save leaves no torn trace.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    seen: set[str] = set()
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            for job in jobs:
+                if job.job_id in seen:
+                    raise ValueError(f"job id {job.job_id!r} appears twice; trace job ids must be unique")
+                seen.add(job.job_id)
+                out.write(_dump_line(job) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_jobs(path: str | os.PathLike[str]) -> list[Job]:
+    """Read a schema-1 JSONL trace, validating every line (JSON shape here, the data model's
+    invariants in ``validate_job``); raises ``TraceFormatError`` at the first bad line."""
+    path = Path(path)
+    jobs: list[Job] = []
+    first_line: dict[str, int] = {}
+    with path.open(encoding="utf-8") as lines:
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            except ValueError as err:
+                what = (
+                    f"invalid JSON: {err.msg} at column {err.colno}"
+                    if isinstance(err, json.JSONDecodeError)
+                    else f"invalid JSON: {err}"
+                )
+                raise _line_error(path, line_no, what) from err
+            try:
+                job = _decode_job(obj)
+            except (_FieldError, JobValidationError) as err:
+                raise _line_error(path, line_no, str(err)) from err
+            if job.job_id in first_line:
+                what = f"job_id: duplicate job id {job.job_id!r} (first on line {first_line[job.job_id]})"
+                raise _line_error(path, line_no, what)
+            first_line[job.job_id] = line_no
+            jobs.append(job)
+    return jobs
+
+
+def _line_error(path: Path, line_no: int, what: str) -> TraceFormatError:
+    return TraceFormatError(f"{path} line {line_no}: {what}")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; in a trace that hides an editing mistake.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _dump_line(job: Job) -> str:
+    obj = {
+        "schema": SCHEMA_VERSION,
+        "job_id": job.job_id,
+        "arrival_s": float(job.arrival_s),
+        "tenant": job.tenant,
+        "kind": job.kind,
+        "slo_s": None if job.slo_s is None else float(job.slo_s),
+        "meta": job.meta,
+        "calls": [_encode_call(call) for call in job.calls],
+    }
+    try:
+        return json.dumps(obj, separators=(",", ":"))
+    except TypeError as err:
+        raise ValueError(f"job {job.job_id!r}: meta must hold only JSON values: {err}") from err
+
+
+def _encode_call(call: Call) -> dict[str, Any]:
+    return {
+        "role": call.role,
+        "prompt": [_encode_segment(seg) for seg in call.prompt],
+        "output_tokens": call.output_tokens,
+        "max_tokens": call.max_tokens,
+        "parents": list(call.parents),
+        "tool_latency_s": float(call.tool_latency_s),
+        "model": call.model,
+    }
+
+
+def _encode_segment(seg: Segment) -> dict[str, Any]:
+    if isinstance(seg, Text):
+        return {"text": seg.key, "tokens": seg.num_tokens}
+    return {"output": int(seg.call)}
+
+
+# --- decoding: JSON shape only; the data model's rules stay in validate_job -------------------
+
+
+def _decode_job(obj: Any) -> Job:
+    if not isinstance(obj, dict):
+        raise _FieldError("", f"a trace line must be a JSON object (one job), got {_describe(obj)}")
+    _check_fields(obj, "", _JOB_REQUIRED, _JOB_OPTIONAL)
+    schema = obj["schema"]
+    if type(schema) is not int or schema != SCHEMA_VERSION:
+        raise _FieldError(
+            "schema", f"unsupported schema {_describe(schema)}; this reader knows {SCHEMA_VERSION}"
+        )
+    calls = _expect(obj, "calls", "", list)
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _FieldError("meta", f"must be an object, got {_describe(meta)}")
+    return Job(
+        job_id=_expect(obj, "job_id", "", str),
+        arrival_s=_number(obj, "arrival_s", ""),
+        calls=tuple(_decode_call(call, index) for index, call in enumerate(calls)),
+        tenant=_expect(obj, "tenant", "", str, default="default"),
+        kind=_expect(obj, "kind", "", str, default="custom"),
+        slo_s=None if obj.get("slo_s") is None else _number(obj, "slo_s", ""),
+        meta=meta,
+    )
+
+
+def _decode_call(obj: Any, index: int) -> Call:
+    where = f"calls[{index}]"
+    if not isinstance(obj, dict):
+        raise _FieldError(where, f"a call must be an object, got {_describe(obj)}")
+    _check_fields(obj, where, _CALL_REQUIRED, _CALL_OPTIONAL)
+    prompt = _expect(obj, "prompt", where, list)
+    parents = _expect(obj, "parents", where, list, default=[])
+    for position, parent in enumerate(parents):
+        if type(parent) is not int:
+            raise _FieldError(f"{where}.parents[{position}]", f"must be an integer, got {_describe(parent)}")
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _FieldError(f"{where}.model", f"must be a string or null, got {_describe(model)}")
+    return Call(
+        call_id=index,
+        role=_expect(obj, "role", where, str),
+        prompt=tuple(_decode_segment(seg, f"{where}.prompt[{pos}]") for pos, seg in enumerate(prompt)),
+        output_tokens=_expect(obj, "output_tokens", where, int),
+        max_tokens=_expect(obj, "max_tokens", where, int),
+        parents=tuple(parents),
+        tool_latency_s=_number(obj, "tool_latency_s", where, default=0.0),
+        model=model,
+    )
+
+
+def _decode_segment(obj: Any, where: str) -> Segment:
+    if isinstance(obj, dict) and "output" in obj:
+        _check_fields(obj, where, ("output",), ())
+        return Output(_expect(obj, "output", where, int))
+    if isinstance(obj, dict) and "text" in obj:
+        _check_fields(obj, where, ("text", "tokens"), ())
+        key = _expect(obj, "text", where, str)
+        num_tokens = _expect(obj, "tokens", where, int)
+        try:
+            return Text(key, num_tokens)
+        except ValueError as err:  # an empty key or a length < 1: Text owns that rule
+            field = "text" if not key else "tokens"
+            raise _FieldError(f"{where}.{field}", str(err)) from err
+    raise _FieldError(
+        where, f'a segment is {{"text": key, "tokens": n}} or {{"output": i}}, got {_describe(obj)}'
+    )
+
+
+def _check_fields(
+    obj: dict[str, Any], where: str, required: tuple[str, ...], optional: tuple[str, ...]
+) -> None:
+    for name in required:
+        if name not in obj:
+            raise _FieldError(_join(where, name), "missing required field")
+    for name in obj:
+        if name not in required and name not in optional:
+            known = ", ".join(required + optional)
+            raise _FieldError(_join(where, name), f"unknown field (known: {known})")
+
+
+_JSON_TYPE = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
+
+
+def _expect(obj: dict[str, Any], name: str, where: str, kind: type, default: Any = None) -> Any:
+    if name not in obj and default is not None:
+        return default
+    value = obj[name]
+    # bool is a subclass of int in Python, but `true` in a trace is a mistake, not 1.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _FieldError(_join(where, name), f"must be {_JSON_TYPE[kind]}, got {_describe(value)}")
+    return value
+
+
+def _number(obj: dict[str, Any], name: str, where: str, default: float | None = None) -> float:
+    if name not in obj and default is not None:
+        return default
+    value = obj[name]
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _FieldError(_join(where, name), f"must be a number, got {_describe(value)}")
+    try:
+        return float(value)
+    except OverflowError as err:  # a JSON integer too large for a float
+        raise _FieldError(_join(where, name), f"number out of range: {_describe(value)}") from err
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    shown = json.dumps(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{kind[type(value)]} {shown}"

@@ -1,0 +1,70 @@
+"""Run one workload through the engine with one policy; print the run's metrics.
+
+python scripts/simulate.py workload=mapreduce workload.arrival_rate=4 engine=llama8b_h100 seed=3
+python scripts/simulate.py output=json          # last line: one JSON object of the metrics
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from servegym.envs.configs import register_configs
+from servegym.envs.engine.engine import Engine
+
+register_configs()
+
+
+def build_engine(cfg: DictConfig) -> Engine:
+    """The composition root shared by every entry point: config in, engine out."""
+    workload = instantiate(cfg.workload)
+    return Engine(
+        workload.build(cfg.seed),
+        cluster=OmegaConf.to_object(cfg.cluster),
+        engine=OmegaConf.to_object(cfg.engine),
+        time_scale_s=cfg.time_scale_s,
+    )
+
+
+def metrics_table(metrics: dict) -> Table:
+    table = Table(title="servegym run")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    console = Console(stderr=cfg.output == "json")
+    engine = build_engine(cfg)
+    policy = instantiate(cfg.agent)
+    total = cfg.workload.get("num_jobs")
+    columns = (TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not cfg.progress) as bar:
+        task = bar.add_task("jobs", total=total)
+        while (decision := engine.next_decision()) is not None:
+            engine.decide(policy.scores(decision))
+            bar.update(task, completed=engine.num_jobs_done)
+        bar.update(task, completed=engine.num_jobs_done)
+    metrics = engine.metrics().as_dict()
+    console.print(metrics_table(metrics))
+    if metrics["stalled"]:
+        console.print(f"[red]run stalled:[/red] {metrics['stall_reason']}")
+    if cfg.output == "json":
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        print(json.dumps(clean))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
