@@ -18,7 +18,9 @@ class Batch:
     decode-only iterations when the engine fast-forwards."""
 
     calls: np.ndarray  # (B,) call ids, decodes first then prefill chunks
-    num_new_tokens: np.ndarray  # (B,) tokens computed per call in one iteration
+    num_new_tokens: np.ndarray  # (B,) tokens computed per call in the first iteration
+    remaining_tokens: np.ndarray  # (B,) known tokens not yet computed before the batch
+    tokens_total: np.ndarray  # (B,) tokens computed per call over all the batch's iterations
     num_decodes: int
     prefill_tokens: int
     prefill_attn_tokens: float
@@ -28,6 +30,7 @@ class Batch:
     duration_s: float = 0.0
     kv_used_block_s: float = 0.0  # integral of owned blocks over the batch's time
     end_s: float = 0.0  # virtual time at which the batch's last iteration ends
+    first_end_s: float = 0.0  # ... and its first (first tokens of prefills appear then)
     fast_forwardable: bool = False  # decode-only with nothing else to do: may be folded
 
 

@@ -18,8 +18,8 @@ from typing import Protocol
 class FreeQueue(Protocol):
     """Eviction order of unreferenced blocks (head = next to reuse). Pluggable: LRU is vLLM's."""
 
-    def push(self, block: int) -> None: ...
-    def pop(self) -> int: ...
+    def push_many(self, blocks: Sequence[int]) -> None: ...
+    def pop_many(self, num: int) -> list[int]: ...
     def remove(self, block: int) -> None: ...
     def __len__(self) -> int: ...
 
@@ -31,11 +31,14 @@ class LRUFreeQueue:
     def __init__(self, blocks: Sequence[int]) -> None:
         self._order: OrderedDict[int, None] = OrderedDict.fromkeys(blocks)
 
-    def push(self, block: int) -> None:
-        self._order[block] = None
+    def push_many(self, blocks: Sequence[int]) -> None:
+        order = self._order
+        for block in blocks:
+            order[block] = None
 
-    def pop(self) -> int:
-        return self._order.popitem(last=False)[0]
+    def pop_many(self, num: int) -> list[int]:
+        popitem = self._order.popitem
+        return [popitem(last=False)[0] for _ in range(num)]
 
     def remove(self, block: int) -> None:
         del self._order[block]
@@ -69,6 +72,7 @@ class BlockManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.free_queue: FreeQueue = LRUFreeQueue(range(num_blocks))
+        self.num_cached_free_blocks = 0  # unreferenced blocks that still hold a reusable prefix
         self.num_evictions = 0
         self.num_allocated_total = 0
         self.num_freed_total = 0
@@ -82,11 +86,6 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_queue)
-
-    @property
-    def num_cached_free_blocks(self) -> int:
-        """Unreferenced blocks that still hold a reusable prefix."""
-        return sum(1 for block in self.cached.values() if self.ref_count[block] == 0)
 
     def match_prefix(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Longest run of leading blocks already cached (owned or not), at most ``max_blocks``."""
@@ -113,40 +112,50 @@ class BlockManager:
         for block in blocks:
             if ref[block] == 0:
                 self.free_queue.remove(block)
+                self.num_cached_free_blocks -= 1  # prefix hits are always hashed blocks
             ref[block] += 1
 
     def allocate(self, num: int) -> list[int]:
         """Pop ``num`` blocks from the head of the free queue, evicting cached prefixes."""
         if num > len(self.free_queue):
             raise OutOfBlocks(f"asked for {num} blocks, {len(self.free_queue)} free")
-        blocks = [self.free_queue.pop() for _ in range(num)]
+        blocks = self.free_queue.pop_many(num)
+        block_hash, ref, cached = self.block_hash, self.ref_count, self.cached
         for block in blocks:
-            old = self.block_hash[block]
+            ref[block] = 1
+            old = block_hash[block]
             if old is not None:
-                del self.cached[old]
-                self.block_hash[block] = None
+                del cached[old]
+                block_hash[block] = None
                 self.num_evictions += 1
-            self.ref_count[block] = 1
+                self.num_cached_free_blocks -= 1
         self.num_allocated_total += num
         return blocks
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Publish a full block's hash so later calls with the same prefix reuse it."""
-        if not self.enable_prefix_caching or self.block_hash[block] is not None:
+    def register(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
+        """Publish full blocks' hashes so later calls with the same prefix reuse them. A block
+        whose content is already cached in another block keeps no hash (the first copy wins)."""
+        if not self.enable_prefix_caching:
             return
-        if block_hash not in self.cached:  # an identical block already cached keeps its slot
-            self.cached[block_hash] = block
-            self.block_hash[block] = block_hash
+        block_hash, cached = self.block_hash, self.cached
+        for block, h in zip(blocks, hashes, strict=True):
+            if block_hash[block] is None and h not in cached:
+                cached[h] = block
+                block_hash[block] = h
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; unreferenced ones join the free queue tail first."""
-        ref = self.ref_count
+        ref, block_hash = self.ref_count, self.block_hash
+        released = []
         for block in reversed(blocks):
             ref[block] -= 1
-            if ref[block] < 0:
-                raise AssertionError(f"block {block} freed more often than taken")
             if ref[block] == 0:
-                self.free_queue.push(block)
+                released.append(block)
+                if block_hash[block] is not None:
+                    self.num_cached_free_blocks += 1
+            elif ref[block] < 0:
+                raise AssertionError(f"block {block} freed more often than taken")
+        self.free_queue.push_many(released)
         self.num_freed_total += len(blocks)
 
     def reserve_host(self, num: int) -> bool:
@@ -180,3 +189,6 @@ class BlockManager:
         for block_hash, block in self.cached.items():
             if self.block_hash[block] != block_hash:
                 raise AssertionError(f"cached hash of block {block} out of sync")
+        cached_free = sum(1 for block in self.cached.values() if self.ref_count[block] == 0)
+        if cached_free != self.num_cached_free_blocks:
+            raise AssertionError(f"cached-free counter {self.num_cached_free_blocks} != {cached_free}")

@@ -99,23 +99,32 @@ class CallTable:
         chain = self.hashes[call]
         if len(chain) >= num_blocks:
             return chain
+        bs = block_size
         segments = self.segments[call] + [(-1 - call, int(self.num_output[call]))]
-        start = len(chain) * block_size
-        stop = num_blocks * block_size
+        start, stop = len(chain) * bs, num_blocks * bs
         prev = chain[-1] if chain else 0
-        pieces: list[tuple[int, int, int]] = []
+        pieces: tuple[tuple[int, int, int], ...] = ()  # of the block being assembled
         pos = 0  # token position where the current segment starts
         for key, length in segments:
             seg_end = pos + length
-            lo = max(start, pos)
-            while lo < min(seg_end, stop):
-                block_end = (lo // block_size + 1) * block_size
-                hi = min(seg_end, block_end, stop)
-                pieces.append((key, lo - pos, hi - pos))
+            lo, hi_limit = max(start, pos), min(seg_end, stop)
+            while lo < hi_limit:
+                if not pieces and lo % bs == 0 and hi_limit - lo >= bs:
+                    # whole blocks inside one segment: the hot loop
+                    offset = lo - pos
+                    for _ in range((hi_limit - lo) // bs):
+                        prev = hash((prev, ((key, offset, offset + bs),)))
+                        chain.append(prev)
+                        offset += bs
+                    lo = offset + pos
+                    continue
+                block_end = lo - lo % bs + bs
+                hi = min(block_end, hi_limit)
+                pieces += ((key, lo - pos, hi - pos),)
                 if hi == block_end:
-                    prev = hash((prev, tuple(pieces)))
+                    prev = hash((prev, pieces))
                     chain.append(prev)
-                    pieces = []
+                    pieces = ()
                 lo = hi
             pos = seg_end
             if pos >= stop:

@@ -255,7 +255,7 @@ class Engine:
         self.job_replicas[int(calls.job[call])].add(target)
         replica.waiting.append(call)
         if replica.in_flight is None:
-            replica.in_flight = Batch(np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, 0.0, 0)
+            replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 4, 0, 0, 0.0, 0)
             self._push(self.now_s, EventKind.STEP, target)
 
     def _reject(self, call: int, reason: str) -> None:
@@ -333,17 +333,18 @@ class Engine:
         """Apply a finished batch: tokens computed, tokens sampled, calls done."""
         calls = self.calls
         ids, n_iter = batch.calls, batch.num_iterations
-        calls.num_computed[ids] += batch.num_new_tokens * n_iter
+        processed = batch.tokens_total
+        calls.num_computed[ids] += processed
+        # a token is sampled whenever all known tokens are computed; a folded run samples one
+        # per iteration (its first iteration completes every prefill it holds)
         sampled = calls.num_computed[ids] == calls.prompt_tokens[ids] + calls.num_output[ids] + (n_iter - 1)
         first = sampled & (calls.num_output[ids] == 0)
-        calls.first_token_s[ids[first]] = self.now_s
+        calls.first_token_s[ids[first]] = batch.first_end_s
         calls.num_output[ids[sampled]] += n_iter
-        processed = batch.num_new_tokens * n_iter
         jobs = calls.job[ids]
         np.add.at(self.job_service, jobs, processed)
-        # VTC's weights: an input token costs 1, an output token 2
-        vtc = np.where(sampled & (calls.num_output[ids] > n_iter), 2 * processed, processed)
-        np.add.at(self.tenant_service, self.job_tenant[jobs], vtc)
+        # VTC's weights: a prompt token costs 1, a generated token 2 (processed once, sampled once)
+        np.add.at(self.tenant_service, self.job_tenant[jobs], processed + sampled * n_iter)
         done = ids[sampled & (calls.num_output[ids] >= calls.target_tokens[ids])]
         if len(done):
             for call in done.tolist():

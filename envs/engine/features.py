@@ -24,13 +24,11 @@ if TYPE_CHECKING:
 
 def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.ndarray:
     bm = replica.blocks
-    cached_free = bm.num_free_blocks - (bm.num_blocks - len(bm.cached)) if False else None  # noqa: F841
-    cached_free_blocks = sum(1 for b in bm.cached.values() if bm.ref_count[b] == 0) if bm.cached else 0
     return np.array(
         [
             engine.now_s / engine.time_scale_s,
             bm.num_used_blocks / bm.num_blocks,
-            cached_free_blocks / bm.num_blocks,
+            bm.num_cached_free_blocks / bm.num_blocks,
             bm.num_free_blocks / bm.num_blocks,
             bm.num_host_used_blocks / max(bm.num_host_blocks, 1),
             np.log1p(len(replica.waiting)),

@@ -160,9 +160,7 @@ class Replica:
         if full <= done:
             return
         chain = calls.hash_chain(call, full, bs)
-        table = calls.blocks[call]
-        for i in range(done, full):
-            self.blocks.register(table[i], chain[i])
+        self.blocks.register(calls.blocks[call][done:full], chain[done:full])
         calls.num_registered_blocks[call] = full
 
     def release_blocks(self, call: int) -> None:
@@ -239,15 +237,17 @@ class Replica:
         if not order:
             return None
         batch = self._make_batch(order, grants, swap_bytes)
+        # Later iterations are pure decodes of this same set, and nothing else can happen on
+        # this replica until an event, when: nothing was preempted, every running call is in
+        # the batch and has all its known tokens computed after this iteration, and no waiting
+        # call could be admitted later (none waits, or none fits while the budget stays put).
         batch.fast_forwardable = (
             cfg.fast_forward
             and self.backend.supports_fast_forward
             and not preempted
-            and not admitted
-            and batch.prefill_tokens == 0
-            and batch.swap_bytes == 0
             and len(order) == len(self.running)
-            and (not self.waiting or blocked_waiting)
+            and bool(np.all(batch.num_new_tokens == batch.remaining_tokens))
+            and (not self.waiting or (blocked_waiting and not admitted and batch.prefill_tokens == 0))
         )
         return batch
 
@@ -290,22 +290,21 @@ class Replica:
         cfg = self.config
         queue = list(self.waiting)
         plans = [self.admission_plan(call, budget) for call in queue]
-        fitting = [self.fits(plan) for plan in plans]
-        if not any(fitting):
+        if not any(self.fits(plan) for plan in plans):
             return False, 0, 0.0, True
+        ranked = range(len(queue))
         if len(queue) > 1:
             decision = self.build_decision(self, DecisionKind.ORDER, queue, plans, budget)
             scores = yield decision
-            ranked = [queue[i] for i in np.argsort(-np.asarray(scores), kind="stable")]
-        else:
-            ranked = queue
+            ranked = np.argsort(-np.asarray(scores), kind="stable").tolist()
         spent = 0
         swap_bytes = 0.0
-        admitted = False
-        for call in ranked:
+        for rank, index in enumerate(ranked):
             if len(self.running) >= cfg.max_num_seqs or budget - spent <= 0:
                 break
-            plan = self.admission_plan(call, budget - spent)
+            call = queue[index]
+            # the first plan is still exact; later ones must see the blocks taken since
+            plan = plans[index] if rank == 0 else self.admission_plan(call, budget - spent)
             if not self.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
             self.waiting.remove(call)
@@ -314,8 +313,7 @@ class Replica:
             grants.append(plan.chunk_tokens)
             self.register_prefill_blocks([call], [plan.chunk_tokens])
             spent += plan.chunk_tokens
-            admitted = True
-        return admitted, spent, swap_bytes, False
+        return spent > 0, spent, swap_bytes, False
 
     def register_prefill_blocks(self, order: list[int], grants: list[int]) -> None:
         """Publish prompt blocks as soon as they are scheduled (vLLM caches at allocation),
@@ -334,13 +332,16 @@ class Replica:
         ids = np.array(order, dtype=np.int64)
         new = np.array(grants, dtype=np.int64)
         computed = calls.num_computed[ids]
-        is_decode = (calls.prompt_tokens[ids] + calls.num_output[ids] - computed) == 1
+        remaining = calls.prompt_tokens[ids] + calls.num_output[ids] - computed
+        is_decode = remaining == 1
         prefill_new = new[~is_decode]
         prefill_ctx = computed[~is_decode]
         self.swap_bytes += swap_bytes
         return Batch(
             calls=ids,
             num_new_tokens=new,
+            remaining_tokens=remaining,
+            tokens_total=new,
             num_decodes=int(np.count_nonzero(is_decode)),
             prefill_tokens=int(prefill_new.sum()),
             prefill_attn_tokens=float((prefill_new * (prefill_ctx + (prefill_new + 1) / 2)).sum()),
@@ -350,34 +351,43 @@ class Replica:
 
     # ---------------------------------------------------------------- timing
     def time_batch(self, batch: Batch, now_s: float, horizon_s: float) -> None:
-        """Set the batch's end time, folding a run of decode-only iterations when allowed."""
-        dt = self.backend.iteration_time_s(batch)
-        batch.end_s = now_s + dt
-        batch.kv_used_block_s = self.blocks.num_used_blocks * dt
+        """Set the batch's end time, folding the decode-only iterations that follow it (up to
+        the next event, completion or block shortage) into the batch when allowed.
+
+        Iteration 0 is the scheduled batch; in iteration k >= 1 every call decodes, writing KV
+        slot ``c1 + k - 1`` and reading ``c1 + k`` tokens, where ``c1`` is its computed count
+        after iteration 0. Times are summed sequentially (``cumsum``), exactly as stepping adds
+        them, so both paths give bit-identical clocks.
+        """
+        dt0 = self.backend.iteration_time_s(batch)
+        batch.end_s = batch.first_end_s = now_s + dt0
+        batch.kv_used_block_s = self.blocks.num_used_blocks * dt0
         if not batch.fast_forwardable:
             return
         calls, bs, bm = self.calls, self.config.block_size, self.blocks
-        ids = batch.calls
+        ids = np.array(self.running, dtype=np.int64)  # stepping schedules decodes in running order
         n_max = min(
             int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS
         )
         if n_max <= 1:
             return
+        sort = np.argsort(batch.calls)
+        grant = batch.num_new_tokens[sort[np.searchsorted(batch.calls[sort], ids)]]
+        c1 = calls.num_computed[ids] + grant
         num = len(ids)
-        k = np.arange(n_max, dtype=np.int64)
-        dts = self.backend.decode_run_times_s(num, batch.kv_read_tokens + k * num)
-        starts = np.cumsum(np.concatenate(([now_s], dts)))  # sequential adds, as stepping does
+        k = np.arange(1, n_max, dtype=np.int64)
+        dts = self.backend.decode_run_times_s(num, int(c1.sum()) + k * num)
+        starts = np.cumsum(np.concatenate(([now_s, dt0], dts)))  # starts[k]: iteration k begins
         n_time = int(np.searchsorted(starts[:n_max], horizon_s, side="left"))
-        # iteration k >= 1 needs a new block for each call whose next KV slot opens one
-        phase = (-calls.num_computed[ids]) % bs  # iterations until the next block boundary
-        first = np.where(phase == 0, bs, phase)
+        # iteration k >= 1 takes a new block for each call whose KV slot c1 + k - 1 opens one
+        first = (1 - c1) % bs
+        first = np.where(first == 0, bs, first)
         per_k = np.zeros(n_max, dtype=np.int64)
-        counts_by_phase = np.bincount(first % bs, minlength=bs)
-        per_k[1:] = counts_by_phase[k[1:] % bs]
+        per_k[1:] = np.bincount(first % bs, minlength=bs)[k % bs]
         cum_need = np.cumsum(per_k)
         n_blocks = int(np.searchsorted(cum_need, bm.num_free_blocks, side="right"))
-        n = max(1, min(n_max, n_time, n_blocks))
-        if n == 1:
+        n = min(n_max, n_time, n_blocks)
+        if n <= 1:
             return
         counts = np.where(first <= n - 1, (n - 1 - first) // bs + 1, 0)
         total = int(counts.sum())
@@ -386,12 +396,13 @@ class Replica:
             offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
             when = np.repeat(first, counts) + offset * bs
             owners = ids[owner[np.lexsort((owner, when))]]
-            new_blocks = bm.allocate(total)
             table = calls.blocks
-            for call, block in zip(owners.tolist(), new_blocks, strict=True):
+            for call, block in zip(owners.tolist(), bm.allocate(total), strict=True):
                 table[call].append(block)
             calls.num_held_blocks[ids] += counts
-        used = self.blocks.num_used_blocks - total + cum_need[:n]
+        used = bm.num_used_blocks - total + cum_need[:n]
+        batch.calls = ids
+        batch.tokens_total = grant + (n - 1)
         batch.num_iterations = n
         batch.end_s = float(starts[n])
-        batch.kv_used_block_s = float(np.dot(used, dts[:n]))
+        batch.kv_used_block_s = float(used[0] * dt0 + np.dot(used[1:], dts[: n - 1]))
