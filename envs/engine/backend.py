@@ -39,6 +39,10 @@ class Backend(Protocol):
 
     def iteration_time_s(self, batch: Batch) -> float: ...
 
+    def iteration_time_s_decode(self, num_decodes: int, kv_read_tokens: int) -> float:
+        """Duration of one decode-only iteration (a lower bound for the ones after it)."""
+        ...
+
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
         """Durations of consecutive decode-only iterations (vectorised fast-forward)."""
         ...
@@ -64,7 +68,8 @@ class SimBackend:
             )
         )
 
+    def iteration_time_s_decode(self, num_decodes: int, kv_read_tokens: int) -> float:
+        return float(self.cost.iteration_time_s(0, 0.0, num_decodes, kv_read_tokens, 0.0))
+
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
-        return np.asarray(
-            self.cost.iteration_time_s(0, 0.0, num_decodes, kv_read_tokens, 0.0), dtype=np.float64
-        )
+        return self.cost.decode_run_times_s(num_decodes, kv_read_tokens)

@@ -179,8 +179,15 @@ class CostModel:
         float64 array otherwise, each element equal bit for bit to the scalar call.
         """
         args = (prefill_tokens, prefill_attn_tokens, decode_seqs, kv_read_tokens, swap_bytes)
-        if all(isinstance(a, _SCALAR_TYPES) for a in args):
-            p, a, d, k, s = (float(x) for x in args)
+        if (
+            isinstance(prefill_tokens, _SCALAR_TYPES)
+            and isinstance(prefill_attn_tokens, _SCALAR_TYPES)
+            and isinstance(decode_seqs, _SCALAR_TYPES)
+            and isinstance(kv_read_tokens, _SCALAR_TYPES)
+            and isinstance(swap_bytes, _SCALAR_TYPES)
+        ):  # the engine's per-iteration path: plain floats, no numpy overhead
+            p, a, d = float(prefill_tokens), float(prefill_attn_tokens), float(decode_seqs)
+            k, s = float(kv_read_tokens), float(swap_bytes)
             if not (p >= 0 and a >= 0 and d >= 0 and k >= 0 and s >= 0):
                 raise ValueError(f"iteration_time_s: arguments must be >= 0, got {args}")
             tokens, busy_s = self._busy_s(p, a, d, k, max)
@@ -191,6 +198,20 @@ class CostModel:
         tokens, busy_s = self._busy_s(p, a, d, k, np.maximum)
         out = np.where(tokens > 0, busy_s, 0.0) + s / self._host_link_bytes_per_s
         return float(out) if out.ndim == 0 else out
+
+    def decode_run_times_s(self, decode_seqs: int, kv_read_tokens: np.ndarray) -> np.ndarray:
+        """``iteration_time_s(0, 0.0, decode_seqs, kv_read_tokens, 0.0)`` for an array of KV
+        reads, without the general path's conversions: the engine's fast-forward calls it for
+        every run of decode-only iterations. Same float64 operations in the same order, so each
+        element equals the scalar call bit for bit (tested)."""
+        tokens = 0.0 + float(decode_seqs)
+        compute_s = (self._flops_per_token * tokens + self._flops_per_attn_pair * 0.0) / self._flops_per_s
+        kv = np.asarray(kv_read_tokens, dtype=np.float64)
+        memory_s = (self._weight_bytes + self._kv_bytes_per_token * (kv + tokens)) / self._bytes_per_s
+        busy_s = self._overhead_s + np.maximum(compute_s, memory_s) + self._comm_s_per_token * tokens
+        if tokens <= 0:
+            busy_s = np.zeros_like(kv)
+        return busy_s + 0.0 / self._host_link_bytes_per_s
 
     def swap_time_s(self, num_bytes: float) -> float:
         """Seconds to move ``num_bytes`` of KV between GPU and host over the swap link."""

@@ -26,6 +26,17 @@ from servegym.envs.workloads.job import Job, Output, role_id
 from servegym.envs.workloads.source import JobSource
 
 
+_JOB_COLUMNS = {
+    "job_arrival_s": 0.0,
+    "job_finish_s": np.nan,
+    "job_service": 0.0,
+    "job_calls_done": np.int64(0),
+    "job_num_calls": np.int64(0),
+    "job_tenant": np.int64(0),
+    "job_failed": np.bool_(False),
+}
+
+
 class EventKind(IntEnum):
     """Also the tie-break at equal times: arrivals, then ready calls, then iterations."""
 
@@ -63,13 +74,8 @@ class Engine:
         self.jobs: list[Job] = []
         self.job_first_call: list[int] = []
         self.job_children: list[list[list[int]]] = []
-        self.job_arrival_s = np.zeros(0)
-        self.job_finish_s = np.zeros(0)
-        self.job_service = np.zeros(0)
-        self.job_calls_done = np.zeros(0, dtype=np.int64)
-        self.job_num_calls = np.zeros(0, dtype=np.int64)
-        self.job_tenant = np.zeros(0, dtype=np.int64)
-        self.job_failed = np.zeros(0, dtype=bool)
+        for name, fill in _JOB_COLUMNS.items():  # per-job columns, longer than len(jobs)
+            setattr(self, name, np.full(0, fill, dtype=type(fill) if not isinstance(fill, float) else float))
         self.job_replicas: list[set[int]] = []
         self.tenants: dict[str, int] = {}
         self.tenant_service = np.zeros(0)
@@ -92,7 +98,7 @@ class Engine:
 
     @property
     def num_jobs_done(self) -> int:
-        return len(self.jobs) - int(np.isnan(self.job_finish_s).sum())
+        return len(self.jobs) - len(self._unfinished_jobs())
 
     def next_decision(self) -> Decision | None:
         """Advance the clock to the next choice; None once the workload has drained."""
@@ -144,9 +150,12 @@ class Engine:
                 yield from self._route(key)
             else:
                 yield from self._step(self.replicas[key])
-        unfinished = np.flatnonzero(np.isnan(self.job_finish_s)).tolist()
+        unfinished = self._unfinished_jobs()
         if unfinished and self.stall is None:
             self.stall = self._diagnose(unfinished)
+
+    def _unfinished_jobs(self) -> list[int]:
+        return np.flatnonzero(np.isnan(self.job_finish_s[: len(self.jobs)])).tolist()
 
     def _diagnose(self, unfinished: list[int]) -> str:
         lines = [f"stalled at t={self.now_s:.3f}s with {len(unfinished)} unfinished jobs and no event left"]
@@ -168,13 +177,14 @@ class Engine:
         tenant = self.tenants.setdefault(job.tenant, len(self.tenants))
         if tenant >= len(self.tenant_service):
             self.tenant_service = np.append(self.tenant_service, 0.0)
-        self.job_arrival_s = np.append(self.job_arrival_s, job.arrival_s)
-        self.job_finish_s = np.append(self.job_finish_s, np.nan)
-        self.job_service = np.append(self.job_service, 0.0)
-        self.job_calls_done = np.append(self.job_calls_done, 0)
-        self.job_num_calls = np.append(self.job_num_calls, len(job.calls))
-        self.job_tenant = np.append(self.job_tenant, tenant)
-        self.job_failed = np.append(self.job_failed, False)
+        if index == len(self.job_arrival_s):  # grow the per-job columns by doubling
+            grow = max(16, index)
+            for name, fill in _JOB_COLUMNS.items():
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.full(grow, fill, dtype=old.dtype)]))
+        self.job_arrival_s[index] = job.arrival_s
+        self.job_num_calls[index] = len(job.calls)
+        self.job_tenant[index] = tenant
         self.job_replicas.append(set())
         self.job_first_call.append(-1)  # set when the job arrives and its calls get ids
         self.job_children.append(job.children())
@@ -315,7 +325,7 @@ class Engine:
             batch = yield from replica.schedule()
         if batch is None:
             if replica.waiting:  # waiting work, nothing running, nothing admissible: a stall
-                self.stall = self._diagnose(np.flatnonzero(np.isnan(self.job_finish_s)).tolist())
+                self.stall = self._diagnose(self._unfinished_jobs())
                 self._events.clear()
             return
         horizon = self._events[0][0] if self._events else np.inf

@@ -58,12 +58,15 @@ def collect_metrics(engine: Engine) -> RunMetrics:
     n = calls.size
     state = calls.state[:n]
     finished = state == CallState.FINISHED
-    done_jobs = ~np.isnan(engine.job_finish_s) & ~engine.job_failed
-    jct = (engine.job_finish_s - engine.job_arrival_s)[done_jobs]
+    jobs = len(engine.jobs)
+    arrival_s, finish_s = engine.job_arrival_s[:jobs], engine.job_finish_s[:jobs]
+    failed = engine.job_failed[:jobs]
+    done_jobs = ~np.isnan(finish_s) & ~failed
+    jct = (finish_s - arrival_s)[done_jobs]
     ttft = (calls.first_token_s[:n] - calls.ready_s[:n])[finished]
     multi = finished & (calls.num_output[:n] > 1)
     tpot = (calls.finish_s[:n] - calls.first_token_s[:n])[multi] / (calls.num_output[:n][multi] - 1)
-    start = float(engine.job_arrival_s.min()) if len(engine.jobs) else 0.0
+    start = float(arrival_s.min()) if jobs else 0.0
     end = float(np.nanmax(calls.finish_s[:n])) if finished.any() else start
     makespan = max(end - start, 0.0)
     busy = sum(r.busy_s for r in engine.replicas)
@@ -73,7 +76,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
     generated = int(calls.num_output[:n][finished].sum())
     return RunMetrics(
         jobs_completed=int(done_jobs.sum()),
-        jobs_failed=int(engine.job_failed.sum()),
+        jobs_failed=int(failed.sum()),
         calls_completed=int(finished.sum()),
         calls_rejected=int((state == CallState.REJECTED).sum()),
         jct_mean_s=_mean(jct),

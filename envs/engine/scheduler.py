@@ -215,11 +215,11 @@ class Replica:
             need = -(-(calls.num_computed[run] + grant) // bs) - calls.num_held_blocks[run]
             if int(need.sum()) <= bm.num_free_blocks:
                 new_blocks = bm.allocate(int(need.sum()))
+                takers = np.flatnonzero(need)
                 pos = 0
-                for call, n in zip(run.tolist(), need.tolist(), strict=True):
-                    if n:
-                        calls.blocks[call].extend(new_blocks[pos : pos + n])
-                        pos += n
+                for call, n in zip(run[takers].tolist(), need[takers].tolist(), strict=True):
+                    calls.blocks[call].extend(new_blocks[pos : pos + n])
+                    pos += n
                 calls.num_held_blocks[run] += need
                 order, grants = run.tolist(), grant.tolist()
             else:
@@ -371,22 +371,28 @@ class Replica:
         )
         if n_max <= 1:
             return
-        sort = np.argsort(batch.calls)
-        grant = batch.num_new_tokens[sort[np.searchsorted(batch.calls[sort], ids)]]
+        if np.array_equal(batch.calls, ids):
+            grant = batch.num_new_tokens
+        else:
+            sort = np.argsort(batch.calls)
+            grant = batch.num_new_tokens[sort[np.searchsorted(batch.calls[sort], ids)]]
         c1 = calls.num_computed[ids] + grant
         num = len(ids)
+        kv_read_1 = int(c1.sum()) + num
+        if horizon_s < np.inf:  # decode times grow with k, so iteration 1's bounds how many fit
+            dt1 = self.backend.iteration_time_s_decode(num, kv_read_1)
+            n_max = min(n_max, 2 + int((horizon_s - now_s - dt0) / dt1))
         k = np.arange(1, n_max, dtype=np.int64)
-        dts = self.backend.decode_run_times_s(num, int(c1.sum()) + k * num)
+        dts = self.backend.decode_run_times_s(num, kv_read_1 + (k - 1) * num)
         starts = np.cumsum(np.concatenate(([now_s, dt0], dts)))  # starts[k]: iteration k begins
-        n_time = int(np.searchsorted(starts[:n_max], horizon_s, side="left"))
+        n = min(n_max, int(np.searchsorted(starts[:n_max], horizon_s, side="left")))
         # iteration k >= 1 takes a new block for each call whose KV slot c1 + k - 1 opens one
         first = (1 - c1) % bs
-        first = np.where(first == 0, bs, first)
-        per_k = np.zeros(n_max, dtype=np.int64)
-        per_k[1:] = np.bincount(first % bs, minlength=bs)[k % bs]
-        cum_need = np.cumsum(per_k)
-        n_blocks = int(np.searchsorted(cum_need, bm.num_free_blocks, side="right"))
-        n = min(n_max, n_time, n_blocks)
+        first[first == 0] = bs
+        if num * (1 + (n - 1) // bs) > bm.num_free_blocks:  # a shortage is possible: find it
+            per_k = np.zeros(n, dtype=np.int64)
+            per_k[1:] = np.bincount(first % bs, minlength=bs)[k[: n - 1] % bs]
+            n = min(n, int(np.searchsorted(np.cumsum(per_k), bm.num_free_blocks, side="right")))
         if n <= 1:
             return
         counts = np.where(first <= n - 1, (n - 1 - first) // bs + 1, 0)
@@ -400,7 +406,11 @@ class Replica:
             for call, block in zip(owners.tolist(), bm.allocate(total), strict=True):
                 table[call].append(block)
             calls.num_held_blocks[ids] += counts
-        used = bm.num_used_blocks - total + cum_need[:n]
+        # owned blocks during iteration k: those of iteration 0 plus the ones taken since
+        taken = np.zeros(n, dtype=np.int64)
+        if total:
+            np.add.at(taken, when, 1)
+        used = bm.num_used_blocks - total + np.cumsum(taken)
         batch.calls = ids
         batch.tokens_total = grant + (n - 1)
         batch.num_iterations = n

@@ -186,3 +186,16 @@ def test_kv_budget_error_says_what_to_change() -> None:
     one_gpu_70b = dataclasses.replace(load_profile("llama70b_h100x4"), tensor_parallel=1)
     with pytest.raises(ValueError, match="raise tensor_parallel"):
         _ = one_gpu_70b.kv_budget_bytes
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    name=st.sampled_from(available_profiles()),
+    decode_seqs=st.integers(1, 512),
+    kv=st.lists(st.integers(0, 10**7), min_size=1, max_size=20),
+)
+def test_decode_run_times_equal_scalar_calls_bit_for_bit(name: str, decode_seqs: int, kv: list[int]) -> None:
+    model = CostModel(load_profile(name))
+    run = model.decode_run_times_s(decode_seqs, np.array(kv, dtype=np.int64))
+    for value, kv_read in zip(run.tolist(), kv, strict=True):
+        assert value == model.iteration_time_s(0, 0.0, decode_seqs, kv_read, 0.0)
