@@ -25,7 +25,6 @@ from servegym.envs.engine.scheduler import Replica
 from servegym.envs.workloads.job import Job, Output, role_id
 from servegym.envs.workloads.source import JobSource
 
-
 _JOB_COLUMNS = {
     "job_arrival_s": 0.0,
     "job_finish_s": np.nan,
