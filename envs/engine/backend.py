@@ -4,7 +4,7 @@ issue) runs the batch for real and measures it. Both see the same ``Batch``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -20,18 +20,30 @@ class Batch:
     calls: np.ndarray  # (B,) call ids, decodes first then prefill chunks
     num_new_tokens: np.ndarray  # (B,) tokens computed per call in the first iteration
     remaining_tokens: np.ndarray  # (B,) known tokens not yet computed before the batch
-    tokens_total: np.ndarray  # (B,) tokens computed per call over all the batch's iterations
     num_decodes: int
     prefill_tokens: int
     prefill_attn_tokens: float
     kv_read_tokens: int
     swap_bytes: float = 0.0
+    fast_forwardable: bool = False  # the iterations after this one may be folded into it
+    # Set by Replica.time_batch. A folded run of ``num_iterations`` iterations: iteration 0 is
+    # the scheduled batch, later ones are decodes of every call, in ``calls`` order.
     num_iterations: int = 1
-    duration_s: float = 0.0
-    kv_used_block_s: float = 0.0  # integral of owned blocks over the batch's time
-    end_s: float = 0.0  # virtual time at which the batch's last iteration ends
-    first_end_s: float = 0.0  # ... and its first (first tokens of prefills appear then)
-    fast_forwardable: bool = False  # decode-only with nothing else to do: may be folded
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(2))  # (n + 1,) iteration boundaries
+    decode_times_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n - 1,) iterations 1..
+    applied: int = 0  # iterations whose tokens are applied to the call table
+    block_when: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # iteration of each
+    block_owner: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # deferred block
+    blocks_taken: int = 0  # deferred blocks allocated so far
+    used_blocks_0: int = 0  # owned blocks during iteration 0
+
+    @property
+    def start_s(self) -> float:
+        return float(self.starts[0])
+
+    @property
+    def end_s(self) -> float:
+        return float(self.starts[self.num_iterations])
 
 
 class Backend(Protocol):

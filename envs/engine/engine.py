@@ -83,6 +83,7 @@ class Engine:
         self.stall: str | None = None
         self.kv_samples: list[tuple[float, int, float]] = []  # (time, replica, used fraction)
         self._loop = self._run()
+        self._event: tuple[int, int] = (EventKind.ARRIVAL, -1)  # kind and key of the current event
         self._pending: Decision | None = None
         self._answer: np.ndarray | None = None
         self._started = False
@@ -142,7 +143,10 @@ class Engine:
         events = self._events
         while events:
             time_s, kind, key, payload = heapq.heappop(events)
+            if kind == EventKind.STEP and payload != self.replicas[key].step_version:
+                continue  # a run that an event cut short was rescheduled
             self.now_s = time_s
+            self._event = (kind, key)
             if kind == EventKind.ARRIVAL:
                 self._arrive(key)
             elif kind == EventKind.READY:
@@ -152,6 +156,24 @@ class Engine:
         unfinished = self._unfinished_jobs()
         if unfinished and self.stall is None:
             self.stall = self._diagnose(unfinished)
+
+    def _sync(self, replica: Replica) -> int:
+        """Bring a replica in the middle of a folded run up to the current event, as stepping
+        would have it: blocks of started iterations taken, tokens of finished ones applied.
+        Returns the index of the iteration in flight."""
+        batch = replica.in_flight
+        if batch is None or batch.num_iterations == 1:
+            return 0
+        kind, key = self._event
+        done = replica.iterations_done(batch, self.now_s, (EventKind.STEP, replica.index) < (kind, key))
+        replica.take_run_blocks(batch, done + 1)
+        self._apply(replica, batch, done)
+        return done
+
+    def _sync_all(self) -> None:
+        """Before anyone observes the engine (a decision), every replica is as stepping left it."""
+        for replica in self.replicas:
+            self._sync(replica)
 
     def _unfinished_jobs(self) -> list[int]:
         return np.flatnonzero(np.isnan(self.job_finish_s[: len(self.jobs)])).tolist()
@@ -229,6 +251,16 @@ class Engine:
                 segments.append((self._keys.setdefault(seg.key, len(self._keys)), seg.num_tokens))
         calls.segments[call] = segments
         calls.prompt_tokens[call] = sum(length for _, length in segments)
+        # A continuing agent's prompt starts with its parent's prompt and output: the parent's
+        # block hashes are this call's first ones, so reuse them instead of hashing again.
+        for parent in job.calls[int(calls.call_in_job[call])].parents:
+            source = base + parent
+            inherited = calls.segments[source] + [(-1 - source, int(calls.num_output[source]))]
+            if (
+                len(calls.hashes[source]) > len(calls.hashes[call])
+                and segments[: len(inherited)] == inherited
+            ):
+                calls.hashes[call] = list(calls.hashes[source])
 
     def _route(self, call: int) -> Generator[Decision, np.ndarray, None]:
         calls = self.calls
@@ -254,18 +286,25 @@ class Engine:
         if eligible.sum() == 1:
             target = int(np.flatnonzero(eligible)[0])
         else:
+            self._sync_all()
             scores = yield route_decision(self, call, eligible)
             target = int(np.argmax(np.where(eligible, scores, -np.inf)))
         replica = self.replicas[target]
+        if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
+            # the new call must be scheduled when stepping would: after the iteration in flight
+            in_flight = self._sync(replica)
+            replica.truncate(replica.in_flight, in_flight + 1)
+            self._push_step(replica)
         calls.replica[call] = target
         calls.state[call] = CallState.WAITING
         calls.ready_s[call] = self.now_s
         calls.enqueue_s[call] = self.now_s
         self.job_replicas[int(calls.job[call])].add(target)
         replica.waiting.append(call)
-        if replica.in_flight is None:
-            replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 4, 0, 0, 0.0, 0)
-            self._push(self.now_s, EventKind.STEP, target)
+        if replica.in_flight is None:  # idle: wake it now
+            replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
+            replica.in_flight.starts = np.array([self.now_s, self.now_s])
+            self._push_step(replica)
 
     def _reject(self, call: int, reason: str) -> None:
         """Reject a call and, with it, every call of its tree that has not run yet."""
@@ -313,11 +352,19 @@ class Engine:
 
     # ------------------------------------------------------------------ iterations
     def _build_decision(self, replica, kind, candidates, plans, budget_left) -> Decision:
+        self._sync_all()
         return candidate_decision(self, replica, kind, candidates, plans, budget_left)
 
+    def _push_step(self, replica: Replica) -> None:
+        replica.step_version += 1
+        self._push(replica.in_flight.end_s, EventKind.STEP, replica.index, replica.step_version)
+
     def _step(self, replica: Replica) -> Generator[Decision, np.ndarray, None]:
-        if replica.in_flight is not None and len(replica.in_flight.calls):
-            self._complete(replica, replica.in_flight)
+        batch = replica.in_flight
+        if batch is not None and len(batch.calls):
+            replica.take_run_blocks(batch, batch.num_iterations)
+            self._apply(replica, batch, batch.num_iterations)
+            replica.account(batch)
         replica.in_flight = None
         batch = yield from replica.schedule()
         if batch is None and replica.waiting:  # everything was preempted: admit afresh
@@ -327,39 +374,50 @@ class Engine:
                 self.stall = self._diagnose(self._unfinished_jobs())
                 self._events.clear()
             return
-        horizon = self._events[0][0] if self._events else np.inf
-        replica.time_batch(batch, self.now_s, horizon)
+        replica.time_batch(batch, self.now_s)
         replica.in_flight = batch
-        replica.num_iterations += batch.num_iterations
-        replica.busy_s += batch.end_s - self.now_s
-        replica.kv_used_block_s += batch.kv_used_block_s
         self.kv_samples.append(
             (self.now_s, replica.index, replica.blocks.num_used_blocks / replica.blocks.num_blocks)
         )
-        self._push(batch.end_s, EventKind.STEP, replica.index)
+        self._push_step(replica)
 
-    def _complete(self, replica: Replica, batch: Batch) -> None:
-        """Apply a finished batch: tokens computed, tokens sampled, calls done."""
+    def _apply(self, replica: Replica, batch: Batch, upto: int) -> None:
+        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1``; at the run's end,
+        finish the calls that reached their stop."""
+        steps = upto - batch.applied
+        if steps <= 0:
+            return
         calls = self.calls
-        ids, n_iter = batch.calls, batch.num_iterations
-        processed = batch.tokens_total
-        calls.num_computed[ids] += processed
-        # a token is sampled whenever all known tokens are computed; a folded run samples one
-        # per iteration (its first iteration completes every prefill it holds)
-        sampled = calls.num_computed[ids] == calls.prompt_tokens[ids] + calls.num_output[ids] + (n_iter - 1)
-        first = sampled & (calls.num_output[ids] == 0)
-        calls.first_token_s[ids[first]] = batch.first_end_s
-        calls.num_output[ids[sampled]] += n_iter
+        ids = batch.calls
+        if batch.applied == 0:
+            # iteration 0: a token is sampled where all known tokens are now computed (a
+            # finished prefill or a decode); every later iteration of a run is all decodes
+            tokens = batch.num_new_tokens + (steps - 1)
+            sampled = batch.num_new_tokens == batch_remaining(batch, calls)
+            calls.first_token_s[ids[sampled & (calls.num_output[ids] == 0)]] = batch.starts[1]
+            outputs = sampled + (steps - 1)
+        else:
+            tokens = outputs = np.full(len(ids), steps, dtype=np.int64)
+        calls.num_computed[ids] += tokens
+        calls.num_output[ids] += outputs
+        batch.applied = upto
         jobs = calls.job[ids]
-        np.add.at(self.job_service, jobs, processed)
+        np.add.at(self.job_service, jobs, tokens)
         # VTC's weights: a prompt token costs 1, a generated token 2 (processed once, sampled once)
-        np.add.at(self.tenant_service, self.job_tenant[jobs], processed + sampled * n_iter)
-        done = ids[sampled & (calls.num_output[ids] >= calls.target_tokens[ids])]
-        if len(done):
-            for call in done.tolist():
-                replica.running.remove(call)
-                replica.release_blocks(call)
-                self._finish(call)
+        np.add.at(self.tenant_service, self.job_tenant[jobs], tokens + outputs)
+        if upto < batch.num_iterations:
+            return
+        done = ids[calls.num_output[ids] >= calls.target_tokens[ids]]
+        for call in done.tolist():
+            replica.running.remove(call)
+            replica.release_blocks(call)
+            self._finish(call)
+
+
+def batch_remaining(batch: Batch, calls: CallTable) -> np.ndarray:
+    """Known tokens of each batch call not yet computed (before iteration 0 is applied)."""
+    ids = batch.calls
+    return calls.prompt_tokens[ids] + calls.num_output[ids] - calls.num_computed[ids]
 
 
 def assert_all_terminal(engine: Engine) -> None:

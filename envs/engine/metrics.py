@@ -100,3 +100,11 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         stalled=engine.stall is not None,
         stall_reason=engine.stall or "",
     )
+
+
+def kv_utilization_timeline(engine: Engine) -> np.ndarray:
+    """(T, 3) rows of (time_s, replica, owned-block fraction), one per scheduled iteration or
+    folded run: the KV-use-over-time series that evaluation plots."""
+    if not engine.kv_samples:
+        return np.zeros((0, 3))
+    return np.array(engine.kv_samples, dtype=np.float64)

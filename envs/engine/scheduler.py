@@ -88,6 +88,7 @@ class Replica:
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
         self.in_flight: Batch | None = None
+        self.step_version = 0  # only the latest STEP event pushed for this replica counts
         # statistics
         self.num_iterations = 0
         self.busy_s = 0.0
@@ -131,6 +132,7 @@ class Replica:
         if calls.state[call] == CallState.SWAPPED:
             bm.release_host(int(calls.host_blocks[call]))
             calls.host_blocks[call] = 0
+            calls.num_registered_blocks[call] = len(plan.hit_blocks)
             swap_bytes = plan.swap_in_blocks * self.block_bytes
         else:
             hit_tokens = len(plan.hit_blocks) * bs
@@ -341,7 +343,6 @@ class Replica:
             calls=ids,
             num_new_tokens=new,
             remaining_tokens=remaining,
-            tokens_total=new,
             num_decodes=int(np.count_nonzero(is_decode)),
             prefill_tokens=int(prefill_new.sum()),
             prefill_attn_tokens=float((prefill_new * (prefill_ctx + (prefill_new + 1) / 2)).sum()),
@@ -350,26 +351,26 @@ class Replica:
         )
 
     # ---------------------------------------------------------------- timing
-    def time_batch(self, batch: Batch, now_s: float, horizon_s: float) -> None:
-        """Set the batch's end time, folding the decode-only iterations that follow it (up to
-        the next event, completion or block shortage) into the batch when allowed.
+    def time_batch(self, batch: Batch, now_s: float) -> None:
+        """Time the batch and, when allowed, fold the decode-only iterations after it into a
+        run that lasts until a call completes or the blocks run out (``MAX_FAST_FORWARD`` at
+        most). Events that touch this replica meanwhile split the run (``sync``, ``truncate``).
 
         Iteration 0 is the scheduled batch; in iteration k >= 1 every call decodes, writing KV
         slot ``c1 + k - 1`` and reading ``c1 + k`` tokens, where ``c1`` is its computed count
         after iteration 0. Times are summed sequentially (``cumsum``), exactly as stepping adds
-        them, so both paths give bit-identical clocks.
+        them, so both paths give bit-identical clocks. Blocks of later iterations are taken
+        lazily, in stepping's order (iteration, then running order).
         """
         dt0 = self.backend.iteration_time_s(batch)
-        batch.end_s = batch.first_end_s = now_s + dt0
-        batch.kv_used_block_s = self.blocks.num_used_blocks * dt0
+        batch.starts = np.array([now_s, now_s + dt0])
+        batch.used_blocks_0 = self.blocks.num_used_blocks
         if not batch.fast_forwardable:
             return
-        calls, bs, bm = self.calls, self.config.block_size, self.blocks
+        calls, bs = self.calls, self.config.block_size
         ids = np.array(self.running, dtype=np.int64)  # stepping schedules decodes in running order
-        n_max = min(
-            int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS
-        )
-        if n_max <= 1:
+        n = min(int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS)
+        if n <= 1:
             return
         if np.array_equal(batch.calls, ids):
             grant = batch.num_new_tokens
@@ -378,41 +379,65 @@ class Replica:
             grant = batch.num_new_tokens[sort[np.searchsorted(batch.calls[sort], ids)]]
         c1 = calls.num_computed[ids] + grant
         num = len(ids)
-        kv_read_1 = int(c1.sum()) + num
-        if horizon_s < np.inf:  # decode times grow with k, so iteration 1's bounds how many fit
-            dt1 = self.backend.iteration_time_s_decode(num, kv_read_1)
-            n_max = min(n_max, 2 + int((horizon_s - now_s - dt0) / dt1))
-        k = np.arange(1, n_max, dtype=np.int64)
-        dts = self.backend.decode_run_times_s(num, kv_read_1 + (k - 1) * num)
-        starts = np.cumsum(np.concatenate(([now_s, dt0], dts)))  # starts[k]: iteration k begins
-        n = min(n_max, int(np.searchsorted(starts[:n_max], horizon_s, side="left")))
         # iteration k >= 1 takes a new block for each call whose KV slot c1 + k - 1 opens one
         first = (1 - c1) % bs
         first[first == 0] = bs
-        if num * (1 + (n - 1) // bs) > bm.num_free_blocks:  # a shortage is possible: find it
+        free = self.blocks.num_free_blocks
+        if num * (1 + (n - 1) // bs) > free:  # a shortage is possible: stop before it
+            k = np.arange(1, n, dtype=np.int64)
             per_k = np.zeros(n, dtype=np.int64)
-            per_k[1:] = np.bincount(first % bs, minlength=bs)[k[: n - 1] % bs]
-            n = min(n, int(np.searchsorted(np.cumsum(per_k), bm.num_free_blocks, side="right")))
-        if n <= 1:
-            return
+            per_k[1:] = np.bincount(first % bs, minlength=bs)[k % bs]
+            n = int(np.searchsorted(np.cumsum(per_k), free, side="right"))
+            if n <= 1:
+                return
+        k = np.arange(1, n, dtype=np.int64)
+        batch.decode_times_s = self.backend.decode_run_times_s(num, int(c1.sum()) + k * num)
+        batch.starts = np.cumsum(np.concatenate(([now_s, dt0], batch.decode_times_s)))
         counts = np.where(first <= n - 1, (n - 1 - first) // bs + 1, 0)
         total = int(counts.sum())
         if total:
             owner = np.repeat(np.arange(num), counts)
             offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
             when = np.repeat(first, counts) + offset * bs
-            owners = ids[owner[np.lexsort((owner, when))]]
-            table = calls.blocks
-            for call, block in zip(owners.tolist(), bm.allocate(total), strict=True):
-                table[call].append(block)
-            calls.num_held_blocks[ids] += counts
-        # owned blocks during iteration k: those of iteration 0 plus the ones taken since
-        taken = np.zeros(n, dtype=np.int64)
-        if total:
-            np.add.at(taken, when, 1)
-        used = bm.num_used_blocks - total + np.cumsum(taken)
+            order = np.lexsort((owner, when))
+            batch.block_when, batch.block_owner = when[order], ids[owner[order]]
         batch.calls = ids
-        batch.tokens_total = grant + (n - 1)
+        batch.num_new_tokens = grant
         batch.num_iterations = n
-        batch.end_s = float(starts[n])
-        batch.kv_used_block_s = float(used[0] * dt0 + np.dot(used[1:], dts[: n - 1]))
+
+    def iterations_done(self, batch: Batch, time_s: float, before_ties: bool) -> int:
+        """Iterations of the run that stepping would have completed before an event at
+        ``time_s`` (``before_ties``: an iteration ending exactly then completes first)."""
+        side = "right" if before_ties else "left"
+        return int(np.searchsorted(batch.starts[1 : batch.num_iterations + 1], time_s, side=side))
+
+    def take_run_blocks(self, batch: Batch, iterations: int) -> None:
+        """Allocate the run's deferred blocks for iterations < ``iterations``."""
+        stop = int(np.searchsorted(batch.block_when, iterations, side="left"))
+        if stop <= batch.blocks_taken:
+            return
+        owners = batch.block_owner[batch.blocks_taken : stop]
+        table = self.calls.blocks
+        for call, block in zip(owners.tolist(), self.blocks.allocate(len(owners)), strict=True):
+            table[call].append(block)
+        np.add.at(self.calls.num_held_blocks, owners, 1)
+        batch.blocks_taken = stop
+
+    def truncate(self, batch: Batch, iterations: int) -> None:
+        """Cut the run to its first ``iterations`` iterations (the last one is in flight)."""
+        if iterations >= batch.num_iterations:
+            return
+        batch.num_iterations = iterations
+        keep = int(np.searchsorted(batch.block_when, iterations, side="left"))
+        batch.block_when, batch.block_owner = batch.block_when[:keep], batch.block_owner[:keep]
+
+    def account(self, batch: Batch) -> None:
+        """Add a finished batch (or run) to the replica's statistics."""
+        n = batch.num_iterations
+        taken = np.zeros(n, dtype=np.int64)
+        np.add.at(taken, batch.block_when, 1)
+        used = batch.used_blocks_0 + np.cumsum(taken)
+        dt0 = float(batch.starts[1] - batch.starts[0])
+        self.num_iterations += n
+        self.busy_s += batch.end_s - batch.start_s
+        self.kv_used_block_s += float(used[0] * dt0 + np.dot(used[1:], batch.decode_times_s[: n - 1]))
