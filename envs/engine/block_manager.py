@@ -144,8 +144,12 @@ class BlockManager:
                 block_hash[block] = h
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Drop one reference to each block; unreferenced ones join the free queue tail first."""
+        """Drop one reference to each block; unreferenced ones join the free queue tail first.
+        A block freed more often than taken is refused before anything changes."""
         ref, block_hash = self.ref_count, self.block_hash
+        for block in blocks:
+            if ref[block] <= 0:
+                raise AssertionError(f"block {block} freed more often than taken")
         released = []
         for block in reversed(blocks):
             ref[block] -= 1
@@ -153,8 +157,6 @@ class BlockManager:
                 released.append(block)
                 if block_hash[block] is not None:
                     self.num_cached_free_blocks += 1
-            elif ref[block] < 0:
-                raise AssertionError(f"block {block} freed more often than taken")
         self.free_queue.push_many(released)
         self.num_freed_total += len(blocks)
 

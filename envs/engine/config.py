@@ -3,6 +3,7 @@ directly or as Hydra structured-config schemas (so a typo or a bad value fails a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -33,23 +34,33 @@ class EngineConfig:
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"engine.{name} must be an int >= 1, got {value!r}")
-        if self.long_prefill_token_threshold < 0:
-            raise ValueError("engine.long_prefill_token_threshold must be >= 0 (0 disables it)")
-        if self.kv_budget_bytes is not None and not self.kv_budget_bytes > 0:
-            raise ValueError(f"engine.kv_budget_bytes must be > 0 or null, got {self.kv_budget_bytes!r}")
-        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
-            raise ValueError(f"engine.num_gpu_blocks must be >= 1 or null, got {self.num_gpu_blocks!r}")
-        if self.swap_space_bytes < 0:
-            raise ValueError(f"engine.swap_space_bytes must be >= 0, got {self.swap_space_bytes!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            _check_int(f"engine.{name}", getattr(self, name), minimum=1)
+        _check_int("engine.long_prefill_token_threshold", self.long_prefill_token_threshold, minimum=0)
+        if self.num_gpu_blocks is not None:
+            _check_int("engine.num_gpu_blocks", self.num_gpu_blocks, minimum=1)
+        if self.kv_budget_bytes is not None:
+            _check_number("engine.kv_budget_bytes", self.kv_budget_bytes, positive=True)
+        _check_number("engine.swap_space_bytes", self.swap_space_bytes)
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ValueError(f"engine.profile must name a cost profile, got {self.profile!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(
                 f"engine.preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
             )
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: object, positive: bool = False) -> None:
+    """A finite real number, >= 0 (or > 0): NaN or inf would silently poison the clock."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 @dataclass
@@ -64,10 +75,10 @@ class ClusterConfig:
     """Delay between a call finishing and its children reaching the cluster (after the tool)."""
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"cluster.num_replicas must be >= 1, got {self.num_replicas!r}")
-        if self.network_delay_s < 0:
-            raise ValueError(f"cluster.network_delay_s must be >= 0, got {self.network_delay_s!r}")
+        _check_int("cluster.num_replicas", self.num_replicas, minimum=1)
+        _check_number("cluster.network_delay_s", self.network_delay_s)
+        if not all(isinstance(name, str) and name for name in self.replicas):
+            raise ValueError(f"cluster.replicas must be a list of profile names, got {self.replicas!r}")
 
     def profiles(self, default: str) -> list[str]:
         return list(self.replicas) if self.replicas else [default] * self.num_replicas

@@ -83,7 +83,8 @@ class Engine:
         self.stall: str | None = None
         self.kv_samples: list[tuple[float, int, float]] = []  # (time, replica, used fraction)
         self._loop = self._run()
-        self._event: tuple[int, int] = (EventKind.ARRIVAL, -1)  # kind and key of the current event
+        self._event: tuple[int, int] = (EventKind.ARRIVAL, -1)  # latest event key handled at now_s
+        self._event_time = -np.inf
         self._pending: Decision | None = None
         self._answer: np.ndarray | None = None
         self._started = False
@@ -145,8 +146,11 @@ class Engine:
             time_s, kind, key, payload = heapq.heappop(events)
             if kind == EventKind.STEP and payload != self.replicas[key].step_version:
                 continue  # a run that an event cut short was rescheduled
-            self.now_s = time_s
-            self._event = (kind, key)
+            # the latest (kind, key) processed at this instant: an event pushed for "now" while
+            # handling a later-keyed one still runs after everything handled before it
+            same_instant = time_s == self._event_time
+            self._event = max(self._event, (kind, key)) if same_instant else (kind, key)
+            self._event_time = self.now_s = time_s
             if kind == EventKind.ARRIVAL:
                 self._arrive(key)
             elif kind == EventKind.READY:
@@ -251,9 +255,12 @@ class Engine:
                 segments.append((self._keys.setdefault(seg.key, len(self._keys)), seg.num_tokens))
         calls.segments[call] = segments
         calls.prompt_tokens[call] = sum(length for _, length in segments)
+        spec = job.calls[int(calls.call_in_job[call])]
+        # ATLAS's priority: the critical-path service of its parents (a call adds its own on finishing)
+        calls.path_service[call] = max((calls.path_service[base + p] for p in spec.parents), default=0.0)
         # A continuing agent's prompt starts with its parent's prompt and output: the parent's
         # block hashes are this call's first ones, so reuse them instead of hashing again.
-        for parent in job.calls[int(calls.call_in_job[call])].parents:
+        for parent in spec.parents:
             source = base + parent
             inherited = calls.segments[source] + [(-1 - source, int(calls.num_output[source]))]
             if (
@@ -288,7 +295,8 @@ class Engine:
         else:
             self._sync_all()
             scores = yield route_decision(self, call, eligible)
-            target = int(np.argmax(np.where(eligible, scores, -np.inf)))
+            allowed = np.flatnonzero(eligible)
+            target = int(allowed[np.argmax(scores[allowed])])  # ties and -inf: first eligible
         replica = self.replicas[target]
         if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
             # the new call must be scheduled when stepping would: after the iteration in flight
@@ -337,8 +345,7 @@ class Engine:
         spec = job.calls[int(calls.call_in_job[call])]
         calls.state[call] = CallState.FINISHED
         calls.finish_s[call] = self.now_s
-        parents_path = max((calls.path_service[base + p] for p in spec.parents), default=0.0)
-        calls.path_service[call] = parents_path + calls.prompt_tokens[call] + calls.num_output[call]
+        calls.path_service[call] += calls.prompt_tokens[call] + calls.num_output[call]
         release = self.now_s + spec.tool_latency_s
         for child in self.job_children[job_index][spec.call_id]:
             child_id = base + child

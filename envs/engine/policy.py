@@ -44,7 +44,7 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "role_id",  # index into servegym.envs.workloads.job.KNOWN_ROLES
     "depth",  # depth in its tree (root = 0)
     "tree_service_log",  # log1p(tokens processed for its whole tree so far): Autellix PLAS
-    "critical_path_service_log",  # log1p(max over parents' path service): Autellix ATLAS
+    "critical_path_service_log",  # log1p(tokens on the heaviest path of finished ancestors): Autellix ATLAS
     "tree_calls_done",  # finished calls in its tree
     "tree_calls_total_log",  # log1p(calls in its tree)
     "tenant_vtc_log",  # log1p(tenant's virtual token counter - min over backlogged tenants): VTC
