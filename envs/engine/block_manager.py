@@ -10,7 +10,7 @@ Every operation is O(1) per block; nothing scans the whole pool.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -147,8 +147,9 @@ class BlockManager:
         """Drop one reference to each block; unreferenced ones join the free queue tail first.
         A block freed more often than taken is refused before anything changes."""
         ref, block_hash = self.ref_count, self.block_hash
-        for block in blocks:
-            if ref[block] <= 0:
+        counts = Counter(blocks) if len(set(blocks)) != len(blocks) else dict.fromkeys(blocks, 1)
+        for block, times in counts.items():
+            if ref[block] < times:
                 raise AssertionError(f"block {block} freed more often than taken")
         released = []
         for block in reversed(blocks):

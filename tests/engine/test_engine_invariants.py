@@ -1,0 +1,677 @@
+"""Engine invariants (DESIGN.md) over random agent workloads, policies and tight KV caches:
+
+* every KV block is free, cached or owned exactly once, between decisions and at the end, and
+  the pool is whole again when the workload drains (no leaked blocks, no host blocks left);
+* every call of every tree runs to completion exactly once, after its parents and their tools;
+* the same seed and config give the same trajectory bit for bit, and fast-forwarding decode runs
+  gives the trajectory stepping gives;
+* decisions carry the documented feature table, without the privileged columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from servegym.agents.heuristics import FCFS, RandomPolicy, RoundRobinRouting
+from servegym.envs.engine.backend import SimBackend
+from servegym.envs.engine.calls import CallState
+from servegym.envs.engine.config import ClusterConfig, EngineConfig
+from servegym.envs.engine.cost_model import load_profile
+from servegym.envs.engine.engine import Engine, assert_all_terminal
+from servegym.envs.engine.metrics import RunMetrics
+from servegym.envs.engine.policy import (
+    CANDIDATE_FEATURES,
+    GLOBAL_FEATURES,
+    PRIVILEGED_FEATURES,
+    ROUTE_FEATURES,
+    Decision,
+    DecisionKind,
+    Policy,
+    column,
+)
+from servegym.envs.workloads.generators import (
+    Debate,
+    MapReduce,
+    Mixed,
+    PlanExecuteCritique,
+    ReactChain,
+    TreeOfThoughts,
+)
+from servegym.envs.workloads.job import Call, Job, Output, Text
+from servegym.envs.workloads.source import FixedJobs, JobSource
+from servegym.envs.workloads.workload import Workload
+
+PROFILE = "tiny_cpu"  # a cheap cost model; the scheduling logic is the same for every profile
+MAX_CONTEXT_TOKENS = 512  # no generated call exceeds this (prompt + max_tokens)
+SMALL = dict(  # outputs long next to prompts, so decodes outgrow what admission reserved
+    system_tokens=16,
+    input_tokens_mean=24.0,
+    tool_tokens_mean=16.0,
+    output_tokens_mean=40.0,
+    max_tokens=64,
+    max_context_tokens=MAX_CONTEXT_TOKENS,
+)
+_REACT = ReactChain(turns_mean=3.0, max_turns=6, **SMALL)
+_MAP_REDUCE = MapReduce(fan_out=3, **SMALL)
+_DEBATE = Debate(num_agents=2, num_rounds=2, **SMALL)
+GENERATORS = {
+    "react": _REACT,
+    "map_reduce": _MAP_REDUCE,
+    "plan_execute_critique": PlanExecuteCritique(reject_prob=0.5, **SMALL),
+    "debate": _DEBATE,
+    "tree_of_thoughts": TreeOfThoughts(branching=2, depth=2, keep=1, **SMALL),
+    "mixed": Mixed(entries=[(_REACT, 1.0, "a"), (_MAP_REDUCE, 1.0, "b"), (_DEBATE, 1.0, "c")]),
+}
+
+
+# ---------------------------------------------------------------- policies
+class LIFO:
+    """Newest ready call first, oldest running call evicted: FCFS's mirror image."""
+
+    def __init__(self) -> None:
+        self.router = RoundRobinRouting()
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return self.router.route(decision)
+        return -decision.features[:, column("wait_s")].astype(np.float64)
+
+
+class Linear:
+    """A fixed random linear score of every feature column: a feature that differs between
+    two runs changes its answers, so trajectories compare through what the policy sees."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.w = rng.normal(size=len(CANDIDATE_FEATURES))
+        self.w_route = rng.normal(size=len(ROUTE_FEATURES))
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        w = self.w_route if decision.kind == DecisionKind.ROUTE else self.w
+        return decision.features.astype(np.float64) @ w
+
+
+POLICIES = ("fcfs", "random", "lifo", "linear")
+
+
+def make_policy(name: str, seed: int) -> Policy:
+    if name == "fcfs":
+        return FCFS()
+    if name == "random":
+        return RandomPolicy(seed)
+    if name == "lifo":
+        return LIFO()
+    return Linear(seed)
+
+
+class Recorder:
+    """Wraps a policy and keeps what it was shown: the decision trajectory."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.trace: list[tuple] = []
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        self.trace.append(
+            (
+                int(decision.kind),
+                decision.replica,
+                decision.now_s,
+                decision.call,
+                decision.candidates.tobytes(),
+                decision.features.tobytes(),
+                decision.global_features.tobytes(),
+                decision.mask.tobytes(),
+            )
+        )
+        return self.policy.scores(decision)
+
+
+# ---------------------------------------------------------------- scenarios
+@dataclass(frozen=True)
+class Scenario:
+    generator: str
+    seed: int
+    arrival: str
+    arrival_rate: float
+    num_jobs: int
+    replicas: str  # "1", "2" or "hetero" (a 2-replica cluster of different models)
+    block_size: int
+    kv_slack: float  # blocks = ceil(largest call / block_size) * kv_slack
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    long_prefill_token_threshold: int
+    preemption_mode: str
+    swap_blocks: int  # host tier, in blocks of the tiny profile
+    prefix_caching: bool
+    network_delay_s: float
+    policy: str
+    policy_seed: int
+    fast_forward: bool = True
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
+    return Scenario(
+        generator=draw(st.sampled_from(sorted(GENERATORS))),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        arrival=draw(st.sampled_from(["poisson", "gamma", "gamma", "closed"])),
+        arrival_rate=draw(st.sampled_from([5.0, 100.0, 1000.0, 10_000.0])),
+        num_jobs=draw(st.integers(3, 15)),
+        replicas=draw(st.sampled_from(["1", "2", "hetero"])),
+        block_size=draw(st.sampled_from([4, 8, 16])),
+        kv_slack=draw(st.one_of(st.just(1.0), st.floats(1.0, 3.0))) if tight else 50.0,
+        max_num_batched_tokens=draw(st.sampled_from([8, 24, 64, 8192])),
+        max_num_seqs=draw(st.sampled_from([3, 256, 256])),
+        long_prefill_token_threshold=draw(st.sampled_from([0, 0, 12])),
+        preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
+        swap_blocks=draw(st.sampled_from([0, 8, 10_000])),
+        prefix_caching=draw(st.booleans()),
+        network_delay_s=draw(st.sampled_from([0.0, 0.0, 0.003])),
+        policy=draw(st.sampled_from(POLICIES)),
+        policy_seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def largest_call_tokens(source: JobSource) -> int:
+    """Prompt + max_tokens of the largest call (a bound for a closed loop, whose jobs come later)."""
+    if not isinstance(source, FixedJobs):
+        return MAX_CONTEXT_TOKENS
+    return max(job.prompt_tokens(c.call_id) + c.max_tokens for job in source.jobs for c in job.calls)
+
+
+def build(sc: Scenario) -> Engine:
+    workload = Workload(
+        generator=GENERATORS[sc.generator],
+        arrival=sc.arrival,
+        arrival_rate=sc.arrival_rate,
+        num_jobs=sc.num_jobs,
+        num_users=4,
+        think_time_s=0.02,
+    )
+    source = workload.build(sc.seed)
+    fit_blocks = -(-largest_call_tokens(source) // sc.block_size)  # every call fits alone
+    block_bytes = load_profile(PROFILE).kv_bytes_per_token * sc.block_size
+    config = EngineConfig(
+        profile=PROFILE,
+        block_size=sc.block_size,
+        num_gpu_blocks=max(fit_blocks, int(fit_blocks * sc.kv_slack)),
+        max_num_batched_tokens=sc.max_num_batched_tokens,
+        max_num_seqs=sc.max_num_seqs,
+        long_prefill_token_threshold=sc.long_prefill_token_threshold,
+        preemption_mode=sc.preemption_mode,
+        swap_space_bytes=float(sc.swap_blocks * block_bytes),
+        enable_prefix_caching=sc.prefix_caching,
+        fast_forward=sc.fast_forward,
+    )
+    if sc.replicas == "hetero":
+        cluster = ClusterConfig(replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s)
+    else:
+        cluster = ClusterConfig(num_replicas=int(sc.replicas), network_delay_s=sc.network_delay_s)
+    return Engine(source, cluster, config)
+
+
+# ---------------------------------------------------------------- invariant checks
+class Probe:
+    """Counts prefix-hit references taken per replica, so allocated/freed totals balance."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.taken = [0] * len(engine.replicas)
+        for replica in engine.replicas:
+            replica.blocks.take = self._counting(replica.index, replica.blocks.take)
+
+    def _counting(self, index: int, take):
+        def counted(blocks):
+            self.taken[index] += len(blocks)
+            return take(blocks)
+
+        return counted
+
+
+def check_live(engine: Engine, probe: Probe, decision: Decision | None = None) -> None:
+    """Invariants that hold at every point where the engine hands out a decision."""
+    calls, n = engine.calls, engine.calls.size
+    state = calls.state[:n]
+    for replica in engine.replicas:
+        bm, bs = replica.blocks, replica.config.block_size
+        bm.check_invariants()
+        assert bm.num_allocated_total + probe.taken[replica.index] - bm.num_freed_total == sum(bm.ref_count)
+        here = np.flatnonzero(calls.replica[:n] == replica.index).tolist()
+        owners = Counter(block for call in here for block in calls.blocks[call])
+        assert bm.ref_count == [owners[b] for b in range(bm.num_blocks)], "ref counts != block tables"
+        running, waiting = list(replica.running), list(replica.waiting)
+        assert len(set(running)) == len(running) and len(set(waiting)) == len(waiting)
+        assert set(running) == {c for c in here if state[c] == CallState.RUNNING}
+        assert set(waiting) == {c for c in here if state[c] in (CallState.WAITING, CallState.SWAPPED)}
+        assert len(running) <= replica.config.max_num_seqs
+        host_blocks = 0
+        for call in here:
+            table = calls.blocks[call]
+            assert len(table) == calls.num_held_blocks[call]
+            if state[call] == CallState.RUNNING:
+                assert len(table) * bs >= calls.num_computed[call]
+            else:
+                assert not table, f"call {call} in {CallState(state[call]).name} holds blocks {table}"
+            if state[call] == CallState.SWAPPED:
+                assert calls.host_blocks[call] > 0
+                host_blocks += int(calls.host_blocks[call])
+            else:
+                assert calls.host_blocks[call] == 0
+        assert host_blocks == bm.num_host_used_blocks <= bm.num_host_blocks
+    if decision is not None:
+        check_decision(engine, decision)
+
+
+def check_decision(engine: Engine, decision: Decision) -> None:
+    calls, k = engine.calls, len(decision)
+    assert k >= 1 and decision.candidates.shape == (k,) and decision.mask.shape == (k,)
+    assert np.isfinite(decision.features).all() and np.isfinite(decision.global_features).all()
+    if decision.kind == DecisionKind.ROUTE:
+        assert decision.features.shape == (len(engine.replicas), len(ROUTE_FEATURES))
+        assert calls.state[decision.call] == CallState.PENDING
+        assert decision.mask.sum() >= 2  # a single eligible replica needs no decision
+        return
+    replica = engine.replicas[decision.replica]
+    assert decision.features.shape == (k, len(CANDIDATE_FEATURES))
+    assert decision.features.dtype == np.float32 and decision.mask.all()
+    assert decision.global_features.shape == (len(GLOBAL_FEATURES),)
+    candidates = decision.candidates.tolist()
+    if decision.kind == DecisionKind.ORDER:
+        assert k >= 2 and sorted(candidates) == sorted(replica.waiting)
+    else:
+        assert k >= 2 and set(candidates) <= set(replica.running)
+        assert (decision.features[:, column("is_running")] == 1).all()
+
+
+def check_drained(engine: Engine, metrics: RunMetrics, probe: Probe, num_jobs: int) -> None:
+    """The run completed every call of every tree once, and gave every block back."""
+    assert not metrics.stalled, metrics.stall_reason
+    assert_all_terminal(engine)
+    calls, n = engine.calls, engine.calls.size
+    jobs = engine.jobs
+    assert len(jobs) == num_jobs
+    assert metrics.jobs_completed + metrics.jobs_failed == num_jobs
+    assert metrics.jobs_failed == 0 and metrics.calls_rejected == 0 and engine.rejections == []
+    assert n == sum(len(job.calls) for job in jobs) == metrics.calls_completed
+    assert (calls.state[:n] == CallState.FINISHED).all()
+    # each call finished exactly once: a double finish would overcount its job
+    assert engine.job_calls_done[: len(jobs)].tolist() == [len(job.calls) for job in jobs]
+    assert not np.isnan(engine.job_finish_s[: len(jobs)]).any()
+    delay = engine.cluster.network_delay_s
+    for index, job in enumerate(jobs):
+        base = engine.job_first_call[index]
+        for spec in job.calls:
+            call = base + spec.call_id
+            assert calls.call_in_job[call] == spec.call_id and calls.job[call] == index
+            assert calls.num_output[call] == calls.target_tokens[call] == spec.generated_tokens
+            assert calls.prompt_tokens[call] == job.prompt_tokens(spec.call_id)
+            # the last sampled token is never computed: KV holds prompt + output - 1 tokens
+            assert calls.num_computed[call] == calls.prompt_tokens[call] + calls.num_output[call] - 1
+            # ready exactly when the last parent finished, its tool returned and the network crossed
+            if spec.parents:
+                release = max(calls.finish_s[base + p] + job.calls[p].tool_latency_s for p in spec.parents)
+                assert calls.ready_s[call] == max(job.arrival_s, release) + delay
+            else:
+                assert calls.ready_s[call] == job.arrival_s
+            assert calls.ready_s[call] < calls.first_token_s[call] <= calls.finish_s[call]
+        assert engine.job_finish_s[index] == max(calls.finish_s[base : base + len(job.calls)])
+    for replica in engine.replicas:
+        bm = replica.blocks
+        bm.check_invariants()
+        assert not replica.waiting and not replica.running
+        assert bm.ref_count == [0] * bm.num_blocks
+        assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
+        assert bm.num_host_used_blocks == 0
+        assert bm.num_freed_total - bm.num_allocated_total == probe.taken[replica.index]
+    assert all(not table for table in calls.blocks[:n])
+    assert not calls.num_held_blocks[:n].any() and not calls.host_blocks[:n].any()
+    assert not calls.lost_tokens[:n].any()
+    assert metrics.preemptions == int(calls.num_preemptions[:n].sum())
+    assert 0.0 <= metrics.prefix_hit_rate <= 1.0 and 0.0 <= metrics.kv_utilization_mean <= 1.0
+    if engine.config.preemption_mode == "recompute" or engine.config.swap_space_bytes == 0:
+        assert metrics.swapped_bytes == 0
+    if not engine.config.enable_prefix_caching:
+        assert metrics.prefix_hit_rate == 0.0
+
+
+def drive(engine: Engine, policy: Policy, probe: Probe, max_decisions: int = 200_000) -> RunMetrics:
+    """``engine.run`` by hand, checking the live invariants at every decision."""
+    check_live(engine, probe)
+    for _ in range(max_decisions):
+        decision = engine.next_decision()
+        if decision is None:
+            return engine.metrics()
+        check_live(engine, probe, decision)
+        engine.decide(policy.scores(decision))
+        check_live(engine, probe)
+    raise AssertionError(f"no end after {max_decisions} decisions")
+
+
+# ---------------------------------------------------------------- every call once, no leaks
+# Every engine run below sits under a wall-clock limit (typical runs take 10-200 ms): a livelock
+# fails the example instead of hanging the suite.
+RUN_LIMIT_S = 60
+
+
+@given(sc=scenarios())
+def test_random_workloads_drain_without_leaks(time_limit, sc: Scenario) -> None:
+    engine = build(sc)
+    probe = Probe(engine)
+    with time_limit(RUN_LIMIT_S):
+        metrics = engine.run(make_policy(sc.policy, sc.policy_seed))
+    check_drained(engine, metrics, probe, sc.num_jobs)
+    event(f"preempted: {metrics.preemptions > 0}")
+    event(f"swapped: {metrics.swapped_bytes > 0}")
+
+
+@given(sc=scenarios())
+def test_invariants_hold_between_decisions(time_limit, sc: Scenario) -> None:
+    engine = build(sc)
+    probe = Probe(engine)
+    with time_limit(RUN_LIMIT_S):
+        metrics = drive(engine, make_policy(sc.policy, sc.policy_seed), probe)
+    check_drained(engine, metrics, probe, sc.num_jobs)
+
+
+def _contended_jobs() -> list[Job]:
+    """Six 40-token-prompt calls arriving together, each generating 40 tokens: far more KV than
+    a 30-block cache of 4-token blocks holds at once, while any one call fits alone."""
+    calls = lambda j: (Call(0, "worker", (Text(f"q{j}", 40),), output_tokens=40, max_tokens=40),)  # noqa: E731
+    return [Job(f"j{j}", 0.0, calls(j)) for j in range(6)]
+
+
+def _contended_engine(mode: str, **overrides) -> Engine:
+    config = dict(
+        profile=PROFILE,
+        block_size=4,
+        num_gpu_blocks=30,
+        preemption_mode=mode,
+        swap_space_bytes=1e7,
+        enable_prefix_caching=False,
+    )
+    return Engine(FixedJobs(_contended_jobs()), engine=EngineConfig(**{**config, **overrides}))
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "random", "lifo"])
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_tight_kv_preempts_and_still_completes_everything(mode: str, policy: str) -> None:
+    engine = _contended_engine(mode)
+    probe = Probe(engine)
+    metrics = drive(engine, make_policy(policy, 1), probe)
+    check_drained(engine, metrics, probe, 6)
+    assert metrics.preemptions > 0
+    if mode == "swap":
+        assert metrics.swapped_bytes > 0 and metrics.recomputed_tokens == 0
+    else:
+        assert metrics.swapped_bytes == 0 and metrics.recomputed_tokens > 0
+
+
+def test_swap_falls_back_to_recompute_when_the_host_tier_is_full() -> None:
+    engine = _contended_engine("swap", swap_space_bytes=0.0)
+    probe = Probe(engine)
+    metrics = drive(engine, FCFS(), probe)
+    check_drained(engine, metrics, probe, 6)
+    assert metrics.preemptions > 0 and metrics.swapped_bytes == 0 and metrics.recomputed_tokens > 0
+
+
+# ---------------------------------------------------------------- decisions and features
+def test_order_decision_feature_table() -> None:
+    engine = _contended_engine("recompute")
+    decision = engine.next_decision()
+    assert decision is not None and decision.kind == DecisionKind.ORDER
+    k = len(decision)
+    assert k == 6 and decision.features.shape == (k, len(CANDIDATE_FEATURES))
+    assert decision.features.dtype == np.float32 and np.isfinite(decision.features).all()
+    assert decision.privileged.shape == (k, len(PRIVILEGED_FEATURES))
+    assert decision.global_features.shape == (len(GLOBAL_FEATURES),)
+    assert decision.global_features.dtype == np.float32
+    assert np.isfinite(decision.global_features).all()
+    assert not set(PRIVILEGED_FEATURES) & set(CANDIDATE_FEATURES)
+    # nothing ran yet: every candidate waits with a 40-token prompt and its full budget
+    table = decision.features
+    assert (table[:, column("is_running")] == 0).all()
+    assert np.allclose(table[:, column("prompt_tokens_log")], np.log1p(40))
+    assert np.allclose(table[:, column("budget_left_log")], np.log1p(40))
+
+
+def test_privileged_columns_do_not_reach_the_features() -> None:
+    """Two workloads that differ only in what an oracle knows (true output length, tool time)
+    show a policy identical features but different privileged columns."""
+
+    def first_decision(output_tokens: int, tool_s: float) -> Decision:
+        jobs = [
+            Job(
+                f"j{j}",
+                0.0,
+                (
+                    Call(0, "worker", (Text(f"q{j}", 30),), output_tokens + j, 64, tool_latency_s=tool_s),
+                    Call(1, "worker", (Text(f"q{j}", 30), Output(0)), 5, 64, parents=(0,)),
+                ),
+            )
+            for j in range(3)
+        ]
+        engine = Engine(FixedJobs(jobs), engine=EngineConfig(profile=PROFILE, num_gpu_blocks=64))
+        decision = engine.next_decision()
+        assert decision is not None and decision.kind == DecisionKind.ORDER
+        return decision
+
+    a, b = first_decision(10, 0.5), first_decision(50, 7.0)
+    assert a.features.tobytes() == b.features.tobytes()
+    assert a.global_features.tobytes() == b.global_features.tobytes()
+    remaining = column("true_remaining_output_tokens", PRIVILEGED_FEATURES)
+    tool = column("true_tool_latency_s", PRIVILEGED_FEATURES)
+    assert a.privileged[:, remaining].tolist() == [10, 11, 12]
+    assert b.privileged[:, remaining].tolist() == [50, 51, 52]
+    assert a.privileged[:, tool].tolist() == [0.5] * 3 and b.privileged[:, tool].tolist() == [7.0] * 3
+
+
+def test_evict_decisions_appear_under_tight_kv() -> None:
+    engine = _contended_engine("recompute")
+    probe = Probe(engine)
+    seen: list[Decision] = []
+    policy = FCFS()
+
+    class Watch:
+        def scores(self, decision: Decision) -> np.ndarray:
+            if decision.kind == DecisionKind.EVICT:
+                seen.append(decision)
+                check_live(engine, probe, decision)
+            return policy.scores(decision)
+
+    metrics = engine.run(Watch())
+    check_drained(engine, metrics, probe, 6)
+    assert seen, "a cache this tight must ask the policy for victims"
+    for decision in seen:
+        assert len(decision) > 1
+        assert decision.features.shape == (len(decision), len(CANDIDATE_FEATURES))
+        assert decision.features.dtype == np.float32 and np.isfinite(decision.features).all()
+
+
+# ---------------------------------------------------------------- determinism
+def run_recorded(sc: Scenario) -> tuple[Engine, RunMetrics, Recorder]:
+    engine = build(sc)
+    recorder = Recorder(make_policy(sc.policy, sc.policy_seed))
+    return engine, engine.run(recorder), recorder
+
+
+def per_call(engine: Engine) -> dict[str, bytes]:
+    """Per-call results as raw bytes: equal bytes means bit-identical, NaNs included."""
+    calls, n = engine.calls, engine.calls.size
+    names = (
+        "finish_s",
+        "first_token_s",
+        "ready_s",
+        "num_output",
+        "num_preemptions",
+        "recomputed_tokens",
+        "cached_prompt_tokens",
+        "replica",
+    )
+    return {name: getattr(calls, name)[:n].tobytes() for name in names}
+
+
+def same_metrics(a: dict, b: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """Names of metrics that differ (NaN equals NaN; every other float must match exactly)."""
+    differ = []
+    for key in a:
+        if key in skip:
+            continue
+        x, y = a[key], b[key]
+        both_nan = isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)
+        if not both_nan and x != y:
+            differ.append(f"{key}: {x!r} != {y!r}")
+    return differ
+
+
+@given(sc=scenarios())
+def test_same_seed_same_trajectory_bit_for_bit(time_limit, sc: Scenario) -> None:
+    with time_limit(RUN_LIMIT_S):
+        engine_a, metrics_a, rec_a = run_recorded(sc)
+        engine_b, metrics_b, rec_b = run_recorded(sc)
+    assert same_metrics(metrics_a.as_dict(), metrics_b.as_dict()) == []
+    assert per_call(engine_a) == per_call(engine_b)
+    assert rec_a.trace == rec_b.trace
+    # a different workload seed gives a different run
+    with time_limit(RUN_LIMIT_S):
+        engine_c, _, _ = run_recorded(replace(sc, seed=(sc.seed + 1) % 2**32))
+    assert per_call(engine_c)["finish_s"] != per_call(engine_a)["finish_s"]
+
+
+# ---------------------------------------------------------------- fast-forward == stepping
+@given(sc=scenarios(), tight=st.booleans())
+def test_fast_forward_equals_stepping(time_limit, sc: Scenario, tight: bool) -> None:
+    if not tight:
+        sc = replace(sc, kv_slack=50.0)
+    with time_limit(RUN_LIMIT_S):
+        engine_ff, metrics_ff, rec_ff = run_recorded(replace(sc, fast_forward=True))
+        engine_step, metrics_step, rec_step = run_recorded(replace(sc, fast_forward=False))
+    a, b = metrics_ff.as_dict(), metrics_step.as_dict()
+    assert same_metrics(a, b, skip=("kv_utilization_mean",)) == []
+    assert a["kv_utilization_mean"] == pytest.approx(b["kv_utilization_mean"], rel=1e-9, abs=0.0)
+    assert per_call(engine_ff) == per_call(engine_step)
+    assert len(rec_ff.trace) == len(rec_step.trace)
+    assert rec_ff.trace == rec_step.trace
+
+
+def test_decisions_during_another_replicas_fold_see_what_stepping_shows() -> None:
+    """Regression (HEAD 60e648d): a folded run applied its tokens to the tree's service only when
+    it ended, so an ORDER decision on the other replica meanwhile saw a stale tree_service_log.
+    Self-contained (own generator and config) so the workload cannot drift."""
+    debate = Debate(
+        num_agents=2,
+        num_rounds=2,
+        system_tokens=32,
+        input_tokens_mean=32.0,
+        tool_tokens_mean=16.0,
+        output_tokens_mean=16.0,
+        max_tokens=32,
+        max_context_tokens=512,
+    )
+
+    def trace(fast_forward: bool) -> list[tuple]:
+        source = Workload(generator=debate, arrival_rate=20.0, num_jobs=3).build(0)
+        config = EngineConfig(
+            profile=PROFILE,
+            block_size=4,
+            num_gpu_blocks=50,  # the largest call (200 tokens) just fits
+            max_num_batched_tokens=8,
+            max_num_seqs=2,
+            swap_space_bytes=0.0,
+            enable_prefix_caching=False,
+            fast_forward=fast_forward,
+        )
+        engine = Engine(source, ClusterConfig(replicas=[PROFILE, "llama1b_h100"]), config)
+        recorder = Recorder(FCFS())
+        engine.run(recorder)
+        return recorder.trace
+
+    folded, stepped = trace(True), trace(False)
+    assert len(folded) == len(stepped) > 10
+    for i, (a, b) in enumerate(zip(folded, stepped, strict=True)):
+        assert a == b, f"decision {i} differs"
+
+
+def test_call_ready_at_an_iteration_boundary_joins_when_stepping_would() -> None:
+    """Two identical replicas keep identical clocks. The short root on replica 1 finishes at
+    exactly the end of an iteration of replica 0's decode run, and its child is routed to
+    replica 0 at that instant. Stepping processes replica 0's STEP (key 0) before replica 1's
+    (key 1), whose completion only then creates the child's READY: the child waits for the
+    next iteration. A folded run must give the child the same iteration (regression: the run
+    splitting compared the STEP with the current event's kind and key, and admitted the child
+    one iteration early)."""
+    jobs = [
+        Job("long", 0.0, (Call(0, "worker", (Text("p", 16),), 40, 40),)),
+        Job(
+            "short",
+            0.0,
+            (
+                Call(0, "worker", (Text("q", 16),), 10, 40),
+                Call(1, "worker", (Text("q", 16), Output(0)), 5, 40, parents=(0,)),
+            ),
+        ),
+    ]
+
+    def run(fast_forward: bool) -> Engine:
+        config = EngineConfig(profile=PROFILE, fast_forward=fast_forward)
+        engine = Engine(FixedJobs(jobs), ClusterConfig(num_replicas=2), config)
+        engine.run(FCFS())
+        return engine
+
+    folded, stepped = run(True), run(False)
+    assert stepped.calls.replica[:3].tolist() == [0, 1, 0]
+    assert stepped.calls.ready_s[2] == stepped.calls.finish_s[1]  # ready the instant its parent ends
+    assert per_call(folded) == per_call(stepped)
+
+
+class CountingBackend(SimBackend):
+    """The sim backend, counting the batches it is asked to time."""
+
+    def __init__(self, profile) -> None:
+        super().__init__(profile)
+        self.batches = 0
+
+    def iteration_time_s(self, batch) -> float:
+        self.batches += 1
+        return super().iteration_time_s(batch)
+
+
+def test_fast_forward_really_folds_decode_runs() -> None:
+    """Guards the equivalence test against passing vacuously: folding must happen."""
+
+    def run(fast_forward: bool) -> tuple[int, int]:
+        jobs = [Job("j", 0.0, (Call(0, "worker", (Text("q", 20),), output_tokens=200, max_tokens=200),))]
+        config = EngineConfig(profile=PROFILE, fast_forward=fast_forward)
+        engine = Engine(FixedJobs(jobs), engine=config, backend_factory=CountingBackend)
+        metrics = engine.run(FCFS())
+        return metrics.iterations, engine.replicas[0].backend.batches
+
+    iterations_ff, batches_ff = run(True)
+    iterations_step, batches_step = run(False)
+    assert iterations_ff == iterations_step == batches_step == 200
+    assert batches_ff < 10
+
+
+# ---------------------------------------------------------------- prefix caching
+def test_prefix_caching_serves_react_chains() -> None:
+    """A ReAct step's prompt is the previous step's whole context: with caching most prompt
+    tokens are hits and trees finish sooner; without it nothing hits."""
+
+    def run(caching: bool) -> RunMetrics:
+        source = Workload(generator=ReactChain(), arrival_rate=1.0, num_jobs=12).build(7)
+        config = EngineConfig(profile="llama8b_h100", enable_prefix_caching=caching)
+        engine = Engine(source, engine=config)
+        metrics = engine.run(FCFS())
+        assert metrics.jobs_completed == 12 and not metrics.stalled
+        return metrics
+
+    cached, uncached = run(True), run(False)
+    assert cached.prefix_hit_rate > 0.5
+    assert uncached.prefix_hit_rate == 0.0
+    assert cached.jct_mean_s < uncached.jct_mean_s
