@@ -1,17 +1,51 @@
 """Heuristic baselines of the field, each a ``Policy`` over the engine's feature table.
 
-Each docstring names the system it reproduces and how faithfully. More baselines (SGLang-LPM,
-VTC, SJF, Autellix PLAS/ATLAS, Continuum pinning, KVFlow, Llumnix and RouteLLM routing) follow
-in the baselines issue; they plug in the same way.
+Each docstring names the system it reproduces and how faithfully (the rules as the sources
+state them are collected in the project's ANCHORS notes). A policy answers three kinds of
+decision (see ``servegym.envs.engine.policy``): ORDER (higher score admitted first), EVICT
+(lowest score preempted) and ROUTE (highest valid score receives the call). Ties keep the
+engine's queue order, which is FCFS.
+
+Not here yet, because the engine lacks what they act on: Continuum's TTL pinning and KVFlow's
+steps-to-execution eviction (both need KV retained after a call finishes), VTC's counter lift
+for returning tenants, and a learned output-length predictor for LTR-SJF.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from servegym.envs.engine.policy import ROUTE_FEATURES, Decision, DecisionKind, column
+from servegym.envs.engine.policy import (
+    PRIVILEGED_FEATURES,
+    ROUTE_FEATURES,
+    Decision,
+    DecisionKind,
+    column,
+)
 
 _WAIT = column("wait_s")
+_PROMPT = column("prompt_tokens_log")
+_CACHED = column("cached_prefix_frac")
+_OUTPUT = column("output_tokens_log")
+_TREE_AGE = column("tree_age_s")
+_TREE_SERVICE = column("tree_service_log")
+_PATH_SERVICE = column("critical_path_service_log")
+_VTC = column("tenant_vtc_log")
+_REMAINING = PRIVILEGED_FEATURES.index("true_remaining_output_tokens")
+
+
+def _fcfs(decision: Decision) -> np.ndarray:
+    """Oldest ready call first (a preempted call keeps its ready time, so it goes first)."""
+    return decision.features[:, _WAIT].astype(np.float64)
+
+
+def _then_fcfs(primary: np.ndarray, decision: Decision) -> np.ndarray:
+    """Order by ``primary`` (higher first), breaking ties by FCFS: the wait enters scaled
+    below the smallest gap between distinct primary values."""
+    wait = _fcfs(decision)
+    gaps = np.diff(np.unique(primary))
+    unit = gaps.min() if len(gaps) else 1.0
+    return primary + 0.5 * unit * wait / (1.0 + np.abs(wait).max())
 
 
 class RoundRobinRouting:
@@ -45,7 +79,197 @@ class FCFS:
     def scores(self, decision: Decision) -> np.ndarray:
         if decision.kind == DecisionKind.ROUTE:
             return self.router.route(decision)
-        return decision.features[:, _WAIT].astype(np.float64)
+        return _fcfs(decision)
+
+
+class SGLangLPM(FCFS):
+    """SGLang's ``lpm`` schedule policy (RadixAttention, Zheng et al. NeurIPS'24).
+
+    ORDER: longest cached prefix (in tokens) first, FCFS among equals; above
+    ``fcfs_queue_len`` waiting calls SGLang falls back to FCFS, and so does this. EVICT: the
+    running call with the fewest generated tokens, the longest prompt among equals, as SGLang's
+    ``retract_decode`` sorts. The radix tree's LRU eviction of unreferenced prefixes is the
+    engine's block LRU. Simplified: SGLang's in-batch prefix deprioritisation is not modelled.
+    """
+
+    def __init__(self, fcfs_queue_len: int = 128) -> None:
+        super().__init__()
+        self.fcfs_queue_len = fcfs_queue_len
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        features = decision.features.astype(np.float64)
+        if decision.kind == DecisionKind.ORDER:
+            if len(decision) > self.fcfs_queue_len:
+                return _fcfs(decision)
+            cached_tokens = np.round(features[:, _CACHED] * np.expm1(features[:, _PROMPT]))
+            return _then_fcfs(cached_tokens, decision)
+        if decision.kind == DecisionKind.EVICT:
+            output = np.round(np.expm1(features[:, _OUTPUT]))
+            prompt = features[:, _PROMPT] / (1.0 + features[:, _PROMPT].max())
+            return output - 0.5 * prompt  # fewest outputs lowest; longer prompt lower among equals
+        return super().scores(decision)
+
+
+class VTC(FCFS):
+    """Virtual Token Counter fair sharing (Sheng et al., OSDI'24), with the tenant as client.
+
+    ORDER: calls of the tenant with the smallest counter first (the engine counts a prompt
+    token 1 and a generated token 2, VTC's default weights), FCFS within a tenant. EVICT: the
+    call of the most-served tenant. Simplified: the counter lift for a tenant returning from
+    idle is not applied, so a long-idle tenant is favoured until it catches up.
+    """
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return super().scores(decision)
+        return _then_fcfs(-decision.features[:, _VTC].astype(np.float64), decision)
+
+
+class OracleSJF(FCFS):
+    """Shortest remaining output first on the *true* lengths: the upper bound that learned
+    rankers (Fu et al., NeurIPS'24) approach. Reads a privileged column, so it is a baseline
+    only, never an exported policy.
+
+    ORDER: fewest remaining output tokens first; a call that has waited longer than
+    ``starvation_s`` jumps ahead (ordered FCFS among such calls). EVICT: the call with the most
+    remaining output.
+    """
+
+    def __init__(self, starvation_s: float = 30.0, time_scale_s: float = 30.0) -> None:
+        super().__init__()
+        self.starvation = starvation_s / time_scale_s  # in the table's time units
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return super().scores(decision)
+        remaining = decision.privileged[:, _REMAINING].astype(np.float64)
+        if decision.kind == DecisionKind.EVICT:
+            return -remaining
+        score = _then_fcfs(-remaining, decision)
+        starved = decision.features[:, _WAIT] > self.starvation
+        return np.where(starved, 1e12 + _fcfs(decision), score)
+
+
+class AutellixPLAS(FCFS):
+    """Autellix's program-level attained service (Luo et al., arXiv 2502.13965).
+
+    Priority is the attained service of the call's whole program (tree), mapped to multi-level
+    feedback queues whose bounds grow geometrically (``first_quantum_tokens`` x ``growth``^i,
+    ``num_queues`` levels); lower queue first, FCFS within a queue. Anti-starvation: a call
+    whose wait over its program's service exceeds ``beta`` goes back to the top queue.
+    ``critical_path=True`` gives ATLAS: the service on the heaviest path of finished ancestors
+    instead of the whole program's. EVICT: the call in the lowest queue. Service is counted in
+    tokens processed rather than seconds; the locality load balancer is ``AutellixRouting``.
+    """
+
+    def __init__(
+        self,
+        critical_path: bool = False,
+        first_quantum_tokens: float = 2048.0,
+        growth: float = 4.0,
+        num_queues: int = 8,
+        beta: float = 16.0,
+        time_scale_s: float = 30.0,
+        tokens_per_s: float = 5000.0,
+    ) -> None:
+        super().__init__()
+        self.service_column = _PATH_SERVICE if critical_path else _TREE_SERVICE
+        self.bounds = first_quantum_tokens * growth ** np.arange(num_queues - 1)
+        self.beta = beta
+        self.wait_to_tokens = time_scale_s * tokens_per_s  # wait in table units -> token-equivalents
+
+    def queue(self, decision: Decision) -> np.ndarray:
+        service = np.expm1(decision.features[:, self.service_column].astype(np.float64))
+        level = np.searchsorted(self.bounds, service, side="right")
+        wait_tokens = decision.features[:, _WAIT] * self.wait_to_tokens
+        starved = wait_tokens > self.beta * np.maximum(service, 1.0)
+        return np.where(starved, 0, level)
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return super().scores(decision)
+        return _then_fcfs(-self.queue(decision).astype(np.float64), decision)
+
+
+class ProgramFCFS(FCFS):
+    """Program-level FCFS, the ordering Continuum pairs with its KV pinning (Li et al., arXiv
+    2511.02230): calls of the earliest-arrived tree first, FCFS within a tree. EVICT: the
+    call of the youngest tree. The TTL pinning itself needs KV retention in the engine."""
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return super().scores(decision)
+        return _then_fcfs(decision.features[:, _TREE_AGE].astype(np.float64), decision)
+
+
+_R_FREE = ROUTE_FEATURES.index("kv_free_frac")
+_R_RUNNING = ROUTE_FEATURES.index("running_log")
+_R_QUEUED = ROUTE_FEATURES.index("queued_prefill_tokens_log")
+_R_CACHED = ROUTE_FEATURES.index("cached_prefix_frac")
+_R_TREE = ROUTE_FEATURES.index("is_tree_replica")
+_R_PARAMS = ROUTE_FEATURES.index("model_params_log10")
+_R_PROMPT = ROUTE_FEATURES.index("call_prompt_tokens_log")
+
+
+class LlumnixRouting(FCFS):
+    """Llumnix's dispatch (Sun et al., OSDI'24): send a call to the freest replica, freeness =
+    (free KV - head-of-line demand) / (batch size + 1). KV and demand are fractions of the
+    replica's cache; the demand is the prompt tokens queued there over ``capacity_tokens``.
+    Migration and autoscaling are not modelled. ORDER/EVICT: FCFS."""
+
+    def __init__(self, capacity_tokens: float = 4.5e5) -> None:
+        super().__init__()
+        self.capacity_tokens = capacity_tokens
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind != DecisionKind.ROUTE:
+            return super().scores(decision)
+        f = decision.features.astype(np.float64)
+        demand = np.expm1(f[:, _R_QUEUED]) / self.capacity_tokens
+        return (f[:, _R_FREE] - demand) / (np.expm1(f[:, _R_RUNNING]) + 1.0)
+
+
+class AutellixRouting(FCFS):
+    """Autellix's locality-aware load balancer: calls with at most ``short_prompt_tokens``
+    prompt tokens go to the least-loaded replica (fewest running calls, then most free KV);
+    longer ones stay on a replica their program already used (the one holding most of their
+    prefix), falling back to least-loaded."""
+
+    def __init__(self, short_prompt_tokens: int = 2048) -> None:
+        super().__init__()
+        self.short = np.log1p(short_prompt_tokens)
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind != DecisionKind.ROUTE:
+            return super().scores(decision)
+        f = decision.features.astype(np.float64)
+        least_loaded = -f[:, _R_RUNNING] + 0.01 * f[:, _R_FREE]
+        if f[0, _R_PROMPT] <= self.short:
+            return least_loaded
+        return 100.0 * f[:, _R_TREE] + 10.0 * f[:, _R_CACHED] + least_loaded
+
+
+class ThresholdModelRouting(FCFS):
+    """RouteLLM-style model-size routing (Ong et al., arXiv 2406.18665): the large model only
+    when the call's estimated need passes ``threshold``, else the small one; among replicas of
+    the chosen size, Llumnix-style freeness. The estimate here is a stand-in for RouteLLM's
+    learned win-rate: the prompt length (longer, harder calls to the large model), so
+    ``threshold`` is in prompt tokens."""
+
+    def __init__(self, threshold_tokens: float = 4096.0) -> None:
+        super().__init__()
+        self.threshold = np.log1p(threshold_tokens)
+        self.freeness = LlumnixRouting()
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind != DecisionKind.ROUTE:
+            return super().scores(decision)
+        f = decision.features.astype(np.float64)
+        params = f[:, _R_PARAMS]
+        want_large = f[0, _R_PROMPT] >= self.threshold
+        size_score = params if want_large else -params
+        free = self.freeness.scores(decision)
+        return 100.0 * size_score + np.clip(free, -1.0, 1.0)
 
 
 class RandomPolicy:
@@ -58,4 +282,16 @@ class RandomPolicy:
         return self.rng.random(len(decision))
 
 
-__all__ = ["FCFS", "ROUTE_FEATURES", "RandomPolicy", "RoundRobinRouting"]
+__all__ = [
+    "FCFS",
+    "VTC",
+    "AutellixPLAS",
+    "AutellixRouting",
+    "LlumnixRouting",
+    "OracleSJF",
+    "ProgramFCFS",
+    "RandomPolicy",
+    "RoundRobinRouting",
+    "SGLangLPM",
+    "ThresholdModelRouting",
+]
