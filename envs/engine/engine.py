@@ -400,7 +400,7 @@ class Engine:
             # iteration 0: a token is sampled where all known tokens are now computed (a
             # finished prefill or a decode); every later iteration of a run is all decodes
             tokens = batch.num_new_tokens + (steps - 1)
-            sampled = batch.num_new_tokens == batch_remaining(batch, calls)
+            sampled = batch.num_new_tokens == batch.remaining_tokens
             calls.first_token_s[ids[sampled & (calls.num_output[ids] == 0)]] = batch.starts[1]
             outputs = sampled + (steps - 1)
         else:
@@ -419,12 +419,6 @@ class Engine:
             replica.running.remove(call)
             replica.release_blocks(call)
             self._finish(call)
-
-
-def batch_remaining(batch: Batch, calls: CallTable) -> np.ndarray:
-    """Known tokens of each batch call not yet computed (before iteration 0 is applied)."""
-    ids = batch.calls
-    return calls.prompt_tokens[ids] + calls.num_output[ids] - calls.num_computed[ids]
 
 
 def assert_all_terminal(engine: Engine) -> None:

@@ -15,7 +15,6 @@ from servegym.envs.engine.policy import (
     Decision,
     DecisionKind,
 )
-from servegym.envs.workloads.job import role_id
 
 if TYPE_CHECKING:
     from servegym.envs.engine.engine import Engine
@@ -134,4 +133,4 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     )
 
 
-__all__ = ["candidate_decision", "global_features", "role_id", "route_decision"]
+__all__ = ["candidate_decision", "global_features", "route_decision"]

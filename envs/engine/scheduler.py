@@ -402,7 +402,7 @@ class Replica:
             order = np.lexsort((owner, when))
             batch.block_when, batch.block_owner = when[order], ids[owner[order]]
         batch.calls = ids
-        batch.num_new_tokens = grant
+        batch.num_new_tokens = batch.remaining_tokens = grant  # a run's first iteration completes them
         batch.num_iterations = n
 
     def iterations_done(self, batch: Batch, time_s: float, before_ties: bool) -> int:
