@@ -20,7 +20,10 @@ from servegym.envs.engine.policy import (
     ROUTE_FEATURES,
     Decision,
     DecisionKind,
+    DefaultPolicy,
+    RoundRobinRouting,
     column,
+    fcfs_scores,
 )
 
 _WAIT = column("wait_s")
@@ -34,9 +37,7 @@ _VTC = column("tenant_vtc_log")
 _REMAINING = PRIVILEGED_FEATURES.index("true_remaining_output_tokens")
 
 
-def _fcfs(decision: Decision) -> np.ndarray:
-    """Oldest ready call first (a preempted call keeps its ready time, so it goes first)."""
-    return decision.features[:, _WAIT].astype(np.float64)
+_fcfs = fcfs_scores
 
 
 def _then_fcfs(primary: np.ndarray, decision: Decision) -> np.ndarray:
@@ -48,23 +49,7 @@ def _then_fcfs(primary: np.ndarray, decision: Decision) -> np.ndarray:
     return primary + 0.5 * unit * wait / (1.0 + np.abs(wait).max())
 
 
-class RoundRobinRouting:
-    """Route each call to the next replica in turn, skipping masked ones (vLLM's router default)."""
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def route(self, decision: Decision) -> np.ndarray:
-        n = len(decision)
-        for step in range(n):
-            replica = (self._next + step) % n
-            if decision.mask[replica]:
-                self._next = replica + 1
-                return np.eye(n)[replica]
-        raise ValueError("route decision with no eligible replica")
-
-
-class FCFS:
+class FCFS(DefaultPolicy):
     """vLLM V1's default: call-level first-come-first-served.
 
     ORDER: oldest ready call first (a preempted call kept its original ready time, so it goes
@@ -72,14 +57,6 @@ class FCFS:
     ROUTE: round-robin. Faithful to vLLM's ``fcfs`` policy at the call level; it knows nothing
     of trees.
     """
-
-    def __init__(self) -> None:
-        self.router = RoundRobinRouting()
-
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind == DecisionKind.ROUTE:
-            return self.router.route(decision)
-        return _fcfs(decision)
 
 
 class SGLangLPM(FCFS):

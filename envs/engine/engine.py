@@ -80,6 +80,7 @@ class Engine:
         self.tenant_service = np.zeros(0)
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
         self.num_live_jobs = 0
+        self.tree_seconds = 0.0  # integral of unfinished trees over virtual time = total tree time
         self.stall: str | None = None
         self.kv_samples: list[tuple[float, int, float]] = []  # (time, replica, used fraction)
         self._loop = self._run()
@@ -150,6 +151,7 @@ class Engine:
             # handling a later-keyed one still runs after everything handled before it
             same_instant = time_s == self._event_time
             self._event = max(self._event, (kind, key)) if same_instant else (kind, key)
+            self.tree_seconds += self.num_live_jobs * (time_s - self.now_s)
             self._event_time = self.now_s = time_s
             if kind == EventKind.ARRIVAL:
                 self._arrive(key)

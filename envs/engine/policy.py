@@ -135,3 +135,38 @@ def check_scores(decision: Decision, scores: np.ndarray) -> np.ndarray:
     if np.isnan(scores).any():
         raise ValueError(f"{decision.kind.name} scores contain NaN: {scores}")
     return scores
+
+
+def fcfs_scores(decision: Decision) -> np.ndarray:
+    """Oldest ready call highest (a preempted call keeps its ready time, so it goes first)."""
+    return decision.features[:, CANDIDATE_FEATURES.index("wait_s")].astype(np.float64)
+
+
+class RoundRobinRouting:
+    """Route each call to the next replica in turn, skipping masked ones (vLLM's router default)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def route(self, decision: Decision) -> np.ndarray:
+        n = len(decision)
+        for step in range(n):
+            replica = (self._next + step) % n
+            if decision.mask[replica]:
+                self._next = replica + 1
+                return np.eye(n)[replica]
+        raise ValueError("route decision with no eligible replica")
+
+
+class DefaultPolicy:
+    """What vLLM does when nobody else decides: FCFS admission, the newest running call
+    preempted, round-robin routing. The envs answer the decisions an agent does not own with
+    it; ``servegym.agents.heuristics.FCFS`` is the same policy as a named baseline."""
+
+    def __init__(self) -> None:
+        self.router = RoundRobinRouting()
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return self.router.route(decision)
+        return fcfs_scores(decision)
