@@ -2,8 +2,9 @@
 
 A closed loop of N users, each sending a one-call job the moment its previous one finished,
 keeps exactly N calls live; the engine (llama8b_h100 profile, FCFS) serves them. Prints a
-table over several loads with the spread of repeated runs, then ``iterations_per_s=<n>`` for
-64 live calls as the last line. ``--profile`` prints a cProfile of the 64-call case instead.
+table over several loads with the spread of repeated runs, a table of env steps per second
+for each registered env id (random actions), then ``iterations_per_s=<n>`` for 64 live calls
+as the last line. ``--profile`` prints a cProfile of the 64-call case instead.
 
     python scripts/bench_env.py [--repeats 3] [--calls 4000] [--no-fast-forward]
 """
@@ -51,6 +52,23 @@ def run_once(live_calls: int, num_calls: int, fast_forward: bool, seed: int = 0)
     return elapsed, metrics.iterations, metrics.calls_completed
 
 
+def env_steps_per_s(env_id: str, num_steps: int, seed: int) -> float:
+    """Random-action steps of a registered env, resets included (one core)."""
+    import gymnasium as gym
+
+    import servegym.envs  # noqa: F401  (registers the ids)
+
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    return num_steps / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loads", type=int, nargs="+", default=[16, 64, 256])
@@ -58,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-fast-forward", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--env-steps", type=int, default=2000, help="random-action steps per env id")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -84,7 +103,15 @@ def main() -> None:
         )
         if load == 64:
             result_64 = float(np.median(its))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    envs = Table(title="env steps per second, one core, random actions")
+    for name in ("env id", "steps/s (median)", "spread (min-max)"):
+        envs.add_column(name, justify="right")
+    for env_id in ("servegym/Scheduling-v0",):
+        rates = np.array([env_steps_per_s(env_id, args.env_steps, seed=r) for r in range(args.repeats)])
+        envs.add_row(env_id, f"{np.median(rates):,.0f}", f"{rates.min():,.0f}-{rates.max():,.0f}")
+    console.print(envs)
     print(f"iterations_per_s={result_64:.0f}")
 
 
