@@ -37,13 +37,10 @@ _VTC = column("tenant_vtc_log")
 _REMAINING = PRIVILEGED_FEATURES.index("true_remaining_output_tokens")
 
 
-_fcfs = fcfs_scores
-
-
 def _then_fcfs(primary: np.ndarray, decision: Decision) -> np.ndarray:
     """Order by ``primary`` (higher first), breaking ties by FCFS: the wait enters scaled
     below the smallest gap between distinct primary values."""
-    wait = _fcfs(decision)
+    wait = fcfs_scores(decision)
     gaps = np.diff(np.unique(primary))
     unit = gaps.min() if len(gaps) else 1.0
     return primary + 0.5 * unit * wait / (1.0 + np.abs(wait).max())
@@ -77,7 +74,7 @@ class SGLangLPM(FCFS):
         features = decision.features.astype(np.float64)
         if decision.kind == DecisionKind.ORDER:
             if len(decision) > self.fcfs_queue_len:
-                return _fcfs(decision)
+                return fcfs_scores(decision)
             cached_tokens = np.round(features[:, _CACHED] * np.expm1(features[:, _PROMPT]))
             return _then_fcfs(cached_tokens, decision)
         if decision.kind == DecisionKind.EVICT:
@@ -124,7 +121,7 @@ class OracleSJF(FCFS):
             return -remaining
         score = _then_fcfs(-remaining, decision)
         starved = decision.features[:, _WAIT] > self.starvation
-        return np.where(starved, 1e12 + _fcfs(decision), score)
+        return np.where(starved, 1e12 + fcfs_scores(decision), score)
 
 
 class AutellixPLAS(FCFS):

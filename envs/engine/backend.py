@@ -51,10 +51,6 @@ class Backend(Protocol):
 
     def iteration_time_s(self, batch: Batch) -> float: ...
 
-    def iteration_time_s_decode(self, num_decodes: int, kv_read_tokens: int) -> float:
-        """Duration of one decode-only iteration (a lower bound for the ones after it)."""
-        ...
-
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
         """Durations of consecutive decode-only iterations (vectorised fast-forward)."""
         ...
@@ -79,9 +75,6 @@ class SimBackend:
                 batch.swap_bytes,
             )
         )
-
-    def iteration_time_s_decode(self, num_decodes: int, kv_read_tokens: int) -> float:
-        return float(self.cost.iteration_time_s(0, 0.0, num_decodes, kv_read_tokens, 0.0))
 
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
         return self.cost.decode_run_times_s(num_decodes, kv_read_tokens)

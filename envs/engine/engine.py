@@ -110,7 +110,7 @@ class Engine:
             return None
         self._started = True
         try:
-            self._pending = self._loop.send(None) if self._answer is None else self._loop.send(self._answer)
+            self._pending = self._loop.send(self._answer)  # None starts the generator
         except StopIteration:
             self._pending = None
             self._loop = None

@@ -353,8 +353,9 @@ class Replica:
     # ---------------------------------------------------------------- timing
     def time_batch(self, batch: Batch, now_s: float) -> None:
         """Time the batch and, when allowed, fold the decode-only iterations after it into a
-        run that lasts until a call completes or the blocks run out (``MAX_FAST_FORWARD`` at
-        most). Events that touch this replica meanwhile split the run (``sync``, ``truncate``).
+        run that lasts until a call completes or the blocks run out (``MAX_FAST_FORWARD_ITERATIONS``
+        at most). Events that touch this replica meanwhile split the run (``Engine._sync``,
+        ``truncate``).
 
         Iteration 0 is the scheduled batch; in iteration k >= 1 every call decodes, writing KV
         slot ``c1 + k - 1`` and reading ``c1 + k`` tokens, where ``c1`` is its computed count
