@@ -1,15 +1,27 @@
-"""Hydra structured-config schemas: the engine and cluster dataclasses registered in Hydra's
+"""Hydra structured-config schemas: the engine, cluster and env dataclasses registered in Hydra's
 ConfigStore, so an unknown key or a wrongly typed value in ``conf/`` fails at start-up with the
 key named, and ``__post_init__`` range checks run when the config is turned into objects."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from hydra.core.config_store import ConfigStore
 
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
+from servegym.envs.serving_env import EnvConfig
+
+
+@dataclass
+class EnvSpec:
+    """``env:`` group: a registered env id and its ``EnvConfig``."""
+
+    id: str = "servegym/Scheduling-v0"
+    config: EnvConfig = field(default_factory=EnvConfig)
 
 
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="engine", name="engine_schema", node=EngineConfig)
     store.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    store.store(group="env", name="env_schema", node=EnvSpec)

@@ -12,26 +12,15 @@ import sys
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from servegym.envs.configs import register_configs
-from servegym.envs.engine.engine import Engine
+from servegym.agents.configs import register_configs
+from servegym.envs.build import build_engine
 
 register_configs()
-
-
-def build_engine(cfg: DictConfig) -> Engine:
-    """The composition root shared by every entry point: config in, engine out."""
-    workload = instantiate(cfg.workload)
-    return Engine(
-        workload.build(cfg.seed),
-        cluster=OmegaConf.to_object(cfg.cluster),
-        engine=OmegaConf.to_object(cfg.engine),
-        time_scale_s=cfg.time_scale_s,
-    )
 
 
 def metrics_table(metrics: dict) -> Table:

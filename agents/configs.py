@@ -1,0 +1,72 @@
+"""Structured configs of the training side (``train:`` and the ``logger`` group), and one
+``register_configs()`` that every entry point calls, so every group it composes is typed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from servegym.envs.configs import register_configs as register_env_configs
+
+VEC_ENVS = ("dummy", "subproc")
+LOGGERS = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainConfig:
+    """``train:`` in conf/config.yaml."""
+
+    total_timesteps: int = 20_000
+    n_envs: int = 2
+    vec_env: str = "dummy"  # dummy | subproc (measured: see README)
+    torch_threads: int = 1  # per process; the env processes need the other cores
+    eval_every: int = 5_000  # env steps between comparisons with the baseline (0: never)
+    eval_seeds: list[int] = field(default_factory=lambda: [1000, 1001, 1002])
+    test_seeds: list[int] = field(default_factory=lambda: [10000, 10001, 10002, 10003, 10004])
+    baseline: str = "program_fcfs"  # conf/agent name of the heuristic to beat
+    checkpoint_every: int = 10_000  # env steps (0: never)
+    pretrain_teacher: str | None = None  # conf/agent name to behaviour-clone first (agents/pretrain.py)
+    pretrain_decisions: int = 4_000
+    pretrain_epochs: int = 20
+    pretrain_log_std: float = -2.0  # exploration after cloning: small reorderings around the teacher
+    resume_from: str | None = None  # a checkpoint .zip; continues its run (steps, W&B run)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.total_timesteps < 1 or self.n_envs < 1 or self.torch_threads < 1:
+            raise ValueError("train.total_timesteps, train.n_envs and train.torch_threads must be >= 1")
+        if self.vec_env not in VEC_ENVS:
+            raise ValueError(f"train.vec_env must be one of {list(VEC_ENVS)}, got {self.vec_env!r}")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("train.eval_every and train.checkpoint_every must be >= 0")
+        if self.pretrain_decisions < 1 or self.pretrain_epochs < 0:
+            raise ValueError("train.pretrain_decisions must be >= 1 and train.pretrain_epochs >= 0")
+        if self.eval_every and not self.eval_seeds:
+            raise ValueError("train.eval_seeds must not be empty when train.eval_every > 0")
+
+
+@dataclass
+class LoggerConfig:
+    """``logger:`` group: where training metrics go."""
+
+    kind: str = "none"  # none | tensorboard | wandb
+    project: str = "servegym"
+    entity: str | None = None
+    mode: str = "offline"  # wandb: offline (no network, no account) | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOGGERS:
+            raise ValueError(f"logger.kind must be one of {LOGGERS}, got {self.kind!r}")
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logger.mode must be offline, online or disabled, got {self.mode!r}")
+
+
+def register_configs() -> None:
+    """Every schema the entry points compose: engine, cluster and env (``servegym.envs.configs``)
+    plus training and logging."""
+    register_env_configs()
+    store = ConfigStore.instance()
+    store.store(group="logger", name="logger_schema", node=LoggerConfig)
+    store.store(name="train_schema", node={"train": TrainConfig})

@@ -1,0 +1,241 @@
+"""Permutation-equivariant actor-critic for candidate tables, as SB3 policies.
+
+A scheduling observation is a *set* of candidates padded to K slots. A network that reads the
+flattened table would learn that slot 3 means something, and would not export to a serving
+engine whose queue has 200 entries. Here every candidate goes through the same encoder, the
+set is summarised by masked mean and max pooling (Deep Sets), the summary is joined back to
+each candidate, and one shared head scores each slot. Permuting the slots permutes the scores
+and leaves the value alone, and the same weights run for any K (the ONNX export has a dynamic
+candidate axis).
+
+SB3 wiring: ``SlotFlatten`` flattens the Dict observation in a fixed order, ``SetTrunk``
+replaces SB3's ``MlpExtractor`` (its policy latent is one row per slot plus the slot's mask,
+its value latent the pooled context), and a per-slot linear head replaces ``action_net``.
+``SetActorCriticPolicy`` (PPO, Box scores) keeps one shared log-std and sums log-probabilities
+over real slots only; ``MaskableSetActorCriticPolicy`` (MaskablePPO, Discrete(K)) emits one
+logit per slot and lets sb3-contrib apply the action mask.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+OBS_KEYS = ("global", "candidates", "mask")
+"""The Dict observation every servegym env emits; ``SlotFlatten`` concatenates it in this order."""
+
+
+def _table_shape(observation_space: spaces.Dict) -> tuple[int, int, int]:
+    missing = [key for key in OBS_KEYS if key not in observation_space.spaces]
+    if missing:
+        raise ValueError(f"the set policy needs observation keys {OBS_KEYS}; missing {missing}")
+    num_global = int(observation_space["global"].shape[0])
+    num_slots, num_features = (int(n) for n in observation_space["candidates"].shape)
+    return num_global, num_slots, num_features
+
+
+class SlotFlatten(BaseFeaturesExtractor):
+    """Concatenates global, candidates and mask in a fixed order (SB3's CombinedExtractor
+    sorts keys; the trunk must know exactly where each part sits)."""
+
+    def __init__(self, observation_space: spaces.Dict) -> None:
+        num_global, num_slots, num_features = _table_shape(observation_space)
+        super().__init__(observation_space, num_global + num_slots * num_features + num_slots)
+
+    def forward(self, obs: dict[str, th.Tensor]) -> th.Tensor:
+        return th.cat([obs["global"], obs["candidates"].flatten(1), obs["mask"]], dim=1)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(n_in, n_out), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+class SetTrunk(nn.Module):
+    """Shared candidate encoder + pooled context; works for any number of slots."""
+
+    def __init__(self, num_global: int, num_slots: int, num_features: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.num_global, self.num_slots, self.num_features = num_global, num_slots, num_features
+        self.hidden = hidden
+        self.encode = _mlp([num_features + num_global, hidden, hidden])
+        self.pool = _mlp([2 * hidden + num_global, hidden])
+        self.join = _mlp([2 * hidden, hidden])
+        self.latent_dim_pi = num_slots * (hidden + 1)  # per slot: latent + its mask bit
+        self.latent_dim_vf = hidden
+
+    def encode_set(
+        self, global_: th.Tensor, candidates: th.Tensor, mask: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """(B, G), (B, K, F), (B, K) -> per-slot latents (B, K, H), context (B, H)."""
+        k = candidates.shape[1]
+        rows = th.cat([candidates, global_.unsqueeze(1).expand(-1, k, -1)], dim=2)
+        h = self.encode(rows)
+        valid = mask.unsqueeze(2) > 0.5
+        count = valid.sum(dim=1).clamp(min=1)
+        mean = th.where(valid, h, th.zeros_like(h)).sum(dim=1) / count
+        # max over real slots; an all-empty table (a terminal observation) pools to zeros
+        top = th.where(valid, h, th.full_like(h, -1e9)).max(dim=1).values
+        top = th.where(valid.any(dim=1), top, th.zeros_like(top))
+        context = self.pool(th.cat([mean, top, global_], dim=1))
+        slots = self.join(th.cat([h, context.unsqueeze(1).expand(-1, k, -1)], dim=2))
+        return slots, context
+
+    def split(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        g, k, f = self.num_global, self.num_slots, self.num_features
+        global_ = features[:, :g]
+        candidates = features[:, g : g + k * f].reshape(-1, k, f)
+        mask = features[:, g + k * f :]
+        return global_, candidates, mask
+
+    def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        global_, candidates, mask = self.split(features)
+        slots, context = self.encode_set(global_, candidates, mask)
+        latent_pi = th.cat([slots, mask.unsqueeze(2)], dim=2).flatten(1)
+        return latent_pi, context
+
+    def forward_actor(self, features: th.Tensor) -> th.Tensor:
+        return self.forward(features)[0]
+
+    def forward_critic(self, features: th.Tensor) -> th.Tensor:
+        return self.forward(features)[1]
+
+
+class SlotHead(nn.Module):
+    """One score per slot from the per-slot latent (the trailing mask bit is skipped).
+
+    ``squash`` bounds score means with tanh. Score actions are clipped to [-1, 1] by SB3 and
+    the env, and only their order matters: an unbounded mean drifts past the bound, every
+    candidate then clips to the same value, and the order collapses to slot order (seen: a
+    cloned program-FCFS policy turned into plain FCFS within 10k PPO steps). Exploration noise
+    still crosses the bound; the deterministic policy never ties by saturation."""
+
+    def __init__(self, hidden: int, squash: bool = False) -> None:
+        super().__init__()
+        self.hidden, self.squash = hidden, squash
+        self.linear = nn.Linear(hidden, 1)
+
+    def score(self, slots: th.Tensor) -> th.Tensor:
+        out = self.linear(slots).squeeze(2)
+        return th.tanh(out) if self.squash else out
+
+    def forward(self, latent_pi: th.Tensor) -> th.Tensor:
+        return self.score(latent_pi.reshape(latent_pi.shape[0], -1, self.hidden + 1)[..., : self.hidden])
+
+
+def slot_mask(latent_pi: th.Tensor, hidden: int) -> th.Tensor:
+    return latent_pi.reshape(latent_pi.shape[0], -1, hidden + 1)[..., hidden]
+
+
+class MaskedDiagGaussian(DiagGaussianDistribution):
+    """A Gaussian per slot whose padded slots do not count: their sampled score is ignored by
+    the env, so their log-probability and entropy would only add noise to the gradient."""
+
+    def proba_distribution(  # type: ignore[override]
+        self, mean_actions: th.Tensor, log_std: th.Tensor, mask: th.Tensor | None = None
+    ) -> MaskedDiagGaussian:
+        super().proba_distribution(mean_actions, log_std)
+        self.mask = th.ones_like(mean_actions) if mask is None else mask
+        return self
+
+    def log_prob(self, actions: th.Tensor) -> th.Tensor:
+        return (self.distribution.log_prob(actions) * self.mask).sum(dim=1)
+
+    def entropy(self) -> th.Tensor:
+        return (self.distribution.entropy() * self.mask).sum(dim=1)
+
+
+def _init_set_modules(policy: nn.Module, gains: dict[nn.Module, float]) -> None:
+    for module, gain in gains.items():
+        module.apply(partial(policy.init_weights, gain=gain))
+
+
+class SetActorCriticPolicy(ActorCriticPolicy):
+    """PPO policy over a Box of per-slot scores. ``hidden`` sizes every layer; the standard
+    deviation is one shared parameter, so no slot is special."""
+
+    def __init__(self, observation_space, action_space, lr_schedule, hidden: int = 64, **kwargs) -> None:
+        self.hidden = hidden
+        kwargs.setdefault("features_extractor_class", SlotFlatten)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _get_constructor_parameters(self) -> dict:
+        return {**super()._get_constructor_parameters(), "hidden": self.hidden}
+
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = SetTrunk(*_table_shape(self.observation_space), hidden=self.hidden)
+
+    def _build(self, lr_schedule) -> None:
+        self._build_mlp_extractor()
+        self.action_dist = MaskedDiagGaussian(int(np.prod(self.action_space.shape)))
+        self.action_net = SlotHead(self.hidden, squash=True)
+        self.log_std = nn.Parameter(th.full((1,), float(self.log_std_init)))
+        self.value_net = nn.Linear(self.hidden, 1)
+        if self.ortho_init:
+            _init_set_modules(
+                self, {self.mlp_extractor: np.sqrt(2), self.action_net: 0.01, self.value_net: 1.0}
+            )
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_action_dist_from_latent(self, latent_pi: th.Tensor) -> MaskedDiagGaussian:
+        mean = self.action_net(latent_pi)
+        return self.action_dist.proba_distribution(mean, self.log_std, slot_mask(latent_pi, self.hidden))
+
+
+class MaskableSetActorCriticPolicy(MaskableActorCriticPolicy):
+    """MaskablePPO policy over Discrete(K): one logit per slot from the shared head."""
+
+    def __init__(self, observation_space, action_space, lr_schedule, hidden: int = 64, **kwargs) -> None:
+        self.hidden = hidden
+        kwargs.setdefault("features_extractor_class", SlotFlatten)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _get_constructor_parameters(self) -> dict:
+        return {**super()._get_constructor_parameters(), "hidden": self.hidden}
+
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = SetTrunk(*_table_shape(self.observation_space), hidden=self.hidden)
+
+    def _build(self, lr_schedule) -> None:
+        self._build_mlp_extractor()
+        self.action_net = SlotHead(self.hidden)
+        self.value_net = nn.Linear(self.hidden, 1)
+        if self.ortho_init:
+            _init_set_modules(
+                self, {self.mlp_extractor: np.sqrt(2), self.action_net: 0.01, self.value_net: 1.0}
+            )
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+
+class ScoreNetwork(nn.Module):
+    """The part of a trained policy a serving engine needs: (global, candidates, mask) ->
+    one score per candidate (the Gaussian's mean, or the logits), for any number of candidates."""
+
+    def __init__(self, policy: SetActorCriticPolicy | MaskableSetActorCriticPolicy) -> None:
+        super().__init__()
+        self.trunk: SetTrunk = policy.mlp_extractor
+        self.head: SlotHead = policy.action_net
+
+    def forward(self, global_: th.Tensor, candidates: th.Tensor, mask: th.Tensor) -> th.Tensor:
+        slots, _ = self.trunk.encode_set(global_, candidates, mask)
+        return self.head.score(slots)
+
+
+__all__ = [
+    "OBS_KEYS",
+    "MaskableSetActorCriticPolicy",
+    "ScoreNetwork",
+    "SetActorCriticPolicy",
+    "SetTrunk",
+    "SlotFlatten",
+]

@@ -1,0 +1,173 @@
+"""Run an exported policy with onnxruntime and numpy alone (no SB3, no Hydra, no torch).
+
+A serving engine needs "features in, priorities out": ``ScoreRuntime`` loads ``policy.onnx``
+and its sidecar ``policy.json``, refuses a sidecar whose feature schema differs from the one
+this servegym speaks, and turns feature tables into scores. ``LearnedPolicy`` wraps any
+scorer as a servegym ``Policy`` with exactly the env's action semantics (the same code path
+as training, ``servegym.envs.observation``), so an exported policy run through the engine
+reproduces the trained one. ``OnnxPolicy`` is that wrapper over a ``ScoreRuntime``.
+
+Sidecar (JSON, written by ``servegym.agents.export``): ``format`` (this module's
+``SIDECAR_FORMAT``), ``feature_schema_version``, ``candidate_features``, ``global_features``
+(names, in column order), ``normalisation``, ``action`` (``type``: ``scores`` — Box scores,
+clipped to [-1, 1], admission in descending order and eviction of the lowest — or ``logits``
+— Discrete(K) over slots, the argmax is the victim or the replica), ``kinds`` (decision kinds
+it answers; others go to the fallback), ``max_candidates`` (K it was trained with)),
+``inputs``/``outputs`` (tensor names), ``env_id``, ``config_sha256``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servegym.envs.engine.policy import (
+    CANDIDATE_FEATURES,
+    FEATURE_SCHEMA_VERSION,
+    GLOBAL_FEATURES,
+    Decision,
+    DecisionKind,
+    DefaultPolicy,
+    Policy,
+)
+from servegym.envs.observation import observe, slot_scores
+
+SIDECAR_FORMAT = 1
+ACTION_TYPES = ("scores", "logits")
+INPUT_NAMES = ("global", "candidates", "mask")
+GLOBAL_COLUMNS = (*GLOBAL_FEATURES, *(f"kind_{kind.name.lower()}" for kind in DecisionKind))
+
+
+class SidecarError(ValueError):
+    """The exported policy does not speak this servegym's feature schema or action semantics."""
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, Any]:
+    """Validate a sidecar; every mismatch names what was expected."""
+    if meta.get("format") != SIDECAR_FORMAT:
+        raise SidecarError(f"{source}: format {meta.get('format')!r}, this runtime reads {SIDECAR_FORMAT}")
+    version = meta.get("feature_schema_version")
+    if version != FEATURE_SCHEMA_VERSION:
+        raise SidecarError(
+            f"{source}: policy was trained on feature schema v{version}, this servegym builds "
+            f"v{FEATURE_SCHEMA_VERSION}; re-export it from a matching servegym"
+        )
+    if tuple(meta.get("candidate_features", ())) != CANDIDATE_FEATURES:
+        raise SidecarError(f"{source}: candidate_features differ from {list(CANDIDATE_FEATURES)}")
+    if tuple(meta.get("global_features", ())) != GLOBAL_COLUMNS:
+        raise SidecarError(f"{source}: global_features differ from {list(GLOBAL_COLUMNS)}")
+    action = meta.get("action", {})
+    if action.get("type") not in ACTION_TYPES:
+        raise SidecarError(f"{source}: action.type {action.get('type')!r} is not one of {ACTION_TYPES}")
+    kinds = action.get("kinds", [])
+    if not kinds or any(k not in DecisionKind.__members__ for k in kinds):
+        raise SidecarError(
+            f"{source}: action.kinds {kinds!r} must name some of {list(DecisionKind.__members__)}"
+        )
+    if not isinstance(action.get("max_candidates"), int) or action["max_candidates"] < 1:
+        raise SidecarError(f"{source}: action.max_candidates must be a positive int")
+    return meta
+
+
+class ScoreRuntime:
+    """An exported policy: ``scores(global, candidates, mask)`` -> one score per candidate."""
+
+    def __init__(self, onnx_path: str | Path, num_threads: int = 1) -> None:
+        import onnxruntime as ort  # imported here so the schema helpers work without it
+
+        self.path = Path(onnx_path)
+        meta_path = sidecar_path(self.path)
+        if not meta_path.exists():
+            raise FileNotFoundError(f"no sidecar {meta_path} next to {self.path}; export writes both")
+        self.meta = check_sidecar(json.loads(meta_path.read_text()), str(meta_path))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def action(self) -> dict[str, Any]:
+        return self.meta["action"]
+
+    def scores(self, global_: np.ndarray, candidates: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Unbatched (G,), (N, F), (N,) -> (N,), or batched with a leading axis; any N >= 1."""
+        single = candidates.ndim == 2
+        inputs = [np.asarray(x, dtype=np.float32) for x in (global_, candidates, mask)]
+        if single:
+            inputs = [x[None] for x in inputs]
+        if inputs[1].shape[-1] != len(CANDIDATE_FEATURES) or inputs[0].shape[-1] != len(GLOBAL_COLUMNS):
+            raise ValueError(
+                f"expected global (.., {len(GLOBAL_COLUMNS)}) and candidates (.., N, "
+                f"{len(CANDIDATE_FEATURES)}), got {inputs[0].shape} and {inputs[1].shape}"
+            )
+        (out,) = self.session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+        return out[0] if single else out
+
+
+class LearnedPolicy:
+    """A slot scorer as a servegym ``Policy``: the env's observation and action semantics, the
+    fallback for decision kinds it was not trained on and for candidates beyond its K."""
+
+    def __init__(self, action: dict[str, Any], fallback: Policy | None = None) -> None:
+        self.action_type = action["type"]
+        self.kinds = {DecisionKind[name] for name in action["kinds"]}
+        self.max_candidates = int(action["max_candidates"])
+        self.fallback = fallback or DefaultPolicy()
+
+    def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """(K,) raw outputs for one observation; subclasses run their network here."""
+        raise NotImplementedError
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind not in self.kinds:
+            return self.fallback.scores(decision)
+        k = self.max_candidates
+        raw = np.asarray(self.slot_outputs(observe(decision, k)), dtype=np.float64)
+        if self.action_type == "scores":
+            return slot_scores(decision, raw, k, self.fallback)
+        return logit_scores(decision, raw, k)
+
+
+def logit_scores(decision: Decision, logits: np.ndarray, max_candidates: int) -> np.ndarray:
+    """Discrete(K) semantics as scores: the valid argmax slot is chosen; for EVICT the chosen
+    victim must score lowest, for ORDER and ROUTE highest. Slots beyond K are never chosen."""
+    n = len(decision)
+    k = min(n, max_candidates)
+    valid = decision.mask[:k]
+    if not valid.any():
+        raise ValueError(f"{decision.kind.name} decision with no valid candidate among the first {k}")
+    chosen = int(np.argmax(np.where(valid, logits[:k], -np.inf)))
+    scores = np.zeros(n)
+    scores[chosen] = -1.0 if decision.kind == DecisionKind.EVICT else 1.0
+    return scores
+
+
+class OnnxPolicy(LearnedPolicy):
+    """An exported policy file as a Policy (``agent=onnx agent.path=...``)."""
+
+    def __init__(self, path: str, fallback: Policy | None = None, num_threads: int = 1) -> None:
+        self.runtime = ScoreRuntime(path, num_threads=num_threads)
+        super().__init__(self.runtime.action, fallback)
+
+    def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runtime.scores(obs["global"], obs["candidates"], obs["mask"])
+
+
+__all__ = [
+    "GLOBAL_COLUMNS",
+    "SIDECAR_FORMAT",
+    "LearnedPolicy",
+    "OnnxPolicy",
+    "ScoreRuntime",
+    "SidecarError",
+    "check_sidecar",
+    "logit_scores",
+    "sidecar_path",
+]

@@ -1,0 +1,228 @@
+"""Train a scheduler with stable-baselines3 from a composed Hydra config.
+
+``train(cfg)`` builds vectorised envs from the same config groups as ``simulate.py``, trains
+PPO (score actions) or MaskablePPO (slot actions) with the permutation-equivariant policy of
+``networks.py``, compares the policy with a heuristic on held-out seeds as it trains, saves
+checkpoints and the best model, and can resume a run from a checkpoint. Loggers: none,
+TensorBoard, or Weights & Biases through its SB3 integration (offline unless told otherwise).
+
+Seeds: training envs draw workloads from ``cfg.seed``; evaluation during training uses
+``train.eval_seeds`` (1000+), and the final comparison ``train.test_seeds`` (10000+), so no
+evaluated workload was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+from servegym.agents.learned import ALGORITHMS, SB3Policy
+from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
+from servegym.agents.pretrain import behaviour_clone, collect
+from servegym.envs.build import build_engine, build_env
+from servegym.envs.engine.policy import Policy
+
+VEC_ENVS = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
+
+
+def load_agent_config(name: str) -> DictConfig:
+    """A ``conf/agent/<name>.yaml`` (a heuristic to compare with) outside the composed config."""
+    path = Path(__file__).resolve().parents[1] / "conf" / "agent" / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"train.baseline={name!r}: no conf/agent/{name}.yaml")
+    return OmegaConf.load(path)
+
+
+def mean_tree_time(cfg: DictConfig, make_policy, seeds: list[int]) -> float:
+    """Mean tree completion time over ``seeds`` with a fresh policy per run."""
+    times = [build_engine(cfg, seed).run(make_policy()).as_dict()["jct_mean_s"] for seed in seeds]
+    return float(np.mean(times))
+
+
+def heuristic_factory(cfg: DictConfig, name: str):
+    agent = load_agent_config(name)
+    root = OmegaConf.create({"time_scale_s": cfg.time_scale_s, "agent": agent})
+    return lambda: instantiate(root.agent)
+
+
+class CompareWithBaseline(BaseCallback):
+    """Every ``every`` env steps: mean tree time of the deterministic policy on held-out seeds,
+    its ratio to the baseline heuristic's on the same seeds (below 1 beats it), and the best
+    model so far saved to ``best_path``."""
+
+    def __init__(self, cfg: DictConfig, every: int, best_path: Path, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        self.cfg, self.every, self.best_path = cfg, every, best_path
+        self.seeds = list(cfg.train.eval_seeds)
+        self.kinds = tuple(cfg.env.config.decisions)
+        self.baseline_s = mean_tree_time(cfg, heuristic_factory(cfg, cfg.train.baseline), self.seeds)
+        self.best_s = float("inf")
+        self.history: list[dict[str, float]] = []
+        self._last = 0
+
+    def evaluate(self) -> dict[str, float]:
+        policy_s = mean_tree_time(self.cfg, lambda: SB3Policy(model=self.model, kinds=self.kinds), self.seeds)
+        row = {
+            "timesteps": float(self.num_timesteps),
+            "jct_mean_s": policy_s,
+            "baseline_jct_mean_s": self.baseline_s,
+            "ratio_to_baseline": policy_s / self.baseline_s,
+        }
+        for key, value in row.items():
+            if key != "timesteps":
+                self.logger.record(f"eval/{key}", value)
+        if policy_s < self.best_s:
+            self.best_s = policy_s
+            self.model.save(self.best_path)
+        self.history.append(row)
+        return row
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps - self._last >= self.every:
+            self._last = self.num_timesteps
+            self.evaluate()
+        return True
+
+    def _on_training_end(self) -> None:
+        if self._last != self.num_timesteps:
+            self.evaluate()
+
+
+def make_model(cfg: DictConfig, venv, tensorboard_dir: str | None):
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import PPO
+
+    algo = cfg.agent.get("algo")
+    if algo not in ALGORITHMS:
+        raise ValueError(
+            f"agent={cfg.agent.get('_target_', '?')} is not trainable; use agent=ppo or agent=maskable_ppo"
+        )
+    hyper = OmegaConf.to_container(cfg.agent.hyperparams, resolve=True)
+    network = OmegaConf.to_container(cfg.agent.network, resolve=True)
+    policy = SetActorCriticPolicy if algo == "ppo" else MaskableSetActorCriticPolicy
+    cls = PPO if algo == "ppo" else MaskablePPO
+    if cfg.train.resume_from:
+        return cls.load(cfg.train.resume_from, env=venv, device="cpu", tensorboard_log=tensorboard_dir)
+    return cls(
+        policy,
+        venv,
+        policy_kwargs=network,
+        seed=cfg.seed,
+        device="cpu",
+        tensorboard_log=tensorboard_dir,
+        verbose=0,
+        **hyper,
+    )
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path):
+    import wandb
+
+    resumed = None
+    if cfg.train.resume_from:
+        id_file = Path(cfg.train.resume_from).resolve().parent.parent / "wandb_run_id"
+        resumed = id_file.read_text().strip() if id_file.exists() else None
+    run = wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        mode=cfg.logger.mode,
+        tags=list(cfg.logger.tags),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        dir=str(run_dir),
+        sync_tensorboard=True,
+        id=resumed,
+        resume="allow" if resumed else None,
+    )
+    (run_dir / "wandb_run_id").write_text(run.id)
+    return run
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train, compare, checkpoint. Returns a summary (paths, timings, evaluation history)."""
+    th.set_num_threads(cfg.train.torch_threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    kind = cfg.logger.kind
+    tensorboard_dir = str(run_dir / "tensorboard") if kind in ("tensorboard", "wandb") else None
+    wandb_run = start_wandb(cfg, run_dir) if kind == "wandb" else None
+
+    venv = make_vec_env(
+        lambda: build_env(cfg),
+        n_envs=cfg.train.n_envs,
+        seed=cfg.seed,
+        vec_env_cls=VEC_ENVS[cfg.train.vec_env],
+    )
+    model = make_model(cfg, venv, tensorboard_dir)
+    pretrain = None
+    if cfg.train.pretrain_teacher and not cfg.train.resume_from:
+        pretrain = warm_start(cfg, model)
+    callbacks: list[BaseCallback] = []
+    if cfg.train.checkpoint_every:
+        every = max(cfg.train.checkpoint_every // cfg.train.n_envs, 1)
+        callbacks.append(CheckpointCallback(every, str(run_dir / "checkpoints"), name_prefix="policy"))
+    compare = None
+    if cfg.train.eval_every:
+        compare = CompareWithBaseline(cfg, cfg.train.eval_every, run_dir / "best_model.zip")
+        callbacks.append(compare)
+    if wandb_run is not None:
+        from wandb.integration.sb3 import WandbCallback
+
+        callbacks.append(WandbCallback(verbose=0))
+
+    remaining = cfg.train.total_timesteps - (model.num_timesteps if cfg.train.resume_from else 0)
+    start = time.perf_counter()
+    model.learn(
+        max(remaining, 0),
+        callback=CallbackList(callbacks),
+        progress_bar=cfg.train.progress,
+        reset_num_timesteps=not cfg.train.resume_from,
+    )
+    seconds = time.perf_counter() - start
+    model.save(run_dir / "final_model.zip")
+    venv.close()
+    summary = {
+        "run_dir": str(run_dir),
+        "final_model": str(run_dir / "final_model.zip"),
+        "best_model": str(run_dir / "best_model.zip") if compare else None,
+        "timesteps": int(model.num_timesteps),
+        "train_seconds": seconds,
+        "baseline": cfg.train.baseline,
+        "baseline_jct_mean_s": compare.baseline_s if compare else None,
+        "eval_history": compare.history if compare else [],
+        "pretrain": pretrain,
+    }
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    return {**summary, "model": model, "wandb_run": wandb_run}
+
+
+def warm_start(cfg: DictConfig, model) -> dict[str, Any]:
+    """Behaviour-clone ``train.pretrain_teacher`` into the policy, then narrow its noise."""
+    start = time.perf_counter()
+    data = collect(cfg, heuristic_factory(cfg, cfg.train.pretrain_teacher), cfg.train.pretrain_decisions)
+    losses = behaviour_clone(model.policy, data, cfg.train.pretrain_epochs, seed=cfg.seed)
+    if hasattr(model.policy, "log_std"):
+        with th.no_grad():
+            model.policy.log_std.fill_(cfg.train.pretrain_log_std)
+    return {
+        "teacher": cfg.train.pretrain_teacher,
+        "decisions": len(data["mask"]),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def trained_policy(model, cfg: DictConfig) -> Policy:
+    return SB3Policy(model=model, kinds=tuple(cfg.env.config.decisions))

@@ -1,0 +1,37 @@
+"""The composition root every entry point shares: a Hydra config in, an engine or env out.
+
+``cfg`` is ``conf/config.yaml`` composed (groups workload, engine, cluster, env, ...), so
+``simulate.py``, ``train.py`` and ``evaluate.py`` build identical worlds from identical configs.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from servegym.envs.engine.engine import Engine
+
+
+def build_engine(cfg: DictConfig, seed: int | None = None) -> Engine:
+    """The engine of ``cfg`` with the workload drawn from ``seed`` (default ``cfg.seed``)."""
+    workload = instantiate(cfg.workload)
+    return Engine(
+        workload.build(cfg.seed if seed is None else seed),
+        cluster=OmegaConf.to_object(cfg.cluster),
+        engine=OmegaConf.to_object(cfg.engine),
+        time_scale_s=cfg.time_scale_s,
+    )
+
+
+def build_env(cfg: DictConfig) -> gym.Env:
+    """The Gymnasium env ``cfg.env.id`` over the config's workload, engine and cluster."""
+    import servegym.envs  # noqa: F401 - registers the ids
+
+    return gym.make(
+        cfg.env.id,
+        workload=instantiate(cfg.workload),
+        cluster=OmegaConf.to_object(cfg.cluster),
+        engine=OmegaConf.to_object(cfg.engine),
+        env=OmegaConf.to_object(cfg.env.config),
+    )

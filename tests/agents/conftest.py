@@ -1,0 +1,39 @@
+"""Small training configs composed from conf/, as the entry points compose them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from servegym.agents.configs import register_configs
+
+register_configs()
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+TINY_TRAINING = [
+    "experiment=quick",
+    "workload.num_jobs=8",
+    "train.total_timesteps=128",
+    "train.n_envs=1",
+    "train.eval_every=64",
+    "train.eval_seeds=[1000]",
+    "train.checkpoint_every=64",
+    "train.progress=false",
+    "agent.hyperparams.n_steps=64",
+    "agent.hyperparams.batch_size=32",
+    "agent.hyperparams.n_epochs=1",
+    "agent.network.hidden=16",
+]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_training_cfg() -> DictConfig:
+    return compose_config(TINY_TRAINING)
