@@ -1,15 +1,19 @@
 """What an engine iteration costs. The engine decides *what* runs; a backend says *how long*
-it took. The simulated backend predicts it from a cost model; the torch backend (a later
-issue) runs the batch for real and measures it. Both see the same ``Batch``."""
+it took. The simulated backend predicts it from a cost model; the torch backend
+(``torch_backend.py``) runs the batch for real and measures it. Both see the same ``Batch``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from servegym.envs.engine.cost_model import CostModel, ModelProfile
+
+if TYPE_CHECKING:
+    from servegym.envs.engine.config import EngineConfig
 
 
 @dataclass
@@ -54,6 +58,24 @@ class Backend(Protocol):
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
         """Durations of consecutive decode-only iterations (vectorised fast-forward)."""
         ...
+
+
+class SwapListener(Protocol):
+    """Told by the scheduler when a call's KV moves between tiers (the torch backend copies it):
+    ``swap_out`` before the call's blocks are freed, ``swap_in`` once its new blocks are set
+    (its first ``num_hit_blocks`` blocks came from the prefix cache and need no copy)."""
+
+    def swap_out(self, call: int) -> None: ...
+    def swap_in(self, call: int, num_hit_blocks: int) -> None: ...
+
+
+def make_backend_factory(config: EngineConfig) -> Callable[[ModelProfile], Backend]:
+    """The backend of each replica, by ``engine.backend``: sim, or torch (imported only then)."""
+    if config.backend == "torch":
+        from servegym.envs.engine.torch_backend import TorchBackendFactory
+
+        return TorchBackendFactory(config)
+    return SimBackend
 
 
 class SimBackend:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+BACKENDS = ("sim", "torch")
+"""Values of ``engine.backend``."""
+
 
 @dataclass
 class EngineConfig:
@@ -32,11 +35,23 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     fast_forward: bool = True
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
+    backend: str = "sim"
+    """How long an iteration takes: sim (the profile's cost model) or torch (run a real model over
+    real paged KV and measure it; tokens are the model's greedy choices)."""
+    model: str | None = None
+    """torch backend: model preset (envs/engine/model.py); None takes the profile's own model."""
+    torch_threads: int = 1
+    """torch backend on CPU: intra-op threads (one by default, so parallel engines do not contend)."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             _check_int(f"engine.{name}", getattr(self, name), minimum=1)
         _check_int("engine.long_prefill_token_threshold", self.long_prefill_token_threshold, minimum=0)
+        _check_int("engine.torch_threads", self.torch_threads, minimum=1)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"engine.model must be a model preset name or null, got {self.model!r}")
         if self.num_gpu_blocks is not None:
             _check_int("engine.num_gpu_blocks", self.num_gpu_blocks, minimum=1)
         if self.kv_budget_bytes is not None:

@@ -7,10 +7,12 @@ time); it takes the longer of the two, plus a fixed host/launch overhead, a tens
 all-reduce cost per batched token, and any GPU<->host swap traffic (serialised with compute)::
 
     t = overhead_s + max(compute_s, memory_s) + comm_s_per_token * tokens + swap_bytes / host_link
+        + prefill_overhead_s * (prefill_tokens > 0)
     compute_s = (2 * params * tokens + 4 * layers * q_heads * head_dim * prefill_attn_tokens)
                 / (tp * peak_flops * flops_efficiency)
-    memory_s  = (weight_bytes + kv_bytes_per_token * (kv_read_tokens + tokens))
-                / (tp * hbm_bytes_per_s * bandwidth_efficiency)
+    memory_s  = (weight_bytes + kv_bytes_per_token * (kv_read_tokens + tokens)
+                 * bandwidth_efficiency / kv_bandwidth_efficiency)
+                / (tp * hbm_bytes_per_s * bandwidth_efficiency)   # kv_bandwidth_efficiency 0: the same
     tokens    = prefill_tokens + decode_seqs
 
 Profiles (model shape + GPU datasheet + assumed efficiencies) live in ``profiles/*.yaml``;
@@ -21,6 +23,7 @@ Profiles (model shape + GPU datasheet + assumed efficiencies) live in ``profiles
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import typing
 from collections.abc import Callable
@@ -70,6 +73,11 @@ class ModelProfile:
     flops_efficiency: float
     bandwidth_efficiency: float
     comm_s_per_token: float = 0.0
+    prefill_overhead_s: float = 0.0
+    kv_bandwidth_efficiency: float = 0.0
+    """Achieved bandwidth fraction for KV bytes (attention's reads, new K/V writes); 0: the same as
+    ``bandwidth_efficiency``. Paged-attention gathers and weight GEMMs stream memory at different
+    rates (on a CPU the weights even sit in cache), which one efficiency cannot fit."""
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -77,12 +85,17 @@ class ModelProfile:
             value = getattr(self, f.name)
             if f.name in ("name", "model", "gpu", "source"):
                 continue
-            if f.name in ("overhead_s", "comm_s_per_token"):
+            if f.name in ("overhead_s", "comm_s_per_token", "prefill_overhead_s", "kv_bandwidth_efficiency"):
                 if not value >= 0:
                     raise ValueError(f"profile {self.name!r}: {f.name} must be >= 0, got {value!r}")
             elif not value > 0:
                 raise ValueError(f"profile {self.name!r}: {f.name} must be > 0, got {value!r}")
-        for name in ("gpu_mem_utilization", "flops_efficiency", "bandwidth_efficiency"):
+        for name in (
+            "gpu_mem_utilization",
+            "flops_efficiency",
+            "bandwidth_efficiency",
+            "kv_bandwidth_efficiency",
+        ):
             if getattr(self, name) > 1:
                 raise ValueError(
                     f"profile {self.name!r}: {name} is a fraction in (0, 1], got {getattr(self, name)!r}"
@@ -142,10 +155,13 @@ class CostModel:
         self._flops_per_attn_pair = 4.0 * p.num_layers * p.num_q_heads * p.head_dim
         self._flops_per_s = p.tensor_parallel * p.peak_flops_per_gpu * p.flops_efficiency
         self._weight_bytes = float(p.weight_bytes)
-        self._kv_bytes_per_token = float(p.kv_bytes_per_token)
+        # KV bytes at their own efficiency, folded into the byte count (x 1.0 when they share it)
+        kv_efficiency = p.kv_bandwidth_efficiency or p.bandwidth_efficiency
+        self._kv_bytes_per_token = float(p.kv_bytes_per_token) * (p.bandwidth_efficiency / kv_efficiency)
         self._bytes_per_s = p.tensor_parallel * p.hbm_bytes_per_s_per_gpu * p.bandwidth_efficiency
         self._overhead_s = float(p.overhead_s)
         self._comm_s_per_token = float(p.comm_s_per_token)
+        self._prefill_overhead_s = float(p.prefill_overhead_s)
         self._host_link_bytes_per_s = float(p.host_link_bytes_per_s)
 
     def _busy_s(
@@ -155,7 +171,9 @@ class CostModel:
         tokens = prefill + decode
         compute_s = (self._flops_per_token * tokens + self._flops_per_attn_pair * attn) / self._flops_per_s
         memory_s = (self._weight_bytes + self._kv_bytes_per_token * (kv_read + tokens)) / self._bytes_per_s
-        return tokens, self._overhead_s + maximum(compute_s, memory_s) + self._comm_s_per_token * tokens
+        busy_s = self._overhead_s + maximum(compute_s, memory_s) + self._comm_s_per_token * tokens
+        # + 0.0 for decode-only batches, which leaves the sum bit for bit what decode_run_times_s gives
+        return tokens, busy_s + self._prefill_overhead_s * (prefill > 0)
 
     def iteration_time_s(
         self,
@@ -227,7 +245,8 @@ def load_profile(name_or_path: str) -> ModelProfile:
     """Load a shipped profile by name (``"llama8b_h100"``) or any profile YAML by path.
 
     Every field of ``ModelProfile`` without a default must be present and no other key may be,
-    so a typo fails here instead of silently using a default.
+    so a typo fails here instead of silently using a default. Parsed profiles are cached per
+    file version (an env resets an engine per episode; re-parsing cost ~10 ms per replica).
     """
     path = PROFILES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
@@ -237,6 +256,12 @@ def load_profile(name_or_path: str) -> ModelProfile:
                 f"unknown profile {name_or_path!r}: not a file and not one of {available_profiles()}; "
                 f"pass a shipped name or the path to a YAML file like {PROFILES_DIR}/llama8b_h100.yaml"
             )
+    path = path.resolve()
+    return _parse_profile(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_profile(path: Path, mtime_ns: int) -> ModelProfile:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ValueError(

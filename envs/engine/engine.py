@@ -14,7 +14,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from servegym.envs.engine.backend import Backend, Batch, SimBackend
+from servegym.envs.engine.backend import Backend, Batch, make_backend_factory
 from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
@@ -51,7 +51,7 @@ class Engine:
         cluster: ClusterConfig | None = None,
         engine: EngineConfig | None = None,
         time_scale_s: float = 30.0,
-        backend_factory: Callable[[ModelProfile], Backend] = SimBackend,
+        backend_factory: Callable[[ModelProfile], Backend] | None = None,
     ) -> None:
         self.cluster = cluster or ClusterConfig()
         self.config = engine or EngineConfig()
@@ -60,15 +60,20 @@ class Engine:
         self.time_scale_s = time_scale_s
         self.source = source
         self.calls = CallTable()
+        self._keys: dict[str, int] = {}  # prompt content key -> id for block hashing
+        backend_factory = backend_factory or make_backend_factory(self.config)  # by engine.backend
         self.replicas = [
             Replica(i, profile, self.config, self.calls, backend_factory(profile), self._build_decision)
             for i, profile in enumerate(
                 load_profile(name) for name in self.cluster.profiles(self.config.profile)
             )
         ]
+        for replica in self.replicas:  # a backend holding real KV reads block tables, calls, prompt keys
+            attach = getattr(replica.backend, "attach", None)
+            if attach is not None:
+                attach(replica, self._keys)
         self.now_s = 0.0
         self._events: list[tuple[float, int, int, object]] = []
-        self._keys: dict[str, int] = {}  # prompt content key -> id for block hashing
         # per job
         self.jobs: list[Job] = []
         self.job_first_call: list[int] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from servegym.envs.engine.backend import Backend, Batch
+from servegym.envs.engine.backend import Backend, Batch, SwapListener
 from servegym.envs.engine.block_manager import BlockManager
 from servegym.envs.engine.calls import CallState, CallTable
 from servegym.envs.engine.config import EngineConfig
@@ -88,6 +88,7 @@ class Replica:
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
         self.in_flight: Batch | None = None
+        self.swap_listener: SwapListener | None = None  # set by a backend that holds real KV
         self.step_version = 0  # only the latest STEP event pushed for this replica counts
         # statistics
         self.num_iterations = 0
@@ -134,6 +135,8 @@ class Replica:
             calls.host_blocks[call] = 0
             calls.num_registered_blocks[call] = len(plan.hit_blocks)
             swap_bytes = plan.swap_in_blocks * self.block_bytes
+            if self.swap_listener is not None:
+                self.swap_listener.swap_in(call, len(plan.hit_blocks))
         else:
             hit_tokens = len(plan.hit_blocks) * bs
             calls.num_computed[call] = hit_tokens
@@ -181,6 +184,8 @@ class Replica:
         calls.num_preemptions[call] += 1
         self.num_preemptions += 1
         swap = self.config.preemption_mode == "swap" and self.blocks.reserve_host(held)
+        if swap and self.swap_listener is not None:
+            self.swap_listener.swap_out(call)  # copy the KV before its blocks can be reused
         self.release_blocks(call)
         if swap:
             calls.state[call] = CallState.SWAPPED

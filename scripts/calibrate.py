@@ -1,0 +1,289 @@
+"""Fit the simulator's cost model to the torch backend, and measure how faithful the sim then is.
+
+python scripts/calibrate.py --device cpu --model tiny --quick --out /tmp/tiny_cpu_fitted.yaml
+python scripts/calibrate.py --device cuda --model llama1b --out llama1b_h100_fitted.yaml
+
+1. Profiling: a grid of batch compositions (decodes over batch sizes and contexts, prefill chunks
+   with and without a cached prefix, mixed and ragged batches) runs through the torch backend's
+   own ``iteration_time_s`` (paged forward over a real KV cache; CUDA events and CUDA-graph
+   decode on a GPU, perf_counter on CPU); each point is repeated, its median kept, its spread
+   (IQR / median) recorded.
+2. Fit: ``servegym.envs.engine.calibration.fit`` on 75% of the points; the fitted profile's
+   ``CostModel`` is scored on the other 25% (MAPE, p90 and max absolute percentage error) and
+   written as a profile YAML whose header records machine, date, model and errors.
+3. Fidelity: one map-reduce workload under FCFS with a tight KV cache (preemptions happen), run
+   on the torch backend (measured clock) and on the sim backend with the fitted profile (and the
+   base profile, for comparison): mean and p99 tree completion time and preemptions.
+
+Tables print last. With $OUT set (the GPU machine returns files from there), the points and
+results go to $OUT/calibration_<device>_<model>.json and the profile to $OUT as well.
+Needs torch, numpy and pyyaml only (no gymnasium, hydra or SB3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, however this file is run
+import _bootstrap  # noqa: E402
+
+_bootstrap.engine_imports()  # before servegym: works without gymnasium (the GPU machine)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from servegym.envs.engine import calibration as cal  # noqa: E402
+from servegym.envs.engine.config import EngineConfig  # noqa: E402
+from servegym.envs.engine.cost_model import load_profile  # noqa: E402
+
+BASE_PROFILES = {"tiny": "tiny_cpu", "llama1b": "llama1b_h100"}
+FIDELITY_GOAL_PCT = 5.0  # tree time; vidur reports under 9%
+
+
+def log(msg: str) -> None:
+    print(f"[calibrate {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+# ------------------------------------------------------------------------------ fidelity
+def fidelity_setup(model: str, quick: bool):
+    """(workload, engine settings): map-reduce trees arriving together on a KV cache too small to
+    hold them all, so FCFS admits, runs and preempts; no tool latency, so tree time is serving time."""
+    from servegym.envs.workloads.generators import MapReduce
+    from servegym.envs.workloads.workload import Workload
+
+    if model == "tiny":
+        generator = MapReduce(
+            fan_out=3,
+            system_tokens=64,
+            input_tokens_mean=96.0,
+            tool_tokens_mean=8.0,
+            output_tokens_mean=24.0,
+            max_tokens=32,
+            max_context_tokens=1024,
+        )
+        workload = Workload(generator=generator, arrival_rate=200.0, num_jobs=6 if quick else 10)
+        settings = dict(block_size=16, num_gpu_blocks=48, max_num_batched_tokens=256, max_num_seqs=32)
+    else:
+        generator = MapReduce(
+            fan_out=4,
+            system_tokens=512,
+            input_tokens_mean=512.0,
+            tool_tokens_mean=64.0,
+            output_tokens_mean=96.0,
+            max_tokens=192,
+            max_context_tokens=8192,
+        )
+        workload = Workload(generator=generator, arrival_rate=40.0, num_jobs=16 if quick else 32)
+        settings = dict(block_size=16, num_gpu_blocks=640, max_num_batched_tokens=2048, max_num_seqs=64)
+    return workload, settings
+
+
+def run_fidelity(
+    model: str, profile_path: Path, base_name: str, device: torch.device, quick: bool, seed: int
+):
+    from servegym.agents.heuristics import FCFS
+    from servegym.envs.engine.engine import Engine
+    from servegym.envs.engine.torch_backend import TorchBackendFactory
+
+    workload, settings = fidelity_setup(model, quick)
+    rows = {}
+    for label, profile, backend in (
+        ("torch (measured)", str(profile_path), "torch"),
+        ("sim (fitted)", str(profile_path), "sim"),
+        (f"sim ({base_name})", base_name, "sim"),
+    ):
+        cfg = EngineConfig(profile=profile, backend=backend, model=model, **settings)
+        factory = TorchBackendFactory(cfg, device=str(device)) if backend == "torch" else None
+        engine = Engine(workload.build(seed), engine=cfg, backend_factory=factory)
+        t0 = time.perf_counter()
+        m = engine.run(FCFS())
+        wall_s = time.perf_counter() - t0
+        if m.stalled or m.jobs_failed:
+            raise RuntimeError(f"fidelity run {label} did not drain: {m.stall_reason or m.jobs_failed}")
+        rows[label] = {
+            "jct_mean_s": m.jct_mean_s,
+            "jct_p99_s": m.jct_p99_s,
+            "makespan_s": m.makespan_s,
+            "preemptions": m.preemptions,
+            "iterations": m.iterations,
+            "jobs": m.jobs_completed,
+            "wall_s": wall_s,
+        }
+        log(f"fidelity {label}: {m.jobs_completed} trees, {m.iterations} iterations in {wall_s:.1f} s")
+    return rows
+
+
+def fidelity_table(rows: dict) -> str:
+    ref = rows["torch (measured)"]
+    head = (
+        "| run | tree mean (s) | err | tree p99 (s) | err | makespan (s) | err | preemptions | iterations |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        err = lambda key, r=r: "" if r is ref else f"{100 * (r[key] - ref[key]) / ref[key]:+.1f}%"  # noqa: E731
+        lines.append(
+            f"| {label} | {r['jct_mean_s']:.4f} | {err('jct_mean_s')} | {r['jct_p99_s']:.4f} | {err('jct_p99_s')} "
+            f"| {r['makespan_s']:.4f} | {err('makespan_s')} | {r['preemptions']} | {r['iterations']} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ main
+def points_table(points: list[cal.Point], pred: np.ndarray) -> str:
+    lines = ["| point | split | median (ms) | spread | fitted (ms) | err |", "|---|---|---|---|---|---|"]
+    for p, t in zip(points, pred, strict=True):
+        lines.append(
+            f"| {p.label} | {'test' if p.held_out else 'train'} | {p.median_s * 1e3:.3f} | {100 * p.spread:.1f}% "
+            f"| {t * 1e3:.3f} | {100 * (t - p.median_s) / p.median_s:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument(
+        "--model", choices=sorted(BASE_PROFILES), default=None, help="default: tiny on cpu, llama1b on cuda"
+    )
+    parser.add_argument(
+        "--out", default=None, help="fitted profile YAML (default: $OUT or . / <base>_fitted.yaml)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller grid, fewer repeats, smaller fidelity workload"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per point (default 5 quick, 9 full)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="stop adding repeat rounds after this long"
+    )
+    parser.add_argument(
+        "--no-fidelity", action="store_true", help="skip the sim-vs-torch workload comparison"
+    )
+    parser.add_argument(
+        "--json", default=None, help="results JSON (default: $OUT/calibration_<device>_<model>.json)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU; use --device cpu")
+    model = args.model or ("llama1b" if device.type == "cuda" else "tiny")
+    base_name = BASE_PROFILES[model]
+    base = load_profile(base_name)
+    out_dir = os.environ.get("OUT")
+    out = Path(args.out or Path(out_dir or ".") / f"{base_name}_fitted.yaml")
+    repeats = args.repeats or (5 if args.quick else 9)
+    t_start = time.perf_counter()
+
+    from servegym.envs.engine.torch_backend import TorchBackendFactory
+
+    cfg = EngineConfig(profile=base_name, model=model, backend="torch")
+    backend = TorchBackendFactory(cfg, device=str(device))(base)  # the engine's own backend
+    specs = cal.default_grid(model, args.quick)
+    log(f"{machine(device)}; model {model}; {len(specs)} points x {repeats} repeats")
+    points = cal.profile_points(backend, specs, repeats, block_size=16, budget_s=args.budget_s, log=log)
+    profile_s = time.perf_counter() - t_start
+    cal.split_held_out(points, seed=args.seed)
+
+    result = cal.fit(base, points, name=out.stem, source="")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    errs = (
+        f"held-out MAPE {result.held_out['mape_pct']:.2f}%, p90 {result.held_out['p90_ape_pct']:.2f}%, "
+        f"max {result.held_out['max_ape_pct']:.2f}% over {result.held_out['n']} points; "
+        f"train MAPE {result.train['mape_pct']:.2f}% over {result.train['n']}"
+    )
+    source = f"scripts/calibrate.py fit to the torch backend ({model}) on {machine(device)}, {date}; {errs}"
+    profile = cal.dataclasses.replace(result.profile, source=source)
+    header = [
+        f"Fitted by scripts/calibrate.py{' --quick' if args.quick else ''} from {base_name}.yaml: do not edit by hand.",
+        f"machine: {machine(device)}",
+        f"date: {date}; model preset: {model}; {len(points)} batch compositions x {repeats} repeats (median)",
+        f"fit error: {errs}",
+        *(f"note: {n}" for n in result.notes),
+    ]
+    cal.write_profile(profile, out, header)
+    load_profile(str(out))  # the sim must load what we wrote
+    log(f"profile written to {out} ({profile_s:.1f} s of profiling)")
+
+    fidelity = None
+    if not args.no_fidelity:
+        fidelity = run_fidelity(model, out, base_name, device, args.quick, args.seed)
+
+    all_f = cal.feature_arrays(points)
+    pred = cal.profile_times_s(profile, all_f)
+    report = {
+        "machine": machine(device),
+        "date": date,
+        "model": model,
+        "base_profile": base_name,
+        "quick": args.quick,
+        "repeats": repeats,
+        "profile_path": str(out),
+        "profile": cal.dataclasses.asdict(profile),
+        "theta": result.theta,
+        "train": result.train,
+        "held_out": result.held_out,
+        "base_held_out": result.base_held_out,
+        "notes": result.notes,
+        "points": [
+            {**cal.dataclasses.asdict(p), "median_s": p.median_s, "spread": p.spread, "fitted_s": float(t)}
+            for p, t in zip(points, pred, strict=True)
+        ],
+        "fidelity": fidelity,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    json_path = args.json or (Path(out_dir) / f"calibration_{device.type}_{model}.json" if out_dir else None)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+        log(f"results written to {json_path}")
+
+    print()
+    print(points_table(points, pred))
+    print()
+    print("| profile | held-out MAPE | p90 APE | max APE | train MAPE |")
+    print("|---|---|---|---|---|")
+    for label, e_test, e_train in (
+        (f"{out.stem} (fitted)", result.held_out, result.train),
+        (f"{base_name} (base)", result.base_held_out, None),
+    ):
+        train = f"{e_train['mape_pct']:.2f}%" if e_train else ""
+        print(
+            f"| {label} | {e_test['mape_pct']:.2f}% | {e_test['p90_ape_pct']:.2f}% | {e_test['max_ape_pct']:.2f}% | {train} |"
+        )
+    print()
+    print(
+        "fitted: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in result.theta.items())
+        + f" -> flops_efficiency={profile.flops_efficiency:.4g}, bandwidth_efficiency={profile.bandwidth_efficiency:.4g}"
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    if fidelity:
+        print()
+        print(fidelity_table(fidelity))
+        ref, fit_row = fidelity["torch (measured)"], fidelity["sim (fitted)"]
+        worst = max(abs(fit_row[k] - ref[k]) / ref[k] for k in ("jct_mean_s", "jct_p99_s")) * 100
+        print(f"tree-time error (fitted sim vs torch): {worst:.1f}% (goal <= {FIDELITY_GOAL_PCT:.0f}%)")
+    print(f"calibration done in {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
