@@ -3,18 +3,24 @@ learned policy (the SB3 wrapper, the ONNX runtime, serving-engine adapters), so 
 exactly the same table in training and in deployment. Numpy only.
 
 * ``observe``: the Dict observation: ``global`` = the decision's global features and a one-hot
-  of its kind; ``candidates`` = the first K feature rows, zero-padded; ``mask`` = 1 for real rows.
-* ``slot_scores``: a (K,) action back to one score per candidate. Scores are clipped to
-  [-1, 1]; candidates beyond K rank after every slot, in the fallback policy's order.
+  of its kind; ``candidates`` = the first K feature rows of an ORDER/EVICT decision,
+  zero-padded; ``mask`` = 1 for real rows.
+* ``slot_scores``: a (K,) score action back to one score per candidate. Scores are clipped to
+  [-1, 1] (``ClipAction`` semantics; NaN is an error); candidates beyond K rank after every
+  slot, in the fallback policy's order (ORDER admits them last, EVICT never picks one before a
+  seen one).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     GLOBAL_FEATURES,
+    ROUTE_FEATURES,
     Decision,
     DecisionKind,
     Policy,
@@ -25,45 +31,66 @@ FEATURE_BOUND = 1e6
 of token counts, times over ``time_scale_s``); the bound only guards (a wait of 1e6 time
 scales would be clipped)."""
 
-NUM_GLOBAL = len(GLOBAL_FEATURES) + len(DecisionKind)
+GLOBAL_SIZE = len(GLOBAL_FEATURES) + len(DecisionKind)
+"""Length of the ``global`` observation: the engine's global features and the kind one-hot."""
 
 
-def observe(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
-    """The observation of a decision (all zeros for None, the terminal observation)."""
-    k = max_candidates
+def global_observation(decision: Decision | None) -> np.ndarray:
+    """(G + 3,): the decision's global features and its kind one-hot (zeros for None)."""
+    out = np.zeros(GLOBAL_SIZE, dtype=np.float32)
+    if decision is not None:
+        out[: len(GLOBAL_FEATURES)] = decision.global_features
+        out[len(GLOBAL_FEATURES) + int(decision.kind)] = 1.0
+    return np.clip(out, -FEATURE_BOUND, FEATURE_BOUND)
+
+
+def candidate_table(decision: Decision | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, F) candidate rows and the (K,) mask of an ORDER/EVICT decision, zero-padded."""
     candidates = np.zeros((k, len(CANDIDATE_FEATURES)), dtype=np.float32)
     mask = np.zeros(k, dtype=np.float32)
-    kind = np.zeros(len(DecisionKind), dtype=np.float32)
-    global_features = np.zeros(len(GLOBAL_FEATURES), dtype=np.float32)
-    if decision is not None:
+    if decision is not None and decision.kind != DecisionKind.ROUTE:
         n = min(len(decision), k)
         candidates[:n] = decision.features[:n]
         mask[:n] = 1.0
-        kind[int(decision.kind)] = 1.0
-        global_features = decision.global_features
-    return {
-        "global": np.clip(np.concatenate([global_features, kind]), -FEATURE_BOUND, FEATURE_BOUND),
-        "candidates": np.clip(candidates, -FEATURE_BOUND, FEATURE_BOUND),
-        "mask": mask,
-    }
+    return np.clip(candidates, -FEATURE_BOUND, FEATURE_BOUND), mask
 
 
-def slot_scores(decision: Decision, action: np.ndarray, max_candidates: int, fallback: Policy) -> np.ndarray:
-    """One score per candidate from a (K,) score action (``ClipAction`` semantics; NaN is an error)."""
-    k = max_candidates
+def replica_table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, len(ROUTE_FEATURES)) replica rows and the eligibility mask of a ROUTE decision."""
+    replicas = np.zeros((rows, len(ROUTE_FEATURES)), dtype=np.float32)
+    mask = np.zeros(rows, dtype=np.float32)
+    if decision is not None and decision.kind == DecisionKind.ROUTE:
+        replicas[: len(decision)] = decision.features
+        mask[: len(decision)] = decision.mask
+    return np.clip(replicas, -FEATURE_BOUND, FEATURE_BOUND), mask
+
+
+def observe(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
+    """The Scheduling/Eviction observation of a decision (all zeros for None, the terminal one)."""
+    candidates, mask = candidate_table(decision, max_candidates)
+    return {"global": global_observation(decision), "candidates": candidates, "mask": mask}
+
+
+def score_action(action: Any, size: int) -> np.ndarray:
+    """A Box score action, checked (shape, NaN) and clipped to [-1, 1]."""
     action = np.asarray(action, dtype=np.float64).reshape(-1)
-    if action.shape != (k,):
-        raise ValueError(f"action must have shape ({k},), got {action.shape}")
+    if action.shape != (size,):
+        raise ValueError(f"action must have shape ({size},), got {action.shape}")
     if np.isnan(action).any():
         raise ValueError("action contains NaN")
-    action = np.clip(action, -1.0, 1.0)
+    return np.clip(action, -1.0, 1.0)
+
+
+def slot_scores(decision: Decision, action: Any, max_candidates: int, fallback: Policy) -> np.ndarray:
+    """Engine scores of an ORDER/EVICT decision from a (K,) score action."""
+    k = max_candidates
+    action = score_action(action, k)
     n = len(decision)
     scores = np.empty(n)
     scores[: min(n, k)] = action[: min(n, k)]
-    if n > k:  # unseen candidates rank after every slot, in the fallback's order
+    if n > k:
         overflow = fallback.scores(subset(decision, slice(k, n)))
         ranks = np.argsort(np.argsort(-overflow, kind="stable"), kind="stable")
-        # ORDER admits them after all seen ones; EVICT never picks one before a seen one
         scores[k:] = -2.0 - ranks if decision.kind == DecisionKind.ORDER else 2.0
     return scores
 
@@ -82,4 +109,14 @@ def subset(decision: Decision, rows: slice) -> Decision:
     )
 
 
-__all__ = ["FEATURE_BOUND", "NUM_GLOBAL", "observe", "slot_scores", "subset"]
+__all__ = [
+    "FEATURE_BOUND",
+    "GLOBAL_SIZE",
+    "candidate_table",
+    "global_observation",
+    "observe",
+    "replica_table",
+    "score_action",
+    "slot_scores",
+    "subset",
+]

@@ -1,9 +1,15 @@
-"""Gymnasium environments over the engine: the agent makes the engine's scheduling choices."""
+"""Gymnasium environments over the engine: the agent makes the engine's scheduling choices.
+
+``EngineEnv`` holds what every env shares (the episode over one engine run, the decisions it
+hands the agent, the reward, the episode end); each env only says how it shows a decision and
+how it reads an action. ``SchedulingEnv`` and ``ServingEnv`` live here; ``EvictionEnv`` and
+``RoutingEnv`` (one choice among masked slots, ``MaskedChoiceEnv``) in their own modules.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -13,19 +19,24 @@ from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
-    GLOBAL_FEATURES,
+    ROUTE_FEATURES,
     Decision,
     DecisionKind,
     DefaultPolicy,
     Policy,
 )
+from servegym.envs.observation import (
+    FEATURE_BOUND,
+    GLOBAL_SIZE,
+    candidate_table,
+    global_observation,
+    observe,
+    replica_table,
+    score_action,
+    slot_scores,
+)
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
-
-FEATURE_BOUND = 1e6
-"""Observation bounds. Features are scaled to a few units by construction (fractions, log1p
-of token counts, times over ``time_scale_s``); the bound only guards (a wait of 1e6 time
-scales would be clipped)."""
 
 KIND_NAMES = {"order": DecisionKind.ORDER, "evict": DecisionKind.EVICT, "route": DecisionKind.ROUTE}
 
@@ -34,8 +45,10 @@ KIND_NAMES = {"order": DecisionKind.ORDER, "evict": DecisionKind.EVICT, "route":
 class EnvConfig:
     """What the agent controls and how it sees it."""
 
-    decisions: tuple[str, ...] = ("order", "evict")
-    """Decision kinds the agent answers; the others go to ``fallback`` (FCFS by default)."""
+    decisions: tuple[str, ...] | None = None
+    """Decision kinds the agent answers; the others go to ``fallback`` (FCFS admission, newest
+    call evicted, round-robin routing). None: the env's own set (Scheduling-v0: order, evict;
+    Eviction-v0: evict; Routing-v0: route; Serving-v0: all three)."""
     max_candidates: int = 32
     """K: candidate slots in the observation; extra candidates rank after the agent's, FCFS."""
     time_scale_s: float = 30.0
@@ -44,16 +57,14 @@ class EnvConfig:
     """Truncate the episode once virtual time passes this (None: run until the workload drains)."""
 
     def __post_init__(self) -> None:
-        self.decisions = tuple(self.decisions)
-        unknown = [d for d in self.decisions if d not in KIND_NAMES]
-        if not self.decisions or unknown:
-            raise ValueError(
-                f"env.decisions must be a non-empty subset of {list(KIND_NAMES)}, got {self.decisions}"
-            )
-        if "route" in self.decisions:
-            raise ValueError(
-                "route decisions need the routing env (a later version); answer them with the fallback"
-            )
+        if self.decisions is not None:
+            self.decisions = tuple(self.decisions)
+            unknown = [d for d in self.decisions if d not in KIND_NAMES]
+            if not self.decisions or unknown:
+                raise ValueError(
+                    f"env.decisions must be a non-empty subset of {list(KIND_NAMES)} or None, "
+                    f"got {self.decisions}"
+                )
         if not isinstance(self.max_candidates, int) or self.max_candidates < 1:
             raise ValueError(f"env.max_candidates must be an int >= 1, got {self.max_candidates!r}")
         if not self.time_scale_s > 0:
@@ -72,7 +83,125 @@ def default_engine() -> EngineConfig:
     return EngineConfig(max_num_seqs=32)
 
 
-class SchedulingEnv(gym.Env):
+class EngineEnv(gym.Env):
+    """One episode = one engine run of a workload; each step answers one decision the agent owns.
+
+    Subclasses set the decision kinds they may own (``allowed_decisions``, defaulting to
+    ``default_decisions``), their spaces, ``_observe`` and ``_answer`` (action -> engine scores).
+    """
+
+    metadata = {"render_modes": []}
+    allowed_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
+    default_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
+
+    def __init__(
+        self,
+        workload: Workload | None = None,
+        cluster: ClusterConfig | None = None,
+        engine: EngineConfig | None = None,
+        env: EnvConfig | None = None,
+        fallback: Policy | None = None,
+    ) -> None:
+        self.workload = workload or self.default_workload()
+        self.cluster = cluster or self.default_cluster()
+        self.engine_config = engine or self.default_engine()
+        config = env or EnvConfig()
+        if config.decisions is None:
+            config = replace(config, decisions=self.default_decisions)
+        if not set(config.decisions) <= set(self.allowed_decisions):
+            raise ValueError(
+                f"{type(self).__name__} answers {list(self.allowed_decisions)} decisions, but "
+                f"env.decisions={config.decisions}; use servegym/Serving-v0 for all three kinds, "
+                "or leave env.decisions None for this env's own"
+            )
+        self.config = config
+        self._fallback = fallback
+        self.fallback = fallback or DefaultPolicy()
+        self._agent_kinds = {KIND_NAMES[name] for name in self.config.decisions}
+        self.num_replicas = len(self.cluster.profiles(self.engine_config.profile))
+        self.engine: Engine | None = None
+        self._decision: Decision | None = None
+        self._tree_seconds = 0.0
+        self._ended = True
+
+    # ------------------------------------------------------------------ defaults
+    def default_workload(self) -> Workload:
+        return default_workload()
+
+    def default_cluster(self) -> ClusterConfig:
+        return ClusterConfig()
+
+    def default_engine(self) -> EngineConfig:
+        return default_engine()
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        workload_seed = int(self.np_random.integers(2**31 - 1))
+        self.engine = Engine(
+            self.workload.build(workload_seed),
+            cluster=self.cluster,
+            engine=self.engine_config,
+            time_scale_s=self.config.time_scale_s,
+        )
+        if self._fallback is None:  # a fresh round-robin each episode: same seed, same episode
+            self.fallback = DefaultPolicy()
+        self._tree_seconds = 0.0
+        self._ended = False
+        self._decision = self._advance()
+        return self._observe(), {"decision": self._kind_name()}
+
+    def step(self, action: Any):
+        if self.engine is None:
+            raise RuntimeError("call reset() before step()")
+        if self._ended:
+            raise RuntimeError("the episode has ended; call reset()")
+        info: dict[str, Any] = {}
+        if self._decision is not None:
+            self.engine.decide(self._answer(action, info))
+            self._decision = self._advance()
+        # else: the workload drained before the agent's first decision; this step only ends it
+        reward = -(self.engine.tree_seconds - self._tree_seconds) / self.config.time_scale_s
+        self._tree_seconds = self.engine.tree_seconds
+        terminated = self._decision is None
+        horizon = self.config.horizon_s
+        truncated = not terminated and horizon is not None and self.engine.now_s >= horizon
+        info["decision"] = self._kind_name()
+        if terminated or truncated:
+            self._ended = True
+            info["metrics"] = self.engine.metrics().as_dict()
+        return self._observe(), float(reward), terminated, truncated, info
+
+    # ------------------------------------------------------------------ for subclasses
+    def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
+        """The engine's scores for the pending decision (one per candidate); may note in ``info``."""
+        raise NotImplementedError
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ internals
+    def _advance(self) -> Decision | None:
+        """Run the engine to the next decision the agent owns, answering others by fallback."""
+        while (decision := self.engine.next_decision()) is not None:
+            if decision.kind in self._agent_kinds:
+                return decision
+            self.engine.decide(self.fallback.scores(decision))
+        return None
+
+    def _kind_name(self) -> str | None:
+        return None if self._decision is None else self._decision.kind.name.lower()
+
+
+def feature_box(shape: tuple[int, ...]) -> spaces.Box:
+    return spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, shape, np.float32)
+
+
+def mask_box(size: int) -> spaces.Box:
+    return spaces.Box(0.0, 1.0, (size,), np.float32)
+
+
+class SchedulingEnv(EngineEnv):
     """Admission order and preemption victims of a paged-KV inference engine serving agent trees.
 
     ## Description
@@ -101,16 +230,21 @@ class SchedulingEnv(gym.Env):
     ## Episode end
     Terminated when the workload drains; truncated once virtual time passes ``horizon_s``.
     ``info`` carries the engine's run metrics at the end, and the decision kind every step.
+    If the workload drains before the agent's first decision, ``reset`` returns an all-zero
+    observation (``info["decision"]`` None) and the first step, whatever its action, ends the
+    episode with the whole return.
 
     ## Arguments
     ``workload`` (a ``Workload``), ``cluster``, ``engine`` (their configs), ``env`` (an
-    ``EnvConfig``), ``fallback`` (a Policy for the decisions the agent does not make).
+    ``EnvConfig``; ``decisions`` a subset of order, evict), ``fallback`` (a Policy for the
+    decisions the agent does not make; default ``DefaultPolicy``, fresh each episode).
 
     ## Version history
     v0: ORDER and EVICT as scores.
     """
 
-    metadata = {"render_modes": []}
+    allowed_decisions = ("order", "evict")
+    default_decisions = ("order", "evict")
 
     def __init__(
         self,
@@ -120,119 +254,166 @@ class SchedulingEnv(gym.Env):
         env: EnvConfig | None = None,
         fallback: Policy | None = None,
     ) -> None:
-        self.workload = workload or default_workload()
-        self.cluster = cluster or ClusterConfig()
-        self.engine_config = engine or default_engine()
-        self.config = env or EnvConfig()
-        self.fallback = fallback or DefaultPolicy()
-        self._agent_kinds = {KIND_NAMES[name] for name in self.config.decisions}
-        k, f, g = (
-            self.config.max_candidates,
-            len(CANDIDATE_FEATURES),
-            len(GLOBAL_FEATURES) + len(DecisionKind),
+        super().__init__(workload, cluster, engine, env, fallback)
+        k, f = self.config.max_candidates, len(CANDIDATE_FEATURES)
+        self.observation_space = spaces.Dict(
+            {"global": feature_box((GLOBAL_SIZE,)), "candidates": feature_box((k, f)), "mask": mask_box(k)}
         )
+        self.action_space = spaces.Box(-1.0, 1.0, (k,), np.float32)
+
+    def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
+        return slot_scores(self._decision, action, self.config.max_candidates, self.fallback)
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        return observe(self._decision, self.config.max_candidates)
+
+
+class ServingEnv(EngineEnv):
+    """All three choices of a cluster serving agent trees, made by one policy.
+
+    ## Description
+    Each step is one choice: which waiting calls a replica admits first (ORDER), which running
+    call it preempts when KV blocks run out (EVICT), or which replica receives a call that just
+    became ready (ROUTE). The kind is in the observation; one policy answers all of them.
+
+    ## Action space
+    ``Box(-1, 1, (K,))``: one score per slot. ORDER and EVICT as in Scheduling-v0 (slots are
+    candidate calls); ROUTE: slots ``0 .. R-1`` are the replicas, the highest-scored eligible
+    replica receives the call (ineligible replicas and slots ``R ..`` are ignored). Values
+    outside [-1, 1] are clipped; NaN is an error.
+
+    ## Observation space
+    ``Dict`` with one mask over K slots for both tables, so a slot's row is read the same way
+    whatever the kind: ``global`` (G + 3,): global features and the kind one-hot (a ROUTE
+    decision fills only the cluster-wide columns ``time_s`` and ``live_trees_log``);
+    ``candidates`` (K, F): ``CANDIDATE_FEATURES`` rows of an ORDER/EVICT decision, zero for
+    ROUTE; ``replicas`` (K, len(ROUTE_FEATURES)): for ROUTE, replica r's row in slot r (rows
+    ``R ..`` zero), zero for ORDER/EVICT; ``mask`` (K,): real candidates, or eligible replicas.
+
+    ## Rewards
+    As Scheduling-v0: minus unfinished trees times elapsed virtual time over ``time_scale_s``;
+    the return is minus the total tree completion time.
+
+    ## Episode end
+    As Scheduling-v0.
+
+    ## Arguments
+    As Scheduling-v0; ``env.decisions`` may be any subset of order, evict, route (default all),
+    and ``env.max_candidates`` must be at least the number of replicas. The defaults are
+    Routing-v0's heterogeneous cluster (two 8B replicas, one 70B) with Eviction-v0's workload
+    and 400-block caches, so every kind of decision arises often: per episode (random
+    actions, seeds 0-2) 320 ROUTE, 340-630 ORDER and 43-70 EVICT decisions.
+
+    ## Version history
+    v0: ORDER, EVICT and ROUTE as scores over K slots.
+    """
+
+    def __init__(
+        self,
+        workload: Workload | None = None,
+        cluster: ClusterConfig | None = None,
+        engine: EngineConfig | None = None,
+        env: EnvConfig | None = None,
+        fallback: Policy | None = None,
+    ) -> None:
+        super().__init__(workload, cluster, engine, env, fallback)
+        k = self.config.max_candidates
+        if k < self.num_replicas:
+            raise ValueError(
+                f"env.max_candidates ({k}) must be >= the number of replicas ({self.num_replicas}): "
+                "ROUTE decisions put the replicas in the first slots"
+            )
         self.observation_space = spaces.Dict(
             {
-                "global": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (g,), np.float32),
-                "candidates": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (k, f), np.float32),
-                "mask": spaces.Box(0.0, 1.0, (k,), np.float32),
+                "global": feature_box((GLOBAL_SIZE,)),
+                "candidates": feature_box((k, len(CANDIDATE_FEATURES))),
+                "replicas": feature_box((k, len(ROUTE_FEATURES))),
+                "mask": mask_box(k),
             }
         )
         self.action_space = spaces.Box(-1.0, 1.0, (k,), np.float32)
-        self.engine: Engine | None = None
-        self._decision: Decision | None = None
-        self._tree_seconds = 0.0
 
-    # ------------------------------------------------------------------ gym API
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        workload_seed = int(self.np_random.integers(2**31 - 1))
-        self.engine = Engine(
-            self.workload.build(workload_seed),
-            cluster=self.cluster,
-            engine=self.engine_config,
-            time_scale_s=self.config.time_scale_s,
-        )
-        self._tree_seconds = 0.0
-        self._decision = self._advance()
-        return self._observe(), {"decision": self._kind_name()}
+    def default_workload(self) -> Workload:
+        from servegym.envs.eviction_env import eviction_workload
 
-    def step(self, action: np.ndarray):
-        if self.engine is None:
-            raise RuntimeError("call reset() before step()")
-        if self._decision is None:
-            raise RuntimeError("the episode has ended; call reset()")
-        self.engine.decide(self._scores(np.asarray(action, dtype=np.float64).reshape(-1)))
-        self._decision = self._advance()
-        reward = -(self.engine.tree_seconds - self._tree_seconds) / self.config.time_scale_s
-        self._tree_seconds = self.engine.tree_seconds
-        terminated = self._decision is None
-        horizon = self.config.horizon_s
-        truncated = not terminated and horizon is not None and self.engine.now_s >= horizon
-        info: dict[str, Any] = {"decision": self._kind_name()}
-        if terminated or truncated:
-            info["metrics"] = self.engine.metrics().as_dict()
-        return self._observe(), float(reward), terminated, truncated, info
+        return eviction_workload()
 
-    # ------------------------------------------------------------------ internals
-    def _advance(self) -> Decision | None:
-        """Run the engine to the next decision the agent owns, answering others by fallback."""
-        while (decision := self.engine.next_decision()) is not None:
-            if decision.kind in self._agent_kinds:
-                return decision
-            self.engine.decide(self.fallback.scores(decision))
-        return None
+    def default_cluster(self) -> ClusterConfig:
+        from servegym.envs.routing_env import routing_cluster
 
-    def _scores(self, action: np.ndarray) -> np.ndarray:
-        if action.shape != self.action_space.shape:
-            raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
-        if np.isnan(action).any():
-            raise ValueError("action contains NaN")
-        decision = self._decision
-        k = self.config.max_candidates
-        action = np.clip(action, -1.0, 1.0)
-        n = len(decision)
-        scores = np.empty(n)
-        scores[: min(n, k)] = action[: min(n, k)]
-        if n > k:  # unseen candidates rank after every slot, in the fallback's order
-            overflow = self.fallback.scores(_subset(decision, slice(k, n)))
-            ranks = np.argsort(np.argsort(-overflow, kind="stable"), kind="stable")
-            # ORDER admits them after all seen ones; EVICT never picks one before a seen one
-            scores[k:] = -2.0 - ranks if decision.kind == DecisionKind.ORDER else 2.0
-        return scores
+        return routing_cluster()
+
+    def default_engine(self) -> EngineConfig:
+        from servegym.envs.eviction_env import eviction_engine
+
+        return eviction_engine()
+
+    def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
+        d = self._decision
+        if d.kind == DecisionKind.ROUTE:  # the engine ignores ineligible replicas
+            return score_action(action, self.config.max_candidates)[: len(d)].copy()
+        return slot_scores(d, action, self.config.max_candidates, self.fallback)
 
     def _observe(self) -> dict[str, np.ndarray]:
-        k = self.config.max_candidates
-        candidates = np.zeros((k, len(CANDIDATE_FEATURES)), dtype=np.float32)
-        mask = np.zeros(k, dtype=np.float32)
-        kind = np.zeros(len(DecisionKind), dtype=np.float32)
-        global_features = np.zeros(len(GLOBAL_FEATURES), dtype=np.float32)
-        if self._decision is not None:
-            d = self._decision
-            n = min(len(d), k)
-            candidates[:n] = d.features[:n]
-            mask[:n] = 1.0
-            kind[int(d.kind)] = 1.0
-            global_features = d.global_features
+        d, k = self._decision, self.config.max_candidates
+        candidates, mask = candidate_table(d, k)
+        replicas, route_mask = replica_table(d, k)
+        is_route = d is not None and d.kind == DecisionKind.ROUTE
         return {
-            "global": np.clip(np.concatenate([global_features, kind]), -FEATURE_BOUND, FEATURE_BOUND),
-            "candidates": np.clip(candidates, -FEATURE_BOUND, FEATURE_BOUND),
-            "mask": mask,
+            "global": global_observation(d),
+            "candidates": candidates,
+            "replicas": replicas,
+            "mask": route_mask if is_route else mask,
         }
 
-    def _kind_name(self) -> str | None:
-        return None if self._decision is None else self._decision.kind.name.lower()
+
+class MaskedChoiceEnv(EngineEnv):
+    """Base of the envs whose action picks one slot (``Discrete``) among the valid ones.
+
+    ``action_masks()`` returns the (n,) bool validity mask (sb3-contrib's MaskablePPO calls
+    it). An invalid action (a masked slot, or an integer out of range) is answered by the
+    fallback policy's choice and flagged ``info["invalid_action"] = True``; it never raises.
+    An action that is not one integer (an array of several values, a fractional or NaN
+    float) is a caller's bug and raises ``ValueError``.
+    """
+
+    def action_masks(self) -> np.ndarray:
+        """(n,) bool: the slots a valid action may pick. With no pending decision (the episode
+        drained before any), slot 0 alone, so a masked distribution stays well defined."""
+        mask = self._valid_slots()
+        if not mask.any():
+            mask[0] = True
+        return mask
+
+    def _valid_slots(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _choice_scores(self, slot: int) -> np.ndarray:
+        """Engine scores that make the engine pick ``slot``."""
+        raise NotImplementedError
+
+    def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
+        slot = _slot(action)
+        valid = self._valid_slots()
+        if 0 <= slot < len(valid) and valid[slot]:
+            info["invalid_action"] = False
+            return self._choice_scores(slot)
+        info["invalid_action"] = True
+        return self.fallback.scores(self._decision)
+
+    def step(self, action: Any):
+        obs, reward, terminated, truncated, info = super().step(action)
+        info.setdefault("invalid_action", False)
+        return obs, reward, terminated, truncated, info
 
 
-def _subset(decision: Decision, rows: slice) -> Decision:
-    return Decision(
-        kind=decision.kind,
-        replica=decision.replica,
-        candidates=decision.candidates[rows],
-        features=decision.features[rows],
-        privileged=decision.privileged[rows],
-        global_features=decision.global_features,
-        mask=decision.mask[rows],
-        call=decision.call,
-        now_s=decision.now_s,
-    )
+def _slot(action: Any) -> int:
+    value = np.asarray(action)
+    if value.size != 1:
+        raise ValueError(f"action must be one integer slot, got an array of shape {value.shape}")
+    value = value.reshape(()).item()
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"action must be an integer slot, got {value!r}")
+    if not isinstance(value, int | float):
+        raise ValueError(f"action must be an integer slot, got {value!r}")
+    return int(value)

@@ -3,10 +3,12 @@
 A closed loop of N users, each sending a one-call job the moment its previous one finished,
 keeps exactly N calls live; the engine (llama8b_h100 profile, FCFS) serves them. Prints a
 table over several loads with the spread of repeated runs, a table of env steps per second
-for each registered env id (random actions), then ``iterations_per_s=<n>`` for 64 live calls
-as the last line. ``--profile`` prints a cProfile of the 64-call case instead.
+for each registered env id (default settings, random valid actions, resets included), then
+``iterations_per_s=<n>`` for 64 live calls as the last line. ``--profile`` prints a cProfile
+of the 64-call case instead.
 
-    python scripts/bench_env.py [--repeats 3] [--calls 4000] [--no-fast-forward]
+    python scripts/bench_env.py [--repeats 3] [--calls 4000] [--no-fast-forward] [--env-steps 2000]
+    python scripts/bench_env.py --loads --env-steps 1000   # only the env table
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from servegym.agents.heuristics import FCFS  # noqa: E402
+from servegym.envs import ENV_IDS  # noqa: E402  (importing registers the ids)
 from servegym.envs.engine.config import EngineConfig  # noqa: E402
 from servegym.envs.engine.engine import Engine  # noqa: E402
 from servegym.envs.workloads.job import Call, Job, Text  # noqa: E402
@@ -52,26 +55,34 @@ def run_once(live_calls: int, num_calls: int, fast_forward: bool, seed: int = 0)
     return elapsed, metrics.iterations, metrics.calls_completed
 
 
-def env_steps_per_s(env_id: str, num_steps: int, seed: int) -> float:
-    """Random-action steps of a registered env, resets included (one core)."""
+def env_steps_per_s(env_id: str, num_steps: int, seed: int) -> tuple[float, float]:
+    """Random-action steps of a registered env in its default setting, resets included (one
+    core); discrete envs sample among valid actions (``action_masks``). Returns (steps per
+    second, agent decisions per episode over the episodes that ended)."""
     import gymnasium as gym
-
-    import servegym.envs  # noqa: F401  (registers the ids)
 
     env = gym.make(env_id)
     env.action_space.seed(seed)
+    masked = hasattr(env.unwrapped, "action_masks")
     env.reset(seed=seed)
+    episodes, episode_steps, lengths = 0, 0, []
     start = time.perf_counter()
     for _ in range(num_steps):
-        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        mask = env.unwrapped.action_masks().astype(np.int8) if masked else None
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample(mask))
+        episode_steps += 1
         if terminated or truncated:
+            lengths.append(episode_steps)
+            episode_steps = 0
+            episodes += 1
             env.reset()
-    return num_steps / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return num_steps / elapsed, float(np.mean(lengths)) if lengths else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loads", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--loads", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--calls", type=int, default=3000, help="calls completed per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-fast-forward", action="store_true")
@@ -104,13 +115,22 @@ def main() -> None:
         if load == 64:
             result_64 = float(np.median(its))
     console = Console()
-    console.print(table)
-    envs = Table(title="env steps per second, one core, random actions")
-    for name in ("env id", "steps/s (median)", "spread (min-max)"):
+    if args.loads:
+        console.print(table)
+    envs = Table(title="env steps per second, default settings, one core, random (valid) actions")
+    envs.add_column("env id", no_wrap=True)
+    for name in ("steps/s (median)", "spread (min-max)", "steps per episode"):
         envs.add_column(name, justify="right")
-    for env_id in ("servegym/Scheduling-v0",):
-        rates = np.array([env_steps_per_s(env_id, args.env_steps, seed=r) for r in range(args.repeats)])
-        envs.add_row(env_id, f"{np.median(rates):,.0f}", f"{rates.min():,.0f}-{rates.max():,.0f}")
+    for env_id in ENV_IDS:
+        runs = [env_steps_per_s(env_id, args.env_steps, seed=r) for r in range(args.repeats)]
+        rates = np.array([rate for rate, _ in runs])
+        lengths = [length for _, length in runs if np.isfinite(length)]
+        envs.add_row(
+            env_id,
+            f"{np.median(rates):,.0f}",
+            f"{rates.min():,.0f}-{rates.max():,.0f}",
+            f"{np.mean(lengths):,.0f}" if lengths else "n/a",
+        )
     console.print(envs)
     print(f"iterations_per_s={result_64:.0f}")
 

@@ -120,13 +120,17 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
             calls.role[call],
         )
     ids = np.arange(len(engine.replicas), dtype=np.int64)
+    # no deciding replica: only the cluster-wide global columns mean something
+    global_features = np.zeros(len(GLOBAL_FEATURES), dtype=np.float32)
+    global_features[GLOBAL_FEATURES.index("time_s")] = engine.now_s / engine.time_scale_s
+    global_features[GLOBAL_FEATURES.index("live_trees_log")] = np.log1p(engine.num_live_jobs)
     return Decision(
         kind=DecisionKind.ROUTE,
         replica=-1,
         candidates=ids,
         features=table,
         privileged=np.zeros((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32),
-        global_features=np.zeros(len(GLOBAL_FEATURES), dtype=np.float32),
+        global_features=global_features,
         mask=eligible.copy(),
         call=call,
         now_s=engine.now_s,

@@ -1,0 +1,64 @@
+"""Small, fast settings of every env id for tests (kwargs of ``gymnasium.make``, all made of
+importable servegym objects so vector envs can pickle them into subprocesses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from servegym.envs.engine.config import ClusterConfig, EngineConfig
+from servegym.envs.serving_env import EnvConfig
+from servegym.envs.workloads.generators import MapReduce, TreeOfThoughts
+from servegym.envs.workloads.workload import Workload
+
+TINY = dict(  # short prompts and outputs: episodes of a few hundred iterations
+    system_tokens=64,
+    input_tokens_mean=48.0,
+    tool_tokens_mean=16.0,
+    output_tokens_mean=40.0,
+    max_tokens=64,
+    max_context_tokens=768,
+)
+TIGHT = EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=192, max_num_seqs=16)
+
+
+def small_kwargs(env_id: str) -> dict[str, Any]:
+    name = env_id.split("/")[-1]
+    if name == "Scheduling-v0":
+        return dict(
+            workload=Workload(generator=MapReduce(fan_out=6, max_tokens=256), arrival_rate=6.0, num_jobs=8),
+            engine=EngineConfig(num_gpu_blocks=600, max_num_seqs=8),
+            env=EnvConfig(max_candidates=8),
+        )
+    if name == "Eviction-v0":
+        return dict(
+            workload=Workload(generator=TreeOfThoughts(depth=2, **TINY), arrival_rate=20.0, num_jobs=10),
+            engine=TIGHT,
+            env=EnvConfig(max_candidates=8),
+        )
+    if name == "Routing-v0":
+        return dict(
+            workload=Workload(generator=MapReduce(fan_out=4, **TINY), arrival_rate=20.0, num_jobs=8),
+            cluster=ClusterConfig(replicas=["tiny_cpu", "tiny_cpu", "llama1b_h100"]),
+            engine=EngineConfig(profile="tiny_cpu"),
+        )
+    if name == "Serving-v0":
+        return dict(
+            workload=Workload(generator=TreeOfThoughts(depth=2, **TINY), arrival_rate=20.0, num_jobs=6),
+            cluster=ClusterConfig(num_replicas=2),
+            engine=TIGHT,
+            env=EnvConfig(max_candidates=8),
+        )
+    raise KeyError(f"no small setting for {env_id!r}")
+
+
+def random_action(env: gym.Env, rng: np.random.Generator):
+    """Uniform over the action space; the discrete envs pick a valid slot 3 times in 4."""
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        if rng.random() < 0.75:
+            return int(rng.choice(np.flatnonzero(env.unwrapped.action_masks())))
+        return int(rng.integers(space.n))
+    return rng.uniform(-1, 1, space.shape).astype(np.float32)
