@@ -1,5 +1,8 @@
 """Run metrics: what a serving paper reports for agent workloads (tree completion time and its
-tail, per-call TTFT/TPOT, throughput, KV and prefix-cache behaviour, preemption costs)."""
+tail, per-call TTFT/TPOT, throughput, KV and prefix-cache behaviour, preemption costs, fairness
+across tenants, the large model's share of calls) and, given per-tree SLOs, SLO attainment and
+goodput (``slo_metrics``). Every ``RunMetrics`` field comes from per-call and per-replica
+counters that fast-forwarding and stepping leave identical."""
 
 from __future__ import annotations
 
@@ -22,6 +25,22 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
+def _max(values: np.ndarray) -> float:
+    return float(values.max()) if len(values) else float("nan")
+
+
+def jain_index(values: np.ndarray) -> float:
+    """Jain's fairness index (sum x)^2 / (n sum x^2) of non-negative allocations: 1 when all are
+    equal, 1/n when one gets everything; NaN for no values, 1 when all are zero."""
+    x = np.asarray(values, dtype=np.float64)
+    if not len(x):
+        return float("nan")
+    if (x < 0).any() or not np.isfinite(x).all():
+        raise ValueError(f"jain_index needs finite non-negative values, got {x!r}")
+    squares = float((x * x).sum())
+    return float(x.sum() ** 2 / (len(x) * squares)) if squares > 0 else 1.0
+
+
 @dataclass
 class RunMetrics:
     jobs_completed: int
@@ -31,10 +50,17 @@ class RunMetrics:
     jct_mean_s: float  # job (tree) completion time: last call done - job arrival
     jct_p50_s: float
     jct_p90_s: float
+    jct_p95_s: float
     jct_p99_s: float
-    ttft_p50_s: float  # per call: first token - ready
+    jct_per_output_token_s: float  # mean over trees of tree time / tokens the tree generated
+    ttft_mean_s: float  # per call: first token - ready
+    ttft_p50_s: float
+    ttft_p95_s: float
     ttft_p99_s: float
-    tpot_p50_s: float  # per call with >1 output token: (finish - first token) / (outputs - 1)
+    max_wait_s: float  # starvation: the longest any call waited from ready to its first token
+    tpot_mean_s: float  # per call with >1 output token: (finish - first token) / (outputs - 1)
+    tpot_p50_s: float
+    tpot_p95_s: float
     tpot_p99_s: float
     makespan_s: float
     jobs_per_s: float
@@ -42,8 +68,13 @@ class RunMetrics:
     kv_utilization_mean: float  # time-weighted owned-block fraction while replicas were busy
     prefix_hit_rate: float  # prompt tokens served from the prefix cache / prompt tokens admitted
     preemptions: int
+    evictions: int  # cached prefix blocks reclaimed for new allocations (prefix-cache evictions)
     recomputed_tokens: int
     swapped_bytes: float
+    num_tenants: int
+    jain_tenant_jct: float  # Jain's index over tenants of their mean tree time (1: equal)
+    jain_tenant_service: float  # Jain's index over tenants of their VTC service (tokens, 1: equal)
+    large_model_call_share: float  # finished calls served by the largest model; NaN if one size
     budget_truncations: int  # calls stopped by their role budget before their natural end
     iterations: int
     stalled: bool
@@ -64,6 +95,15 @@ def collect_metrics(engine: Engine) -> RunMetrics:
     done_jobs = ~np.isnan(finish_s) & ~failed
     jct = (finish_s - arrival_s)[done_jobs]
     ttft = (calls.first_token_s[:n] - calls.ready_s[:n])[finished]
+    tree_tokens = np.bincount(
+        calls.job[:n][finished], weights=calls.num_output[:n][finished], minlength=jobs
+    )[:jobs]
+    per_token = jct / np.maximum(tree_tokens[done_jobs], 1.0)
+    done_tenant = engine.job_tenant[:jobs][done_jobs]
+    tenant_jct = [jct[done_tenant == t].mean() for t in np.unique(done_tenant)]
+    params = np.array([r.profile.num_params for r in engine.replicas])
+    on_large = params[calls.replica[:n][finished]] == params.max()
+    large_share = float(on_large.mean()) if params.min() < params.max() and len(on_large) else float("nan")
     multi = finished & (calls.num_output[:n] > 1)
     tpot = (calls.finish_s[:n] - calls.first_token_s[:n])[multi] / (calls.num_output[:n][multi] - 1)
     start = float(arrival_s.min()) if jobs else 0.0
@@ -82,10 +122,17 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         jct_mean_s=_mean(jct),
         jct_p50_s=_pct(jct, 50),
         jct_p90_s=_pct(jct, 90),
+        jct_p95_s=_pct(jct, 95),
         jct_p99_s=_pct(jct, 99),
+        jct_per_output_token_s=_mean(per_token),
+        ttft_mean_s=_mean(ttft),
         ttft_p50_s=_pct(ttft, 50),
+        ttft_p95_s=_pct(ttft, 95),
         ttft_p99_s=_pct(ttft, 99),
+        max_wait_s=_max(ttft),
+        tpot_mean_s=_mean(tpot),
         tpot_p50_s=_pct(tpot, 50),
+        tpot_p95_s=_pct(tpot, 95),
         tpot_p99_s=_pct(tpot, 99),
         makespan_s=makespan,
         jobs_per_s=float(done_jobs.sum() / makespan) if makespan > 0 else float("nan"),
@@ -93,8 +140,13 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         kv_utilization_mean=kv_block_s / busy if busy > 0 else 0.0,
         prefix_hit_rate=hits / admitted if admitted else 0.0,
         preemptions=sum(r.num_preemptions for r in engine.replicas),
+        evictions=sum(r.blocks.num_evictions for r in engine.replicas),
         recomputed_tokens=int(calls.recomputed_tokens[:n].sum()),
         swapped_bytes=float(sum(r.swap_bytes for r in engine.replicas)),
+        num_tenants=len(engine.tenants),
+        jain_tenant_jct=jain_index(np.array(tenant_jct)),
+        jain_tenant_service=jain_index(engine.tenant_service[: len(engine.tenants)]),
+        large_model_call_share=large_share,
         budget_truncations=int((finished & (calls.true_output_tokens[:n] > calls.max_tokens[:n])).sum()),
         iterations=sum(r.num_iterations for r in engine.replicas),
         stalled=engine.stall is not None,
@@ -108,3 +160,46 @@ def kv_utilization_timeline(engine: Engine) -> np.ndarray:
     if not engine.kv_samples:
         return np.zeros((0, 3))
     return np.array(engine.kv_samples, dtype=np.float64)
+
+
+@dataclass
+class SloMetrics:
+    """Tree-level SLO outcomes of a run, given each tree's SLO and its unloaded time."""
+
+    slo_attainment: float  # trees done within their SLO / all trees (a failed tree misses it)
+    goodput_jobs_per_s: float  # trees done within their SLO / makespan (DistServe's goodput, per tree)
+    slowdown_mean: float  # tree time / the same tree's unloaded time, mean over completed trees
+    slowdown_p99: float
+    jain_job_speed: float  # Jain's index over completed trees of unloaded / actual time (1: equal)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def job_completion_s(engine: Engine) -> np.ndarray:
+    """Per job (engine order): finish - arrival, NaN for a job that failed or never finished."""
+    jobs = len(engine.jobs)
+    jct = engine.job_finish_s[:jobs] - engine.job_arrival_s[:jobs]
+    return np.where(engine.job_failed[:jobs], np.nan, jct)
+
+
+def slo_metrics(engine: Engine, slo_s: np.ndarray, unloaded_s: np.ndarray, makespan_s: float) -> SloMetrics:
+    """SLO outcomes; ``slo_s`` and ``unloaded_s`` hold one value per job in ``engine.jobs``
+    order (how a suite picks the SLO is its business, see ``servegym.agents.evaluate``)."""
+    jct = job_completion_s(engine)
+    slo_s, unloaded_s = np.asarray(slo_s, dtype=np.float64), np.asarray(unloaded_s, dtype=np.float64)
+    if slo_s.shape != jct.shape or unloaded_s.shape != jct.shape:
+        raise ValueError(
+            f"slo_s and unloaded_s need one value per job ({len(jct)}), got {slo_s.shape}, {unloaded_s.shape}"
+        )
+    met = np.zeros(len(jct), dtype=bool)
+    done = ~np.isnan(jct)
+    met[done] = jct[done] <= slo_s[done]
+    slowdown = (jct / unloaded_s)[done & (unloaded_s > 0)]
+    return SloMetrics(
+        slo_attainment=float(met.mean()) if len(met) else float("nan"),
+        goodput_jobs_per_s=float(met.sum() / makespan_s) if makespan_s > 0 else float("nan"),
+        slowdown_mean=_mean(slowdown),
+        slowdown_p99=_pct(slowdown, 99),
+        jain_job_speed=jain_index(1.0 / slowdown) if len(slowdown) else float("nan"),
+    )

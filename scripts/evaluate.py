@@ -1,0 +1,79 @@
+"""Evaluate policies on a suite: policies x workloads x loads x seeds -> tables, summary, plots.
+
+python scripts/evaluate.py                                        # suite=default (7 heuristics)
+python scripts/evaluate.py suite=smoke                            # seconds: the pipeline end to end
+python scripts/evaluate.py suite.policies=[fcfs,plas] suite.workloads=[mapreduce] suite.loads=[1,4] \
+    suite.seeds=[10000,10001,10002] suite.jobs=2 engine.max_num_seqs=32
+python scripts/evaluate.py suite.policies=[fcfs,ppo] +suite.agent_overrides.ppo.checkpoint=run/policy.zip
+python scripts/evaluate.py -m hydra/launcher=joblib suite.policies=[fcfs],[plas]   # one suite per job
+python scripts/evaluate.py collect=multirun/DATE/TIME             # merge a sweep's suites
+
+Writes runs.csv, jobs.csv, kv_timeline.csv, summary.csv, summary.md, plots/*.png (and
+failures.csv/.log) into the Hydra run dir or output_dir=; exits 1 if a run failed, 2 on a bad
+config. Definitions (load, SLO, confidence intervals, seeds): servegym/agents/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from rich.console import Console
+
+from servegym.agents.configs import register_configs
+from servegym.agents.evaluate import (
+    SuiteConfigError,
+    collect,
+    register_suite_schema,
+    report,
+    run_suite_full,
+    suite_from_cfg,
+)
+
+register_configs()
+register_suite_schema()
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    console, errors = Console(), Console(stderr=True)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(hydra_cfg.runtime.output_dir)
+    start = time.perf_counter()
+    try:
+        suite = suite_from_cfg(cfg.suite)
+        if cfg.collect:
+            result = collect(cfg.collect, exclude=out_dir)
+        else:
+            result = run_suite_full(cfg, conf_dir=CONF_DIR, progress=cfg.progress, console=errors)
+    except SuiteConfigError as error:
+        errors.print(f"[red]bad evaluation config:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    markdown = report(result, out_dir, baseline=suite.baseline, plots=cfg.plots)
+    print(markdown, flush=True)  # plain Markdown: paste it into a README or an issue
+    failed = len(result.failures)
+    console.print(
+        f"{len(result.runs)} runs ok, {failed} failed, {time.perf_counter() - start:.0f} s; tables and plots in {out_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if failed:
+        errors.print(
+            f"[red]{failed} runs failed[/red]: see {out_dir / 'failures.log'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # let the launcher report this job, keep the sweep going
+            raise RuntimeError(f"{failed} runs failed; see {out_dir / 'failures.log'}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
