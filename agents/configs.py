@@ -25,6 +25,9 @@ class TrainConfig:
     eval_seeds: list[int] = field(default_factory=lambda: [1000, 1001, 1002])
     test_seeds: list[int] = field(default_factory=lambda: [10000, 10001, 10002, 10003, 10004])
     baseline: str = "program_fcfs"  # conf/agent name of the heuristic to beat
+    compare_with: list[str] = field(
+        default_factory=lambda: ["fcfs", "lpm", "sjf_oracle", "plas", "atlas", "program_fcfs"]
+    )  # heuristics of the final held-out comparison (scripts/train.py), on train.test_seeds
     checkpoint_every: int = 10_000  # env steps (0: never)
     pretrain_teacher: str | None = None  # conf/agent name to behaviour-clone first (agents/pretrain.py)
     pretrain_decisions: int = 4_000

@@ -42,6 +42,11 @@ def export_policy(
     torchscript: bool = True,
 ) -> dict[str, Path]:
     """Write ``policy.onnx``, ``policy.json`` and (optionally) ``policy.pt``; returns the paths."""
+    if set(model.observation_space.spaces) != {"global", "candidates", "mask"}:
+        raise ValueError(
+            "export speaks the candidate-table schema (Scheduling-v0, Eviction-v0); a policy over "
+            f"observation keys {sorted(model.observation_space.spaces)} has no runtime sidecar yet"
+        )
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     network = ScoreNetwork(model.policy).cpu().eval()

@@ -30,28 +30,43 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 OBS_KEYS = ("global", "candidates", "mask")
-"""The Dict observation every servegym env emits; ``SlotFlatten`` concatenates it in this order."""
+"""The Dict observation of Scheduling-v0 and Eviction-v0; ``SlotFlatten`` concatenates it in
+this order. Routing-v0 has ``replicas`` for ``candidates``; Serving-v0 both, one row per slot."""
+TABLE_KEYS = ("candidates", "replicas")
+
+
+def _tables(observation_space: spaces.Dict) -> list[str]:
+    tables = [key for key in TABLE_KEYS if key in observation_space.spaces]
+    missing = [key for key in ("global", "mask") if key not in observation_space.spaces]
+    if missing or not tables:
+        raise ValueError(
+            f"the set policy needs observation keys global, mask and one of {TABLE_KEYS}; "
+            f"got {list(observation_space.spaces)} (missing {missing or list(TABLE_KEYS)})"
+        )
+    return tables
 
 
 def _table_shape(observation_space: spaces.Dict) -> tuple[int, int, int]:
-    missing = [key for key in OBS_KEYS if key not in observation_space.spaces]
-    if missing:
-        raise ValueError(f"the set policy needs observation keys {OBS_KEYS}; missing {missing}")
+    """(G, K, F): per-slot features are the slot's rows of every table, side by side."""
+    tables = _tables(observation_space)
     num_global = int(observation_space["global"].shape[0])
-    num_slots, num_features = (int(n) for n in observation_space["candidates"].shape)
+    num_slots = int(observation_space[tables[0]].shape[0])
+    num_features = sum(int(observation_space[key].shape[1]) for key in tables)
     return num_global, num_slots, num_features
 
 
 class SlotFlatten(BaseFeaturesExtractor):
-    """Concatenates global, candidates and mask in a fixed order (SB3's CombinedExtractor
+    """Concatenates global, the slot tables and mask in a fixed order (SB3's CombinedExtractor
     sorts keys; the trunk must know exactly where each part sits)."""
 
     def __init__(self, observation_space: spaces.Dict) -> None:
         num_global, num_slots, num_features = _table_shape(observation_space)
+        self.tables = _tables(observation_space)
         super().__init__(observation_space, num_global + num_slots * num_features + num_slots)
 
     def forward(self, obs: dict[str, th.Tensor]) -> th.Tensor:
-        return th.cat([obs["global"], obs["candidates"].flatten(1), obs["mask"]], dim=1)
+        table = th.cat([obs[key] for key in self.tables], dim=2)
+        return th.cat([obs["global"], table.flatten(1), obs["mask"]], dim=1)
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

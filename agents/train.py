@@ -26,6 +26,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Check
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+from servegym.agents.evaluate import DEFAULT_CONF_DIR
 from servegym.agents.learned import ALGORITHMS, SB3Policy
 from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
 from servegym.agents.pretrain import behaviour_clone, collect
@@ -37,7 +38,7 @@ VEC_ENVS = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
 
 def load_agent_config(name: str) -> DictConfig:
     """A ``conf/agent/<name>.yaml`` (a heuristic to compare with) outside the composed config."""
-    path = Path(__file__).resolve().parents[1] / "conf" / "agent" / f"{name}.yaml"
+    path = DEFAULT_CONF_DIR / "agent" / f"{name}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"train.baseline={name!r}: no conf/agent/{name}.yaml")
     return OmegaConf.load(path)

@@ -1,14 +1,19 @@
-"""Train a scheduler, compare it with the heuristics on held-out seeds, export it.
+"""Train a scheduler, export it, and compare the exported policy with the heuristics on held-out
+seeds: the README's main job.
 
-python scripts/train.py agent=ppo env=scheduling workload=mapreduce        # train -> evaluate -> export
 python scripts/train.py experiment=quick                                   # the README's main job
+python scripts/train.py agent=ppo env=scheduling workload=mapreduce        # any composed world
 python scripts/train.py experiment=quick logger=wandb                      # offline W&B run
 python scripts/train.py experiment=quick train.resume_from=outputs/.../checkpoints/policy_10000_steps.zip
 python scripts/train.py -m agent.hyperparams.learning_rate=1e-4,3e-4        # a sweep
+
+The comparison runs the *exported* ONNX policy (``agents/runtime.py``), so the table describes
+what a serving engine would load, on ``train.test_seeds`` (10000+; training never sees them).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,45 +24,87 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from servegym.agents.configs import register_configs
+from servegym.agents.evaluate import SuiteConfig, evaluate
 from servegym.agents.export import export_policy
+from servegym.agents.learned import load_model
+from servegym.agents.runtime import OnnxPolicy
 from servegym.agents.train import train
 
 register_configs()
+LEARNED = "learned"
+
+
+def compare(cfg: DictConfig, onnx_path: Path, out_dir: Path, workload_name: str) -> str:
+    """The exported policy and ``train.compare_with`` on the training world, held-out seeds."""
+    suite = SuiteConfig(
+        policies=[*cfg.train.compare_with, LEARNED],
+        workloads=[workload_name],
+        loads=[1.0],
+        seeds=list(cfg.train.test_seeds),
+        num_jobs=cfg.workload.get("num_jobs"),
+        workload_overrides={workload_name: OmegaConf.to_container(cfg.workload, resolve=True)},
+        baseline="fcfs" if "fcfs" in cfg.train.compare_with else cfg.train.compare_with[0],
+    )
+    factory = functools.partial(OnnxPolicy, str(onnx_path))
+    result = evaluate(
+        suite, out_dir, extra_policies={LEARNED: factory}, base_cfg=cfg, progress=cfg.train.progress
+    )
+    return (
+        (out_dir / "summary.md").read_text() if result.failures.empty else f"failed runs: {result.failures}"
+    )
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     console = Console()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     result = train(cfg, run_dir)
-    model = result["model"]
+    best = result["best_model"]
+    model = load_model(best) if best and Path(best).exists() else result["model"]
     kinds = tuple(cfg.env.config.decisions)
-    paths = export_policy(
-        model,
-        run_dir / "policy.onnx",
-        kinds,
-        env_id=cfg.env.id,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    if result["wandb_run"] is not None:
-        import wandb
-
-        artifact = wandb.Artifact("policy", type="model")
-        for path in paths.values():
-            artifact.add_file(str(path))
-        result["wandb_run"].log_artifact(artifact)
-        result["wandb_run"].finish()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    paths = export_policy(model, run_dir / "policy.onnx", kinds, env_id=cfg.env.id, config=config)
     console.print(
         f"trained {result['timesteps']} steps in {result['train_seconds']:.0f} s; run dir {run_dir}"
     )
     for row in result["eval_history"]:
         console.print(
-            f"  step {int(row['timesteps'])}: mean tree time {row['jct_mean_s']:.2f} s, "
+            f"  step {int(row['timesteps'])}: mean tree time {row['jct_mean_s']:.2f} s on eval seeds, "
             f"{row['ratio_to_baseline']:.3f}x {cfg.train.baseline}"
         )
-    console.print(f"exported {paths['onnx']} (+ {paths['sidecar'].name})")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("model", "wandb_run")}, default=str))
+    table = compare(
+        cfg, paths["onnx"], run_dir / "eval", hydra_cfg.runtime.choices.get("workload", "workload")
+    )
+    wandb_run = result["wandb_run"]
+    if wandb_run is not None:
+        import wandb
+
+        artifact = wandb.Artifact("policy", type="model")
+        for path in paths.values():
+            artifact.add_file(str(path))
+        wandb_run.log_artifact(artifact)
+        wandb_run.log({"eval/summary": wandb.Table(dataframe=_read_summary(run_dir / "eval"))})
+        for png in sorted((run_dir / "eval" / "plots").glob("*.png")):
+            wandb_run.log({f"eval/{png.stem}": wandb.Image(str(png))})
+        wandb_run.finish()
+    console.print(
+        f"\nHeld-out comparison (seeds {list(cfg.train.test_seeds)}; '{LEARNED}' is the exported ONNX policy):"
+    )
+    print(table)
+    console.print(
+        f"exported policy: {paths['onnx']} (+ {paths['sidecar'].name}, {paths['torchscript'].name})"
+    )
+    console.print(f"tables and plots: {run_dir / 'eval'}")
+    summary = {k: v for k, v in result.items() if k not in ("model", "wandb_run")}
+    print(json.dumps({**summary, "onnx": str(paths["onnx"]), "eval_dir": str(run_dir / "eval")}, default=str))
     sys.stdout.flush()
+
+
+def _read_summary(folder: Path):
+    import pandas as pd
+
+    return pd.read_csv(folder / "summary.csv")
 
 
 if __name__ == "__main__":

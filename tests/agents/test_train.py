@@ -130,3 +130,15 @@ def test_train_script_runs_train_export_and_prints_json(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["timesteps"] >= 128
     assert (tmp_path / "policy.onnx").exists() and (tmp_path / "policy.json").exists()
+
+
+@pytest.mark.parametrize("experiment", ["eviction", "routing"])
+def test_maskable_ppo_trains_on_the_discrete_envs(experiment: str, tmp_path: Path) -> None:
+    """The same set network over Discrete(K) slots (Eviction-v0) and replicas (Routing-v0)."""
+    overrides = [o for o in TINY_TRAINING if not o.startswith(("experiment=", "workload.num_jobs"))]
+    cfg = compose_config(
+        [f"experiment={experiment}", *overrides, "workload.num_jobs=6", "train.eval_every=0"]
+    )
+    result = train(cfg, tmp_path)
+    assert result["timesteps"] >= 128
+    assert type(result["model"]).__name__ == "MaskablePPO"

