@@ -3,17 +3,22 @@
 PY := .venv/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo simulate test lint bench clean
 
 $(PY):
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,triton]'
 
 install: $(PY)
 
+# The main job: train a small policy (simulated backend, CPU), export it, compare it with the
+# heuristics on held-out seeds, print the table and where the ONNX file and plots are.
 demo: $(PY)
+	$(PY) scripts/train.py experiment=quick
+
+simulate: $(PY)
 	$(PY) scripts/simulate.py
 
 test: $(PY)
@@ -28,3 +33,10 @@ bench: $(PY)
 
 clean:
 	rm -rf .venv outputs multirun .pytest_cache .hypothesis
+
+# vLLM adapter tests against real vLLM (CPU build) in their own venv, .venv-vllm (scripts/setup_vllm.sh:
+# about 3 minutes and 3.5 GB the first time). `make test` skips these tests.
+.PHONY: test-vllm
+test-vllm:
+	bash scripts/setup_vllm.sh
+	.venv-vllm/bin/python -m pytest tests/vllm_adapter

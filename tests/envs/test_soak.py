@@ -109,7 +109,6 @@ def soak_env(env_id: str, family: str, swap: bool) -> gym.Env:
 
 def test_random_policy_soak_keeps_every_invariant(monkeypatch, time_limit) -> None:
     monkeypatch.setattr(serving_env, "Engine", ProbedEngine)
-    # profiles are frozen dataclasses; parsing their YAML at every reset costs ~10 ms a replica
     pairs = [(env_id, family) for env_id in ENV_IDS for family in sorted(GENERATORS)]
     steps, episodes, kinds, seconds = 0, 0, Counter(), Counter()
     start = time.perf_counter()
