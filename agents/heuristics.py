@@ -6,9 +6,13 @@ decision (see ``servegym.envs.engine.policy``): ORDER (higher score admitted fir
 (lowest score preempted) and ROUTE (highest valid score receives the call). Ties keep the
 engine's queue order, which is FCFS.
 
-Not here yet, because the engine lacks what they act on: Continuum's TTL pinning and KVFlow's
-steps-to-execution eviction (both need KV retained after a call finishes), VTC's counter lift
-for returning tenants, and a learned output-length predictor for LTR-SJF.
+KV retention is the engine's to carry out, so a policy that needs it declares it: an optional
+``retention`` mapping of ``EngineConfig`` retention fields (``pin_ttl_rule``, ``pin_ttl_s``,
+``prefix_eviction``) that ``Engine.run`` (or a driver calling ``Engine.apply_retention``) adopts
+before the run. ``ProgramFCFSPinning`` (Continuum) and ``KVFlow`` work that way; the same
+behaviour is reachable for any policy through the engine config. VTC's lift lives in the
+engine's counters (``EngineConfig.vtc_lift``); LTR-SJF reads the engine's online output-length
+predictor (the ``predicted_output_log`` column).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _TREE_AGE = column("tree_age_s")
 _TREE_SERVICE = column("tree_service_log")
 _PATH_SERVICE = column("critical_path_service_log")
 _VTC = column("tenant_vtc_log")
+_PREDICTED = column("predicted_output_log")
 _REMAINING = PRIVILEGED_FEATURES.index("true_remaining_output_tokens")
 
 
@@ -89,8 +94,9 @@ class VTC(FCFS):
 
     ORDER: calls of the tenant with the smallest counter first (the engine counts a prompt
     token 1 and a generated token 2, VTC's default weights), FCFS within a tenant. EVICT: the
-    call of the most-served tenant. Simplified: the counter lift for a tenant returning from
-    idle is not applied, so a long-idle tenant is favoured until it catches up.
+    call of the most-served tenant. The counter lift for a tenant returning from idle (to the
+    smallest counter among backlogged tenants) is applied by the engine (``vtc_lift``).
+    Simplified: counters are charged per token as processed, not all at admission.
     """
 
     def scores(self, decision: Decision) -> np.ndarray:
@@ -121,6 +127,50 @@ class OracleSJF(FCFS):
             return -remaining
         score = _then_fcfs(-remaining, decision)
         starved = decision.features[:, _WAIT] > self.starvation
+        return np.where(starved, 1e12 + fcfs_scores(decision), score)
+
+
+class LTRSJF(FCFS):
+    """Shortest *predicted* remaining output first (Fu et al., NeurIPS'24, in spirit), with a
+    starvation guard. The predictor is the engine's online mean output of finished calls of
+    the same (role, tenant), falling back to the role, then to the budget
+    (``predicted_output_log``): agent roles have characteristic output lengths, so a per-role
+    mean is the cheapest predictor that ranks well; the paper's OPT-125M ranker over the
+    prompt text is out of reach of a token-count simulator. Remaining = predicted - generated
+    so far, at least one token.
+
+    ORDER: fewest predicted remaining tokens first, FCFS among equals; a call that has waited
+    more than ``starvation_factor`` x its predicted service time (remaining / ``tokens_per_s``,
+    at least ``min_starvation_s``) is promoted ahead of all others, FCFS among such calls (the
+    paper promotes a starved request for a quantum). EVICT: the most predicted remaining.
+    """
+
+    def __init__(
+        self,
+        starvation_factor: float = 10.0,
+        tokens_per_s: float = 50.0,
+        min_starvation_s: float = 5.0,
+        time_scale_s: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.starvation_factor = starvation_factor
+        self.tokens_per_s = tokens_per_s
+        self.min_starvation_s = min_starvation_s
+        self.time_scale_s = time_scale_s
+
+    def remaining(self, decision: Decision) -> np.ndarray:
+        f = decision.features.astype(np.float64)
+        return np.maximum(np.expm1(f[:, _PREDICTED]) - np.expm1(f[:, _OUTPUT]), 1.0)
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return super().scores(decision)
+        remaining = self.remaining(decision)
+        if decision.kind == DecisionKind.EVICT:
+            return -remaining
+        score = _then_fcfs(-remaining, decision)
+        limit_s = np.maximum(self.starvation_factor * remaining / self.tokens_per_s, self.min_starvation_s)
+        starved = decision.features[:, _WAIT] * self.time_scale_s > limit_s
         return np.where(starved, 1e12 + fcfs_scores(decision), score)
 
 
@@ -174,6 +224,41 @@ class ProgramFCFS(FCFS):
         if decision.kind == DecisionKind.ROUTE:
             return super().scores(decision)
         return _then_fcfs(decision.features[:, _TREE_AGE].astype(np.float64), decision)
+
+
+class ProgramFCFSPinning(ProgramFCFS):
+    """Continuum (Li et al., arXiv 2511.02230): program-level FCFS plus TTL pinning. When a
+    call finishes into a tool call, the prefix its children reuse stays pinned in KV for a TTL
+    (then joins the prefix cache); a child admitted meanwhile hits it.
+
+    The TTL is the expected tool pause: the running mean of the pauses observed after calls
+    of the same role (``ttl="tool_mean"``, the engine learns it as tools return) plus
+    ``grace_s`` for the queueing after the child becomes ready; ``ttl="oracle"`` uses the true
+    tool latency (an upper bound: Continuum predicts it per tool). Simplified: Continuum picks
+    TTL from the tool-duration distribution by weighing the expected saving against the memory
+    held; here it is the mean (or the truth) plus a grace, and pins yield to running calls
+    under memory pressure (oldest first) instead of by cost.
+    """
+
+    def __init__(self, ttl: str = "tool_mean", grace_s: float = 1.0) -> None:
+        super().__init__()
+        if ttl not in ("tool_mean", "oracle"):
+            raise ValueError(f"ttl must be 'tool_mean' or 'oracle', got {ttl!r}")
+        self.retention = {"pin_ttl_rule": ttl, "pin_ttl_s": grace_s}
+
+
+class KVFlow(FCFS):
+    """KVFlow's workflow-aware eviction (Pan et al., NeurIPS'25): when the prefix cache must
+    evict, the blocks whose next use is furthest in the tree's step graph go first, LRU among
+    equals (``prefix_eviction="workflow"``; see ``servegym.envs.engine.block_manager``). Levels,
+    from the tree's known structure when a call's blocks are freed: prefix a pending child
+    repeats or a preempted call's own KV (next step), a role's system prompt (shared across
+    trees), then everything else (no known reuse), and empty blocks before any of them.
+    Simplified: levels are set when a block is freed, not refreshed every step as KVFlow's
+    radix priorities are; steps beyond the next are not distinguished; no CPU prefetch.
+    ORDER/EVICT/ROUTE: vLLM's FCFS, so the comparison with FCFS isolates eviction."""
+
+    retention = {"prefix_eviction": "workflow"}
 
 
 _R_FREE = ROUTE_FEATURES.index("kv_free_frac")
@@ -258,6 +343,9 @@ class RandomPolicy:
 
 __all__ = [
     "FCFS",
+    "KVFlow",
+    "LTRSJF",
+    "ProgramFCFSPinning",
     "VTC",
     "AutellixPLAS",
     "AutellixRouting",

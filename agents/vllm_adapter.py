@@ -54,6 +54,9 @@ tree_calls_total_log           log1p(calls of its tree seen so far): a lower bou
 tenant_vtc_log                 0 (neutral: every request's tenant is the least-served one)
 preemptions                    request.num_preemptions
 replica                        0 (one engine is one replica)
+predicted_output_log           log1p(mean output tokens of this role's finished requests), else of
+                               max_tokens: the engine's online predictor without the tenant level
+pinned_prefix_frac             0: vLLM pins no finished request's KV (no Continuum-style TTL)
 =============================  =====================================================================
 
 Globals: ``time_s`` = time since the scheduler started / time_scale_s (training episodes start at
@@ -195,6 +198,7 @@ class TreeBook:
         self.requests: dict[str, _RequestEntry] = {}
         self.idle_ttl_s = idle_ttl_s
         self._last_prune_s = -math.inf
+        self.role_outputs: dict[str, tuple[int, int]] = {}  # role -> (output tokens, finished requests)
 
     def add(self, request: Any, now_s: float) -> _RequestEntry:
         request_id = str(request.request_id)
@@ -238,6 +242,13 @@ class TreeBook:
         tree.calls_done += 1
         tree.live -= 1
         tree.last_active_s = now_s
+        total, count = self.role_outputs.get(entry.tag.role, (0, 0))
+        self.role_outputs[entry.tag.role] = (total + int(request.num_output_tokens), count + 1)
+
+    def predicted_output(self, role: str, max_tokens: int) -> float:
+        """Mean output of the role's finished requests, else the request's budget."""
+        total, count = self.role_outputs.get(role, (0, 0))
+        return total / count if count else float(max_tokens)
 
     @property
     def num_live_trees(self) -> int:
@@ -330,7 +341,10 @@ def candidate_table(
         row[_COL["tree_calls_done"]] = tree.calls_done
         row[_COL["tree_calls_total_log"]] = np.log1p(tree.calls_seen)
         row[_COL["preemptions"]] = getattr(request, "num_preemptions", 0)
-        # is_swapped, critical_path_service_log, tenant_vtc_log, replica: 0 (module docstring)
+        row[_COL["predicted_output_log"]] = np.log1p(
+            book.predicted_output(entry.tag.role, _max_tokens(request))
+        )
+        # is_swapped, critical_path_service_log, tenant_vtc_log, replica, pinned_prefix_frac: 0 (docstring)
     return table
 
 

@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> None:
     columns = (TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not cfg.progress) as bar:
         task = bar.add_task("jobs", total=total)
+        engine.apply_retention(policy)  # KV pinning / workflow eviction a heuristic asks for
         while (decision := engine.next_decision()) is not None:
             engine.decide(policy.scores(decision))
             bar.update(task, completed=engine.num_jobs_done)

@@ -6,22 +6,40 @@ Bookkeeping follows vLLM V1's block pool. A block is exactly one of: *owned* (re
 *empty*. Cached and empty blocks together form the free queue, kept in eviction order:
 allocation pops the head and, if that block was cached, drops its hash (that is the eviction).
 Every operation is O(1) per block; nothing scans the whole pool.
+
+Two eviction orders (``EngineConfig.prefix_eviction``): ``lru`` (vLLM's) and ``workflow``
+(KVFlow's steps-to-execution order): each freed block carries a next-use level chosen by the
+engine from its tree's known structure, and the block whose next use is furthest is evicted
+first, LRU among equals. A reference held by a TTL pin (``Replica.pins``) is an ordinary
+reference: a pinned block is owned, never in the free queue.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from enum import IntEnum
 from typing import Protocol
+
+
+class NextUse(IntEnum):
+    """When a freed block is next needed (KVFlow's steps-to-execution, bucketed); the
+    workflow queue evicts the highest level first. ``lru`` ignores levels."""
+
+    NEXT = 0  # a queued or about-to-be-ready call of its tree reuses it (one step away)
+    SHARED = 1  # a role's system prompt: any later call of that role may reuse it
+    NEVER = 2  # nothing known will reuse it (its tree has moved on or finished)
+    EMPTY = 3  # holds no hash: reusing it costs nothing
 
 
 class FreeQueue(Protocol):
     """Eviction order of unreferenced blocks (head = next to reuse). Pluggable: LRU is vLLM's."""
 
-    def push_many(self, blocks: Sequence[int]) -> None: ...
+    def push_many(self, blocks: Sequence[int], levels: Sequence[int] | None = None) -> None: ...
     def pop_many(self, num: int) -> list[int]: ...
     def remove(self, block: int) -> None: ...
     def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[int]: ...
 
 
 class LRUFreeQueue:
@@ -31,7 +49,7 @@ class LRUFreeQueue:
     def __init__(self, blocks: Sequence[int]) -> None:
         self._order: OrderedDict[int, None] = OrderedDict.fromkeys(blocks)
 
-    def push_many(self, blocks: Sequence[int]) -> None:
+    def push_many(self, blocks: Sequence[int], levels: Sequence[int] | None = None) -> None:
         order = self._order
         for block in blocks:
             order[block] = None
@@ -46,6 +64,51 @@ class LRUFreeQueue:
     def __len__(self) -> int:
         return len(self._order)
 
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)
+
+
+class WorkflowFreeQueue:
+    """KVFlow's eviction order: one LRU bucket per ``NextUse`` level, popped from the furthest
+    next use (``EMPTY``, then ``NEVER``, ``SHARED``, ``NEXT``); least recently freed first
+    within a bucket. A block pushed without a level counts as ``NEVER``."""
+
+    def __init__(self, blocks: Sequence[int]) -> None:
+        self._buckets: list[OrderedDict[int, None]] = [OrderedDict() for _ in NextUse]
+        self._level: dict[int, int] = {}
+        self.push_many(blocks, [NextUse.EMPTY] * len(blocks))
+
+    def push_many(self, blocks: Sequence[int], levels: Sequence[int] | None = None) -> None:
+        buckets, level_of = self._buckets, self._level
+        for i, block in enumerate(blocks):
+            level = NextUse.NEVER if levels is None else levels[i]
+            buckets[level][block] = None
+            level_of[block] = level
+
+    def pop_many(self, num: int) -> list[int]:
+        out: list[int] = []
+        for bucket in reversed(self._buckets):
+            while bucket and len(out) < num:
+                out.append(bucket.popitem(last=False)[0])
+            if len(out) == num:
+                break
+        for block in out:
+            del self._level[block]
+        return out
+
+    def remove(self, block: int) -> None:
+        del self._buckets[self._level.pop(block)][block]
+
+    def __len__(self) -> int:
+        return len(self._level)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._level)
+
+
+PREFIX_EVICTION_ORDERS = {"lru": LRUFreeQueue, "workflow": WorkflowFreeQueue}
+"""Values of ``EngineConfig.prefix_eviction``."""
+
 
 class OutOfBlocks(RuntimeError):
     """Raised when an allocation asks for more blocks than the free queue holds."""
@@ -58,6 +121,7 @@ class BlockManager:
         block_size: int,
         num_host_blocks: int = 0,
         enable_prefix_caching: bool = True,
+        prefix_eviction: str = "lru",
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
@@ -71,7 +135,7 @@ class BlockManager:
         self.ref_count = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
-        self.free_queue: FreeQueue = LRUFreeQueue(range(num_blocks))
+        self.free_queue: FreeQueue = PREFIX_EVICTION_ORDERS[prefix_eviction](range(num_blocks))
         self.num_cached_free_blocks = 0  # unreferenced blocks that still hold a reusable prefix
         self.num_evictions = 0
         self.num_allocated_total = 0
@@ -143,22 +207,37 @@ class BlockManager:
                 cached[h] = block
                 block_hash[block] = h
 
-    def free(self, blocks: Sequence[int]) -> None:
+    def set_eviction_order(self, prefix_eviction: str) -> None:
+        """Switch the free queue's order, keeping its blocks (in their current order)."""
+        queue = PREFIX_EVICTION_ORDERS[prefix_eviction]([])
+        hashes = self.block_hash
+        blocks = list(self.free_queue)
+        queue.push_many(blocks, [NextUse.EMPTY if hashes[b] is None else NextUse.NEVER for b in blocks])
+        self.free_queue = queue
+
+    def free(self, blocks: Sequence[int], levels: Sequence[int] | None = None) -> None:
         """Drop one reference to each block; unreferenced ones join the free queue tail first.
-        A block freed more often than taken is refused before anything changes."""
+        ``levels`` (aligned with ``blocks``) says when each is next needed (``NextUse``; the
+        workflow order reads it, LRU ignores it). A block freed more often than taken is
+        refused before anything changes."""
         ref, block_hash = self.ref_count, self.block_hash
         counts = Counter(blocks) if len(set(blocks)) != len(blocks) else dict.fromkeys(blocks, 1)
         for block, times in counts.items():
             if ref[block] < times:
                 raise AssertionError(f"block {block} freed more often than taken")
         released = []
-        for block in reversed(blocks):
+        released_levels = []
+        for i in range(len(blocks) - 1, -1, -1):
+            block = blocks[i]
             ref[block] -= 1
             if ref[block] == 0:
                 released.append(block)
                 if block_hash[block] is not None:
                     self.num_cached_free_blocks += 1
-        self.free_queue.push_many(released)
+                    released_levels.append(NextUse.NEVER if levels is None else levels[i])
+                else:
+                    released_levels.append(NextUse.EMPTY)
+        self.free_queue.push_many(released, released_levels)
         self.num_freed_total += len(blocks)
 
     def reserve_host(self, num: int) -> bool:
@@ -178,14 +257,16 @@ class BlockManager:
         for block in range(self.num_blocks):
             if self.ref_count[block] < 0:
                 raise AssertionError(f"negative ref count on block {block}")
-        order = getattr(self.free_queue, "_order", None)
-        if order is not None:
-            in_queue = set(order)
-            if len(in_queue) != len(self.free_queue):
-                raise AssertionError("free queue holds a block twice")
+        order = list(self.free_queue)
+        in_queue = set(order)
+        if len(in_queue) != len(order) or len(order) != len(self.free_queue):
+            raise AssertionError("free queue holds a block twice")
+        buckets = getattr(self.free_queue, "_buckets", None)
+        if buckets is not None and sum(len(b) for b in buckets) != len(order):
+            raise AssertionError("workflow free queue: buckets and levels out of sync")
         for block in range(self.num_blocks):
             free = self.ref_count[block] == 0
-            if order is not None and free != (block in in_queue):
+            if free != (block in in_queue):
                 raise AssertionError(
                     f"block {block}: ref {self.ref_count[block]} but queued={block in in_queue}"
                 )

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 
 BACKENDS = ("sim", "torch")
 """Values of ``engine.backend``."""
+PREFIX_EVICTIONS = ("lru", "workflow")
+"""Values of ``engine.prefix_eviction`` (see block_manager.py)."""
+PIN_TTL_RULES = ("off", "fixed", "tool_mean", "oracle")
+"""Values of ``engine.pin_ttl_rule`` (see ``EngineConfig.pin_ttl_rule``)."""
+RETENTION_FIELDS = ("pin_ttl_rule", "pin_ttl_s", "prefix_eviction")
+"""The fields a policy may set through its ``retention`` hints (``Engine.apply_retention``)."""
 
 
 @dataclass
@@ -33,6 +39,21 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     """recompute (vLLM V1) or swap (copy the victim's KV to host, falls back to recompute when full)."""
     enable_prefix_caching: bool = True
+    prefix_eviction: str = "lru"
+    """Order in which unreferenced cached blocks are evicted: lru (vLLM) or workflow (KVFlow:
+    the block whose next use in its tree is furthest first, LRU among equals)."""
+    pin_ttl_rule: str = "off"
+    """Continuum's TTL pinning of a finished call's KV across its tool pause, for the children
+    that reuse its prefix: off (vLLM), fixed (TTL = pin_ttl_s), tool_mean (TTL = running mean of
+    the tool pauses observed after calls of the same role + pin_ttl_s), oracle (TTL = the true
+    tool latency + network delay + pin_ttl_s). A pin ends at expiry or once every child of the
+    call was admitted; it is dropped early (oldest first) only when a running call would
+    otherwise be preempted or nothing could run."""
+    pin_ttl_s: float = 0.0
+    """The TTL (fixed) or the grace added to the predicted tool pause (tool_mean, oracle)."""
+    vtc_lift: bool = True
+    """VTC's counter lift: a tenant that becomes backlogged again gets max(its counter, the
+    smallest counter among backlogged tenants), so idling banks no credit."""
     fast_forward: bool = True
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
     backend: str = "sim"
@@ -59,6 +80,15 @@ class EngineConfig:
         _check_number("engine.swap_space_bytes", self.swap_space_bytes)
         if not isinstance(self.profile, str) or not self.profile:
             raise ValueError(f"engine.profile must name a cost profile, got {self.profile!r}")
+        if self.prefix_eviction not in PREFIX_EVICTIONS:
+            raise ValueError(
+                f"engine.prefix_eviction must be one of {PREFIX_EVICTIONS}, got {self.prefix_eviction!r}"
+            )
+        if self.pin_ttl_rule not in PIN_TTL_RULES:
+            raise ValueError(f"engine.pin_ttl_rule must be one of {PIN_TTL_RULES}, got {self.pin_ttl_rule!r}")
+        _check_number("engine.pin_ttl_s", self.pin_ttl_s)
+        if self.pin_ttl_rule == "fixed" and self.pin_ttl_s == 0:
+            raise ValueError("engine.pin_ttl_rule=fixed needs engine.pin_ttl_s > 0 (the TTL)")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(
                 f"engine.preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"

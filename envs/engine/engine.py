@@ -1,13 +1,14 @@
 """The cluster engine: one discrete-event virtual clock over replicas, jobs and tools.
 
-Events are job arrivals, calls becoming ready (parents done, tools returned, network crossed)
-and replica iterations ending. The engine does not call a policy: ``next_decision()`` advances
+Events are job arrivals, calls becoming ready (parents done, tools returned, network crossed),
+replica iterations ending and TTL pins expiring (Continuum; ``EngineConfig.pin_ttl_rule``). The engine does not call a policy: ``next_decision()`` advances
 the clock until a choice is needed and returns it, ``decide(scores)`` applies the answer, and
 ``run(policy)`` is the plain driver loop that does both. Nothing here reads wall-clock time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable, Generator
 from enum import IntEnum
@@ -15,8 +16,9 @@ from enum import IntEnum
 import numpy as np
 
 from servegym.envs.engine.backend import Backend, Batch, make_backend_factory
+from servegym.envs.engine.block_manager import NextUse
 from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
-from servegym.envs.engine.config import ClusterConfig, EngineConfig
+from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import candidate_decision, route_decision
 from servegym.envs.engine.metrics import RunMetrics, collect_metrics
@@ -42,6 +44,7 @@ class EventKind(IntEnum):
     ARRIVAL = 0
     READY = 1
     STEP = 2
+    UNPIN = 3  # a TTL pin expires (key: the pinned call, payload: its replica)
 
 
 class Engine:
@@ -83,6 +86,13 @@ class Engine:
         self.job_replicas: list[set[int]] = []
         self.tenants: dict[str, int] = {}
         self.tenant_service = np.zeros(0)
+        self.tenant_backlog = np.zeros(0, dtype=np.int64)  # calls queued or running per tenant (VTC)
+        self.num_vtc_lifts = 0
+        # online statistics a policy may read through features (no privileged knowledge):
+        self.output_stats: dict[tuple[int, int], list[float]] = {}  # (role, tenant) -> [sum, count]
+        self.role_output_stats: dict[int, list[float]] = {}
+        self.tool_stats: dict[int, list[float]] = {}  # role -> [sum, count] of observed tool pauses
+        self._tools_seen: set[int] = set()
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
         self.num_live_jobs = 0
         self.tree_seconds = 0.0  # integral of unfinished trees over virtual time = total tree time
@@ -131,8 +141,31 @@ class Engine:
         self._answer = scores
         self._pending = None
 
+    def apply_retention(self, policy: object) -> None:
+        """Adopt a policy's KV-retention hints before the run starts: its optional ``retention``
+        attribute, a mapping of ``RETENTION_FIELDS`` (pin_ttl_rule, pin_ttl_s, prefix_eviction)
+        to values, overrides this engine's config. A driver calls it once (``run`` does); the
+        engine still calls no one during the run."""
+        hints = getattr(policy, "retention", None)
+        if not hints:
+            return
+        unknown = set(hints) - set(RETENTION_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"retention hints {sorted(unknown)} unknown; a policy may set {RETENTION_FIELDS}"
+            )
+        if self._started:
+            raise RuntimeError("apply_retention() must come before the first next_decision()")
+        self.config = dataclasses.replace(self.config, **dict(hints))  # validates the values
+        for replica in self.replicas:
+            replica.config = self.config
+            replica.blocks.set_eviction_order(self.config.prefix_eviction)
+
     def run(self, policy: Policy, progress: Callable[[Engine], None] | None = None) -> RunMetrics:
-        """Drive the engine with ``policy`` until the workload drains; returns the metrics."""
+        """Drive the engine with ``policy`` (after ``apply_retention(policy)``) until the
+        workload drains; returns the metrics."""
+        if not self._started:
+            self.apply_retention(policy)
         while (decision := self.next_decision()) is not None:
             self.decide(policy.scores(decision))
             if progress is not None:
@@ -152,6 +185,8 @@ class Engine:
             time_s, kind, key, payload = heapq.heappop(events)
             if kind == EventKind.STEP and payload != self.replicas[key].step_version:
                 continue  # a run that an event cut short was rescheduled
+            if kind == EventKind.UNPIN and key not in self.replicas[payload].pins:
+                continue  # released earlier (its children were admitted, or memory was short)
             # the latest (kind, key) processed at this instant: an event pushed for "now" while
             # handling a later-keyed one still runs after everything handled before it
             same_instant = time_s == self._event_time
@@ -162,6 +197,8 @@ class Engine:
                 self._arrive(key)
             elif kind == EventKind.READY:
                 yield from self._route(key)
+            elif kind == EventKind.UNPIN:
+                self._expire_pin(self.replicas[payload], key)
             else:
                 yield from self._step(self.replicas[key])
         unfinished = self._unfinished_jobs()
@@ -209,6 +246,7 @@ class Engine:
         tenant = self.tenants.setdefault(job.tenant, len(self.tenants))
         if tenant >= len(self.tenant_service):
             self.tenant_service = np.append(self.tenant_service, 0.0)
+            self.tenant_backlog = np.append(self.tenant_backlog, 0)
         if index == len(self.job_arrival_s):  # grow the per-job columns by doubling
             grow = max(16, index)
             for name, fill in _JOB_COLUMNS.items():
@@ -310,6 +348,8 @@ class Engine:
             in_flight = self._sync(replica)
             replica.truncate(replica.in_flight, in_flight + 1)
             self._push_step(replica)
+        self._observe_tools(call)
+        self._backlog(call, +1)
         calls.replica[call] = target
         calls.state[call] = CallState.WAITING
         calls.ready_s[call] = self.now_s
@@ -320,6 +360,35 @@ class Engine:
             replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
             replica.in_flight.starts = np.array([self.now_s, self.now_s])
             self._push_step(replica)
+
+    def _observe_tools(self, call: int) -> None:
+        """The parents' tools have returned by now: their pauses join the per-role means that
+        ``pin_ttl_rule=tool_mean`` predicts from."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        base = self.job_first_call[job_index]
+        for parent in self.jobs[job_index].calls[int(calls.call_in_job[call])].parents:
+            source = base + parent
+            if source in self._tools_seen:
+                continue
+            self._tools_seen.add(source)
+            stats = self.tool_stats.setdefault(int(calls.role[source]), [0.0, 0.0])
+            stats[0] += float(calls.tool_latency_s[source])
+            stats[1] += 1.0
+
+    def _backlog(self, call: int, delta: int) -> None:
+        """Count the tenant's queued/running calls; a tenant turning backlogged gets VTC's lift."""
+        tenant = int(self.job_tenant[int(self.calls.job[call])])
+        backlog = self.tenant_backlog
+        if delta > 0 and backlog[tenant] == 0 and self.config.vtc_lift:
+            others = np.flatnonzero(backlog > 0)
+            if len(others):
+                self._sync_all()  # counters of folded runs elsewhere must be current
+                floor = float(self.tenant_service[others].min())
+                if self.tenant_service[tenant] < floor:
+                    self.tenant_service[tenant] = floor
+                    self.num_vtc_lifts += 1
+        backlog[tenant] += delta
 
     def _reject(self, call: int, reason: str) -> None:
         """Reject a call and, with it, every call of its tree that has not run yet."""
@@ -353,6 +422,18 @@ class Engine:
         calls.state[call] = CallState.FINISHED
         calls.finish_s[call] = self.now_s
         calls.path_service[call] += calls.prompt_tokens[call] + calls.num_output[call]
+        self._backlog(call, -1)
+        role, tenant, output = (
+            int(calls.role[call]),
+            int(self.job_tenant[job_index]),
+            float(calls.num_output[call]),
+        )
+        for stats in (
+            self.output_stats.setdefault((role, tenant), [0.0, 0.0]),
+            self.role_output_stats.setdefault(role, [0.0, 0.0]),
+        ):
+            stats[0] += output
+            stats[1] += 1.0
         release = self.now_s + spec.tool_latency_s
         for child in self.job_children[job_index][spec.call_id]:
             child_id = base + child
@@ -424,8 +505,76 @@ class Engine:
         done = ids[calls.num_output[ids] >= calls.target_tokens[ids]]
         for call in done.tolist():
             replica.running.remove(call)
-            replica.release_blocks(call)
+            self._release_finished(replica, call)
             self._finish(call)
+
+    # ------------------------------------------------------------------ KV retention
+    def _reuse(self, call: int) -> tuple[list[int], int, int]:
+        """The call's children and, from the tree's known structure, how many of its leading
+        tokens the children's prompts repeat (the most over children) and how many its first
+        segment (a role's system prompt, shared across trees) covers."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        job = self.jobs[job_index]
+        spec = job.calls[int(calls.call_in_job[call])]
+        lengths = [n for _, n in calls.segments[call]] + [int(calls.num_output[call])]
+        own = (*spec.prompt, Output(spec.call_id))
+        children = self.job_children[job_index][spec.call_id]
+        reuse = 0
+        for child in children:
+            prompt = job.calls[child].prompt
+            shared = 0
+            while shared < min(len(own), len(prompt)) and own[shared] == prompt[shared]:
+                shared += 1
+            reuse = max(reuse, sum(lengths[:shared]))
+        base = self.job_first_call[job_index]
+        return [base + c for c in children], reuse, lengths[0] if spec.prompt else 0
+
+    def _release_finished(self, replica: Replica, call: int) -> None:
+        """Free a finished call's blocks with their next use (KVFlow), keeping the prefix its
+        children reuse pinned for a TTL (Continuum) when pinning is on."""
+        cfg, calls, bs = self.config, self.calls, self.config.block_size
+        if cfg.pin_ttl_rule == "off" and cfg.prefix_eviction == "lru":
+            replica.release_blocks(call)
+            return
+        children, reuse_tokens, system_tokens = self._reuse(call)
+        reuse_blocks, system_blocks = reuse_tokens // bs, system_tokens // bs
+        held = int(calls.num_held_blocks[call])
+        levels = [
+            NextUse.NEXT if i < reuse_blocks else NextUse.SHARED if i < system_blocks else NextUse.NEVER
+            for i in range(held)
+        ]
+        ttl_s = self._pin_ttl_s(call) if children and reuse_blocks else 0.0
+        pinned = replica.release_blocks(call, levels, reuse_blocks if ttl_s > 0 else 0)
+        if pinned:
+            replica.pin(call, pinned, children)
+            self._push(self.now_s + ttl_s, EventKind.UNPIN, call, replica.index)
+
+    def _pin_ttl_s(self, call: int) -> float:
+        cfg = self.config
+        if cfg.pin_ttl_rule == "off":
+            return 0.0
+        if cfg.pin_ttl_rule == "fixed":
+            return cfg.pin_ttl_s
+        if cfg.pin_ttl_rule == "oracle":
+            predicted = float(self.calls.tool_latency_s[call]) + self.cluster.network_delay_s
+        else:
+            total, count = self.tool_stats.get(int(self.calls.role[call]), (0.0, 0.0))
+            predicted = total / count + self.cluster.network_delay_s if count else 0.0
+        return predicted + cfg.pin_ttl_s
+
+    def _expire_pin(self, replica: Replica, call: int) -> None:
+        """A TTL ran out: the pinned blocks join the prefix cache, and the replica sees them at
+        its next iteration exactly as stepping would (a folded run is cut there)."""
+        if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
+            in_flight = self._sync(replica)
+            replica.truncate(replica.in_flight, in_flight + 1)
+            self._push_step(replica)
+        replica.unpin(call)
+        if replica.in_flight is None and replica.waiting:  # idle behind the pin: wake it now
+            replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
+            replica.in_flight.starts = np.array([self.now_s, self.now_s])
+            self._push_step(replica)
 
 
 def assert_all_terminal(engine: Engine) -> None:

@@ -39,6 +39,22 @@ def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.nd
     )
 
 
+def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
+    """Online output-length predictor: the mean output of finished calls of the same (role,
+    tenant), else of the role, else the call's budget (``max_tokens``). Non-privileged: it
+    learns only from calls that already finished."""
+    calls = engine.calls
+    out = calls.max_tokens[ids].astype(np.float64)
+    if not engine.role_output_stats:
+        return out
+    roles, tenants = calls.role[ids].tolist(), engine.job_tenant[calls.job[ids]].tolist()
+    for i, (role, tenant) in enumerate(zip(roles, tenants, strict=True)):
+        stats = engine.output_stats.get((role, tenant)) or engine.role_output_stats.get(role)
+        if stats is not None:
+            out[i] = stats[0] / stats[1]
+    return out
+
+
 def candidate_decision(
     engine: Engine,
     replica: Replica,
@@ -81,6 +97,13 @@ def candidate_decision(
     table[:, 17] = np.log1p(tenant_vtc - tenant_vtc.min())
     table[:, 18] = calls.num_preemptions[ids]
     table[:, 19] = replica.index
+    table[:, 20] = np.log1p(predicted_output_tokens(engine, ids))
+    pinned = np.zeros(len(ids))
+    if replica.pins_of_child:
+        pins, of_child = replica.pins, replica.pins_of_child
+        for i, call in enumerate(candidates):
+            pinned[i] = sum(len(pins[p]) for p in of_child.get(call, ()))
+    table[:, 21] = np.minimum(pinned * replica.config.block_size / np.maximum(prompt, 1), 1.0)
     privileged = np.empty((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32)
     privileged[:, 0] = calls.target_tokens[ids] - calls.num_output[ids]
     privileged[:, 1] = calls.tool_latency_s[ids]
@@ -137,4 +160,4 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     )
 
 
-__all__ = ["candidate_decision", "global_features", "route_decision"]
+__all__ = ["candidate_decision", "global_features", "predicted_output_tokens", "route_decision"]

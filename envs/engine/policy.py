@@ -27,7 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
+"""v2 added predicted_output_log and pinned_prefix_frac."""
 
 CANDIDATE_FEATURES: tuple[str, ...] = (
     "is_running",  # 1 for a running call (EVICT), 0 for a waiting one
@@ -50,6 +51,10 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "tenant_vtc_log",  # log1p(tenant's virtual token counter - min over backlogged tenants): VTC
     "preemptions",  # times this call was preempted
     "replica",  # replica index the call sits on
+    "predicted_output_log",  # log1p(mean output of finished calls of its role and tenant, learned
+    # online by the engine; else of its role; else its budget max_tokens): LTR-SJF's predictor
+    "pinned_prefix_frac",  # its prompt held by a finished parent's TTL pin for it / prompt tokens
+    # (Continuum: KV retained across the tool pause; admitting it releases the pin)
 )
 
 PRIVILEGED_FEATURES: tuple[str, ...] = (

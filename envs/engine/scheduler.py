@@ -7,6 +7,11 @@ waiting calls are admitted in the policy's order while slots, budget and blocks 
 
 ``schedule`` is a generator: it yields a ``Decision`` whenever the policy must choose and
 receives the scores back, so the engine can hand decisions to an RL agent step by step.
+Continuum's TTL pins (``pins``): a finished call's leading blocks that its children will reuse
+stay referenced by the pin until every child was admitted here or the TTL expires (the engine
+calls ``unpin``). A pin is dropped early, oldest first, only when running calls would otherwise
+be preempted for blocks, or when nothing runs and no waiting call fits (a stall otherwise).
+
 Runs of decode-only iterations with nothing else going on are folded into one ``Batch`` in
 closed form (``fast_forward``); the result equals stepping them one at a time.
 """
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from servegym.envs.engine.backend import Backend, Batch, SwapListener
-from servegym.envs.engine.block_manager import BlockManager
+from servegym.envs.engine.block_manager import BlockManager, NextUse
 from servegym.envs.engine.calls import CallState, CallTable
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile
@@ -83,7 +88,14 @@ class Replica:
             bs,
             num_host_blocks=int(config.swap_space_bytes // self.block_bytes),
             enable_prefix_caching=config.enable_prefix_caching,
+            prefix_eviction=config.prefix_eviction,
         )
+        # TTL pins, oldest first: finished call -> its pinned blocks; the children each waits for
+        self.pins: dict[int, list[int]] = {}
+        self.pin_waiters: dict[int, set[int]] = {}  # pinned call -> children not yet admitted
+        self.pins_of_child: dict[int, list[int]] = {}  # child -> pinned parents waiting for it
+        self.num_pins = 0
+        self.num_pins_dropped = 0  # released early under memory pressure
         self.capacity_tokens = num_blocks * bs
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
@@ -152,6 +164,12 @@ class Replica:
                 self.prompt_tokens_hit += hit_tokens
         calls.state[call] = CallState.RUNNING
         self.running.append(call)
+        for parent in self.pins_of_child.pop(call, ()):
+            waiters = self.pin_waiters.get(parent)
+            if waiters is not None:
+                waiters.discard(call)
+                if not waiters:
+                    self.unpin(parent)
         return swap_bytes
 
     # ---------------------------------------------------------------- preemption
@@ -168,13 +186,55 @@ class Replica:
         self.blocks.register(calls.blocks[call][done:full], chain[done:full])
         calls.num_registered_blocks[call] = full
 
-    def release_blocks(self, call: int) -> None:
-        calls = self.calls
+    def release_blocks(self, call: int, levels: list[int] | None = None, pin_blocks: int = 0) -> list[int]:
+        """Free the call's blocks (``levels``: their ``NextUse``, aligned with its block table),
+        first taking a reference (a TTL pin's, returned) on the cached blocks holding its first
+        ``pin_blocks`` full blocks."""
+        calls, bm = self.calls, self.blocks
         self.register_full_blocks(call, int(calls.num_computed[call]))
-        self.blocks.free(calls.blocks[call])
+        keep = min(pin_blocks, int(calls.num_registered_blocks[call]))
+        # pin what a child's lookup finds: where the call recomputed a block another copy
+        # already held, the cached copy (its own stays unhashed), so the pin is a hit reference
+        pinned = bm.match_prefix(calls.hash_chain(call, keep, self.config.block_size), keep) if keep else []
+        bm.take(pinned)
+        bm.free(calls.blocks[call], levels)
         calls.blocks[call] = []
         calls.num_held_blocks[call] = 0
         calls.num_registered_blocks[call] = 0
+        return pinned
+
+    # ---------------------------------------------------------------- TTL pins
+    def pin(self, call: int, blocks: list[int], children: list[int]) -> None:
+        """Hold ``blocks`` (already referenced) for ``children`` of the finished ``call``."""
+        self.pins[call] = blocks
+        self.pin_waiters[call] = set(children)
+        for child in children:
+            self.pins_of_child.setdefault(child, []).append(call)
+        self.num_pins += 1
+
+    def unpin(self, call: int) -> bool:
+        """Release a pin to the prefix cache (cached-free, next use NEXT); False if none held."""
+        blocks = self.pins.pop(call, None)
+        if blocks is None:
+            return False
+        for child in self.pin_waiters.pop(call):
+            parents = self.pins_of_child.get(child)
+            if parents is not None:
+                parents.remove(call)
+                if not parents:
+                    del self.pins_of_child[child]
+        self.blocks.free(blocks, [NextUse.NEXT] * len(blocks))
+        return True
+
+    def unpin_oldest(self, need_free_blocks: int) -> None:
+        """Drop pins, oldest first, until ``need_free_blocks`` are allocatable or none is left."""
+        while self.pins and self.blocks.num_free_blocks < need_free_blocks:
+            self.unpin(next(iter(self.pins)))
+            self.num_pins_dropped += 1
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(blocks) for blocks in self.pins.values())
 
     def preempt(self, call: int) -> float:
         """Take a running call off the GPU; returns the swap-out bytes it costs."""
@@ -186,7 +246,7 @@ class Replica:
         swap = self.config.preemption_mode == "swap" and self.blocks.reserve_host(held)
         if swap and self.swap_listener is not None:
             self.swap_listener.swap_out(call)  # copy the KV before its blocks can be reused
-        self.release_blocks(call)
+        self.release_blocks(call, [NextUse.NEXT] * held)  # it waits at the queue front
         if swap:
             calls.state[call] = CallState.SWAPPED
             calls.host_blocks[call] = held
@@ -220,6 +280,8 @@ class Replica:
             count = int(np.count_nonzero(grant))
             run, grant = run[:count], grant[:count]
             need = -(-(calls.num_computed[run] + grant) // bs) - calls.num_held_blocks[run]
+            if self.pins and int(need.sum()) > bm.num_free_blocks:
+                self.unpin_oldest(int(need.sum()))  # a pin yields before a running call does
             if int(need.sum()) <= bm.num_free_blocks:
                 new_blocks = bm.allocate(int(need.sum()))
                 takers = np.flatnonzero(need)
@@ -297,6 +359,11 @@ class Replica:
         cfg = self.config
         queue = list(self.waiting)
         plans = [self.admission_plan(call, budget) for call in queue]
+        while not order and self.pins and not any(self.fits(plan) for plan in plans):
+            # nothing runs and nothing fits: waiting for a TTL would idle the replica
+            self.unpin(next(iter(self.pins)))
+            self.num_pins_dropped += 1
+            plans = [self.admission_plan(call, budget) for call in queue]
         if not any(self.fits(plan) for plan in plans):
             return False, 0, 0.0, True
         ranked = range(len(queue))
@@ -312,6 +379,11 @@ class Replica:
             call = queue[index]
             # the first plan is still exact; later ones must see the blocks taken since
             plan = plans[index] if rank == 0 else self.admission_plan(call, budget - spent)
+            while rank == 0 and not order and self.pins and not self.fits(plan):
+                # nothing runs and the policy's first choice waits on pinned blocks: drop pins
+                self.unpin(next(iter(self.pins)))
+                self.num_pins_dropped += 1
+                plan = self.admission_plan(call, budget)
             if not self.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
             self.waiting.remove(call)

@@ -18,10 +18,12 @@ from servegym.agents.networks import SetActorCriticPolicy
 from servegym.agents.runtime import OnnxPolicy, ScoreRuntime, SidecarError, sidecar_path
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
+from servegym.envs.engine.policy import CANDIDATE_FEATURES
 from servegym.envs.serving_env import EnvConfig
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
 
+F = len(CANDIDATE_FEATURES)
 SCORE_TOLERANCE = 1e-5  # float32 through two runtimes; observed ~1e-7
 
 
@@ -66,7 +68,7 @@ def _observations(rng: np.random.Generator, batch: int, k: int) -> dict[str, np.
     mask = (rng.random((batch, k)) < 0.8).astype(np.float32)
     return {
         "global": rng.normal(size=(batch, 12)).astype(np.float32),
-        "candidates": rng.normal(size=(batch, k, 20)).astype(np.float32) * 3,
+        "candidates": rng.normal(size=(batch, k, F)).astype(np.float32) * 3,
         "mask": mask,
     }
 

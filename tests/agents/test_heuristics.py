@@ -188,6 +188,10 @@ POLICIES = [
     H.AutellixPLAS,
     lambda: H.AutellixPLAS(critical_path=True),
     H.ProgramFCFS,
+    H.ProgramFCFSPinning,
+    lambda: H.ProgramFCFSPinning(ttl="oracle"),
+    H.KVFlow,
+    H.LTRSJF,
     H.LlumnixRouting,
     H.AutellixRouting,
     H.ThresholdModelRouting,
@@ -205,3 +209,33 @@ def test_every_baseline_drains_a_tight_two_replica_run(make) -> None:
     metrics = engine.run(make())
     assert_all_terminal(engine)
     assert metrics.jobs_completed == 12 and not metrics.stalled
+
+
+def test_ltr_sjf_runs_the_shortest_predicted_first_and_guards_against_starvation() -> None:
+    rows = [
+        {"predicted_output_log": 300, "output_tokens_log": 0, "wait_s": 0.01},
+        {"predicted_output_log": 40, "output_tokens_log": 0, "wait_s": 0.02},
+        {"predicted_output_log": 500, "output_tokens_log": 480, "wait_s": 0.03},  # 20 left
+    ]
+    sjf = H.LTRSJF(starvation_factor=10.0, tokens_per_s=50.0, min_starvation_s=5.0, time_scale_s=30.0)
+    assert admission_order(sjf, decision(DecisionKind.ORDER, rows)) == [2, 1, 0]
+    assert evicted(sjf, decision(DecisionKind.EVICT, rows)) == 0
+    # call 0's predicted service is 300 / 50 = 6 s: after 10 x 6 = 60 s of waiting it goes first
+    rows[0]["wait_s"] = 61.0 / 30.0
+    assert admission_order(sjf, decision(DecisionKind.ORDER, rows))[0] == 0
+    rows[0]["wait_s"] = 59.0 / 30.0
+    assert admission_order(sjf, decision(DecisionKind.ORDER, rows))[0] == 2
+
+
+def test_engine_predicts_output_lengths_online_per_role_and_tenant() -> None:
+    from servegym.envs.engine.features import predicted_output_tokens
+
+    source = Workload(generator=MapReduce(fan_out=3), arrival_rate=2.0, num_jobs=3).build(0)
+    engine = Engine(source, engine=EngineConfig(profile="tiny_cpu"))
+    engine.run(H.LTRSJF())
+    calls, n = engine.calls, engine.calls.size
+    ids = np.arange(n)
+    predicted = predicted_output_tokens(engine, ids)
+    for role in set(calls.role[:n].tolist()):  # one tenant: the per-role mean of finished outputs
+        mine = calls.role[:n] == role
+        assert np.allclose(predicted[mine], calls.num_output[:n][mine].mean())

@@ -13,8 +13,10 @@ from stable_baselines3 import PPO
 
 import servegym.envs  # noqa: F401
 from servegym.agents.networks import MaskableSetActorCriticPolicy, ScoreNetwork, SetActorCriticPolicy
+from servegym.envs.engine.policy import CANDIDATE_FEATURES
 
 K = 8
+F = len(CANDIDATE_FEATURES)
 
 
 def _obs_space() -> gym.spaces.Dict:
@@ -22,7 +24,7 @@ def _obs_space() -> gym.spaces.Dict:
     return gym.spaces.Dict(
         {
             "global": box(-1e6, 1e6, (12,), np.float32),
-            "candidates": box(-1e6, 1e6, (K, 20), np.float32),
+            "candidates": box(-1e6, 1e6, (K, F), np.float32),
             "mask": box(0.0, 1.0, (K,), np.float32),
         }
     )
@@ -64,7 +66,7 @@ def _random_obs(rng: np.random.Generator, batch: int, k: int = K) -> dict[str, t
     mask[:, 0] = 1.0
     return {
         "global": th.as_tensor(rng.normal(size=(batch, 12)).astype(np.float32)),
-        "candidates": th.as_tensor(rng.normal(size=(batch, k, 20)).astype(np.float32)),
+        "candidates": th.as_tensor(rng.normal(size=(batch, k, F)).astype(np.float32)),
         "mask": th.as_tensor(mask),
     }
 

@@ -155,6 +155,8 @@ class Scenario:
     policy: str
     policy_seed: int
     fast_forward: bool = True
+    pin_ttl_rule: str = "off"
+    prefix_eviction: str = "lru"
 
 
 @st.composite
@@ -177,6 +179,8 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         network_delay_s=draw(st.sampled_from([0.0, 0.0, 0.003])),
         policy=draw(st.sampled_from(POLICIES)),
         policy_seed=draw(st.integers(0, 2**16)),
+        pin_ttl_rule=draw(st.sampled_from(["off", "off", "fixed", "tool_mean", "oracle"])),
+        prefix_eviction=draw(st.sampled_from(["lru", "workflow"])),
     )
 
 
@@ -210,6 +214,9 @@ def build(sc: Scenario) -> Engine:
         swap_space_bytes=float(sc.swap_blocks * block_bytes),
         enable_prefix_caching=sc.prefix_caching,
         fast_forward=sc.fast_forward,
+        pin_ttl_rule=sc.pin_ttl_rule,
+        pin_ttl_s=0.05 if sc.pin_ttl_rule != "off" else 0.0,
+        prefix_eviction=sc.prefix_eviction,
     )
     if sc.replicas == "hetero":
         cluster = ClusterConfig(replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s)
@@ -245,6 +252,9 @@ def check_live(engine: Engine, probe: Probe, decision: Decision | None = None) -
         assert bm.num_allocated_total + probe.taken[replica.index] - bm.num_freed_total == sum(bm.ref_count)
         here = np.flatnonzero(calls.replica[:n] == replica.index).tolist()
         owners = Counter(block for call in here for block in calls.blocks[call])
+        owners.update(block for blocks in replica.pins.values() for block in blocks)  # a pin owns
+        for pinned in replica.pins:
+            assert state[pinned] == CallState.FINISHED and not calls.blocks[pinned]
         assert bm.ref_count == [owners[b] for b in range(bm.num_blocks)], "ref counts != block tables"
         running, waiting = list(replica.running), list(replica.waiting)
         assert len(set(running)) == len(running) and len(set(waiting)) == len(waiting)
@@ -326,6 +336,7 @@ def check_drained(engine: Engine, metrics: RunMetrics, probe: Probe, num_jobs: i
         bm = replica.blocks
         bm.check_invariants()
         assert not replica.waiting and not replica.running
+        assert not replica.pins and not replica.pin_waiters and not replica.pins_of_child
         assert bm.ref_count == [0] * bm.num_blocks
         assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
         assert bm.num_host_used_blocks == 0

@@ -103,10 +103,29 @@ def test_waiting_rows_follow_the_engines_scaling() -> None:
         "tenant_vtc_log": 0,
         "preemptions": 0,
         "replica": 0,
+        "predicted_output_log": np.log1p(30),  # no worker finished yet: its budget
+        "pinned_prefix_frac": 0,
     }
     assert set(expected) == set(CANDIDATE_FEATURES)
     for name, value in expected.items():
         assert row[column(name)] == pytest.approx(value, rel=1e-6), name
+
+
+def test_predicted_output_is_the_roles_mean_of_finished_requests() -> None:
+    book = TreeBook()
+    for i, output in enumerate((10, 30)):
+        done = request(f"t{i}:1:worker:1", 20, output=output)
+        book.add(done, NOW_S - 5.0)
+        book.finish(done, NOW_S - 1.0)
+    rows = candidate_table(
+        [request("t9:1:worker:1", 20, max_tokens=500), request("t9:2:critic:2", 20, max_tokens=70)],
+        DecisionKind.ORDER,
+        book,
+        kv(),
+        NOW_S,
+    )
+    assert rows[0, column("predicted_output_log")] == pytest.approx(np.log1p(20.0))
+    assert rows[1, column("predicted_output_log")] == pytest.approx(np.log1p(70.0))  # no critic finished
 
 
 def test_first_chunk_caps_blocks_needed_and_running_rows_hold_blocks() -> None:
