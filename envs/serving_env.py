@@ -17,6 +17,7 @@ from gymnasium import spaces
 
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine
+from servegym.envs.engine.metrics import jain_index
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     ROUTE_FEATURES,
@@ -55,6 +56,13 @@ class EnvConfig:
     """Normaliser of times in the features and of the reward."""
     horizon_s: float | None = None
     """Truncate the episode once virtual time passes this (None: run until the workload drains)."""
+    slo_s: float | None = None
+    """A tree's completion-time objective (seconds after its arrival) for ``slo_miss_penalty``."""
+    slo_miss_penalty: float = 0.0
+    """Reward term: minus this, once per tree, when the tree's age passes ``slo_s`` unfinished."""
+    fairness_weight: float = 0.0
+    """Reward term: minus this x (1 - Jain's index of the tenants' attained service) per
+    ``time_scale_s`` of virtual time: a steady cost of serving tenants unequally."""
 
     def __post_init__(self) -> None:
         if self.decisions is not None:
@@ -71,6 +79,12 @@ class EnvConfig:
             raise ValueError(f"env.time_scale_s must be > 0, got {self.time_scale_s!r}")
         if self.horizon_s is not None and not self.horizon_s > 0:
             raise ValueError(f"env.horizon_s must be > 0 or None, got {self.horizon_s!r}")
+        if self.slo_s is not None and not self.slo_s > 0:
+            raise ValueError(f"env.slo_s must be > 0 or None, got {self.slo_s!r}")
+        if not self.slo_miss_penalty >= 0 or not self.fairness_weight >= 0:
+            raise ValueError("env.slo_miss_penalty and env.fairness_weight must be >= 0")
+        if self.slo_miss_penalty > 0 and self.slo_s is None:
+            raise ValueError("env.slo_miss_penalty needs env.slo_s (the objective a tree misses)")
 
 
 def default_workload() -> Workload:
@@ -147,6 +161,8 @@ class EngineEnv(gym.Env):
         if self._fallback is None:  # a fresh round-robin each episode: same seed, same episode
             self.fallback = DefaultPolicy()
         self._tree_seconds = 0.0
+        self._last_now_s = 0.0
+        self._slo_counted = np.zeros(0, dtype=bool)
         self._ended = False
         self._decision = self._advance()
         return self._observe(), {"decision": self._kind_name()}
@@ -161,8 +177,7 @@ class EngineEnv(gym.Env):
             self.engine.decide(self._answer(action, info))
             self._decision = self._advance()
         # else: the workload drained before the agent's first decision; this step only ends it
-        reward = -(self.engine.tree_seconds - self._tree_seconds) / self.config.time_scale_s
-        self._tree_seconds = self.engine.tree_seconds
+        reward = self._reward()
         terminated = self._decision is None
         horizon = self.config.horizon_s
         truncated = not terminated and horizon is not None and self.engine.now_s >= horizon
@@ -171,6 +186,30 @@ class EngineEnv(gym.Env):
             self._ended = True
             info["metrics"] = self.engine.metrics().as_dict()
         return self._observe(), float(reward), terminated, truncated, info
+
+    def _reward(self) -> float:
+        """The one place the reward is defined: minus the tree-seconds elapsed since the last
+        step over ``time_scale_s`` (so the return is minus the total tree completion time),
+        minus ``slo_miss_penalty`` per tree whose age passed ``slo_s`` unfinished since the last
+        step, minus ``fairness_weight`` x (1 - Jain's index of the tenants' attained service)
+        x the elapsed time over ``time_scale_s``. The last two are 0 by default."""
+        engine, cfg = self.engine, self.config
+        reward = -(engine.tree_seconds - self._tree_seconds) / cfg.time_scale_s
+        self._tree_seconds = engine.tree_seconds
+        if cfg.slo_miss_penalty:
+            n = len(engine.jobs)
+            counted = np.zeros(n, dtype=bool)
+            counted[: len(self._slo_counted)] = self._slo_counted
+            finish = engine.job_finish_s[:n]
+            end = np.where(np.isnan(finish), engine.now_s, finish)
+            missed = (end - engine.job_arrival_s[:n] > cfg.slo_s) & ~counted
+            reward -= cfg.slo_miss_penalty * int(missed.sum())
+            self._slo_counted = counted | missed
+        if cfg.fairness_weight and len(engine.tenant_service) > 1:
+            unfairness = 1.0 - jain_index(engine.tenant_service)
+            reward -= cfg.fairness_weight * unfairness * (engine.now_s - self._last_now_s) / cfg.time_scale_s
+        self._last_now_s = engine.now_s
+        return float(reward)
 
     # ------------------------------------------------------------------ for subclasses
     def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
@@ -225,7 +264,8 @@ class SchedulingEnv(EngineEnv):
     ## Rewards
     Minus the number of unfinished trees times the virtual time elapsed since the previous
     step, over ``time_scale_s``: the episode return is minus the total tree completion time
-    (in units of ``time_scale_s``).
+    (in units of ``time_scale_s``). Optional SLO-miss and fairness terms (``EnvConfig``;
+    defined once, in ``EngineEnv._reward``).
 
     ## Episode end
     Terminated when the workload drains; truncated once virtual time passes ``horizon_s``.
