@@ -3,7 +3,7 @@ then a tidy table, a summary with confidence intervals and plots.
 
 Command line (Hydra, ``conf/evaluate.yaml`` + ``conf/suite/*.yaml``)::
 
-    python scripts/evaluate.py                                   # suite=default: 7 heuristics, 2 workloads
+    python scripts/evaluate.py                                   # suite=default: 10 heuristics, 2 workloads
     python scripts/evaluate.py suite.policies=[fcfs,lpm,plas,program_fcfs] suite.workloads=[mapreduce,debate] \\
         suite.loads=[0.5,1.0,1.5] suite.seeds=[0,1,2] suite.jobs=2
     python scripts/evaluate.py suite.policies=[fcfs,ppo] +suite.agent_overrides.ppo.checkpoint=run/policy.zip
