@@ -17,6 +17,7 @@ import torch as th
 from servegym.agents.networks import ScoreNetwork
 from servegym.agents.runtime import LearnedPolicy
 from servegym.envs.engine.policy import Policy
+from servegym.envs.observation import observation_layout
 
 ALGORITHMS = ("ppo", "maskable_ppo")
 
@@ -45,7 +46,8 @@ def action_semantics(model, kinds: tuple[str, ...]) -> dict[str, Any]:
 
     space = model.action_space
     action_type = "scores" if isinstance(space, spaces.Box) else "logits"
-    num_slots = int(model.observation_space["candidates"].shape[0])
+    table = observation_layout(model.observation_space.spaces)[0]
+    num_slots = int(model.observation_space[table].shape[0])
     return {"type": action_type, "kinds": [k.upper() for k in kinds], "max_candidates": num_slots}
 
 
@@ -70,9 +72,11 @@ class SB3Policy(LearnedPolicy):
             model = load_model(checkpoint, algo)
         self.model = model
         self.network = ScoreNetwork(model.policy).eval()
-        super().__init__(action_semantics(model, tuple(kinds)), fallback)
+        layout = observation_layout(model.observation_space.spaces)
+        super().__init__(action_semantics(model, tuple(kinds)), fallback, layout)
 
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        table = np.concatenate([obs[key] for key in self.layout], axis=1)  # as SlotFlatten does
         with th.no_grad():
-            x = [th.as_tensor(obs[key])[None] for key in ("global", "candidates", "mask")]
+            x = [th.as_tensor(a)[None] for a in (obs["global"], table, obs["mask"])]
             return self.network(*x)[0].numpy()

@@ -29,21 +29,18 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from servegym.envs.observation import observation_layout
+
 OBS_KEYS = ("global", "candidates", "mask")
 """The Dict observation of Scheduling-v0 and Eviction-v0; ``SlotFlatten`` concatenates it in
 this order. Routing-v0 has ``replicas`` for ``candidates``; Serving-v0 both, one row per slot."""
-TABLE_KEYS = ("candidates", "replicas")
 
 
 def _tables(observation_space: spaces.Dict) -> list[str]:
-    tables = [key for key in TABLE_KEYS if key in observation_space.spaces]
     missing = [key for key in ("global", "mask") if key not in observation_space.spaces]
-    if missing or not tables:
-        raise ValueError(
-            f"the set policy needs observation keys global, mask and one of {TABLE_KEYS}; "
-            f"got {list(observation_space.spaces)} (missing {missing or list(TABLE_KEYS)})"
-        )
-    return tables
+    if missing:
+        raise ValueError(f"the set policy needs observation keys global and mask; missing {missing}")
+    return list(observation_layout(observation_space.spaces))
 
 
 def _table_shape(observation_space: spaces.Dict) -> tuple[int, int, int]:

@@ -33,7 +33,7 @@ from servegym.envs.engine.policy import (
     DefaultPolicy,
     Policy,
 )
-from servegym.envs.observation import observe, slot_scores
+from servegym.envs.observation import LAYOUTS, score_action, slot_scores
 
 SIDECAR_FORMAT = 1
 ACTION_TYPES = ("scores", "logits")
@@ -115,11 +115,18 @@ class LearnedPolicy:
     """A slot scorer as a servegym ``Policy``: the env's observation and action semantics, the
     fallback for decision kinds it was not trained on and for candidates beyond its K."""
 
-    def __init__(self, action: dict[str, Any], fallback: Policy | None = None) -> None:
+    def __init__(
+        self,
+        action: dict[str, Any],
+        fallback: Policy | None = None,
+        layout: tuple[str, ...] = ("candidates",),
+    ) -> None:
         self.action_type = action["type"]
         self.kinds = {DecisionKind[name] for name in action["kinds"]}
         self.max_candidates = int(action["max_candidates"])
         self.fallback = fallback or DefaultPolicy()
+        self.layout = layout  # the slot tables of the env it was trained on (envs/observation.py)
+        self._observe = LAYOUTS[layout]
 
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """(K,) raw outputs for one observation; subclasses run their network here."""
@@ -129,10 +136,12 @@ class LearnedPolicy:
         if decision.kind not in self.kinds:
             return self.fallback.scores(decision)
         k = self.max_candidates
-        raw = np.asarray(self.slot_outputs(observe(decision, k)), dtype=np.float64)
-        if self.action_type == "scores":
-            return slot_scores(decision, raw, k, self.fallback)
-        return logit_scores(decision, raw, k)
+        raw = np.asarray(self.slot_outputs(self._observe(decision, k)), dtype=np.float64)
+        if self.action_type == "logits":
+            return logit_scores(decision, raw, k)
+        if decision.kind == DecisionKind.ROUTE:  # Serving-v0: replicas in the first slots
+            return score_action(raw, k)[: len(decision)].copy()
+        return slot_scores(decision, raw, k, self.fallback)
 
 
 def logit_scores(decision: Decision, logits: np.ndarray, max_candidates: int) -> np.ndarray:

@@ -71,6 +71,42 @@ def observe(decision: Decision | None, max_candidates: int) -> dict[str, np.ndar
     return {"global": global_observation(decision), "candidates": candidates, "mask": mask}
 
 
+def observe_replicas(decision: Decision | None, num_replicas: int) -> dict[str, np.ndarray]:
+    """The Routing-v0 observation: global, ``replicas`` (R, len(ROUTE_FEATURES)), eligibility mask."""
+    replicas, mask = replica_table(decision, num_replicas)
+    return {"global": global_observation(decision), "replicas": replicas, "mask": mask}
+
+
+def observe_serving(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
+    """The Serving-v0 observation: both tables with K rows and one mask (the table of the other
+    kind is zero), so slot i means the same thing whatever the decision."""
+    candidates, mask = candidate_table(decision, max_candidates)
+    replicas, route_mask = replica_table(decision, max_candidates)
+    is_route = decision is not None and decision.kind == DecisionKind.ROUTE
+    return {
+        "global": global_observation(decision),
+        "candidates": candidates,
+        "replicas": replicas,
+        "mask": route_mask if is_route else mask,
+    }
+
+
+LAYOUTS = {
+    ("candidates",): observe,
+    ("replicas",): observe_replicas,
+    ("candidates", "replicas"): observe_serving,
+}
+"""Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving)."""
+
+
+def observation_layout(keys: Any) -> tuple[str, ...]:
+    """The slot tables among an observation's keys, in the order policies concatenate them."""
+    tables = tuple(key for key in ("candidates", "replicas") if key in keys)
+    if tables not in LAYOUTS:
+        raise ValueError(f"no servegym observation has keys {sorted(keys)}")
+    return tables
+
+
 def score_action(action: Any, size: int) -> np.ndarray:
     """A Box score action, checked (shape, NaN) and clipped to [-1, 1]."""
     action = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -114,7 +150,11 @@ __all__ = [
     "GLOBAL_SIZE",
     "candidate_table",
     "global_observation",
+    "LAYOUTS",
+    "observation_layout",
     "observe",
+    "observe_replicas",
+    "observe_serving",
     "replica_table",
     "score_action",
     "slot_scores",

@@ -7,7 +7,7 @@ from gymnasium import spaces
 
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.policy import ROUTE_FEATURES, Policy
-from servegym.envs.observation import GLOBAL_SIZE, global_observation, replica_table
+from servegym.envs.observation import GLOBAL_SIZE, observe_replicas
 from servegym.envs.serving_env import EnvConfig, MaskedChoiceEnv, feature_box, mask_box
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
@@ -110,5 +110,4 @@ class RoutingEnv(MaskedChoiceEnv):
         return np.eye(self.num_replicas)[slot]
 
     def _observe(self) -> dict[str, np.ndarray]:
-        replicas, mask = replica_table(self._decision, self.num_replicas)
-        return {"global": global_observation(self._decision), "replicas": replicas, "mask": mask}
+        return observe_replicas(self._decision, self.num_replicas)

@@ -29,10 +29,8 @@ from servegym.envs.engine.policy import (
 from servegym.envs.observation import (
     FEATURE_BOUND,
     GLOBAL_SIZE,
-    candidate_table,
-    global_observation,
     observe,
-    replica_table,
+    observe_serving,
     score_action,
     slot_scores,
 )
@@ -395,16 +393,7 @@ class ServingEnv(EngineEnv):
         return slot_scores(d, action, self.config.max_candidates, self.fallback)
 
     def _observe(self) -> dict[str, np.ndarray]:
-        d, k = self._decision, self.config.max_candidates
-        candidates, mask = candidate_table(d, k)
-        replicas, route_mask = replica_table(d, k)
-        is_route = d is not None and d.kind == DecisionKind.ROUTE
-        return {
-            "global": global_observation(d),
-            "candidates": candidates,
-            "replicas": replicas,
-            "mask": route_mask if is_route else mask,
-        }
+        return observe_serving(self._decision, self.config.max_candidates)
 
 
 class MaskedChoiceEnv(EngineEnv):
