@@ -26,7 +26,7 @@ from rich.console import Console
 from servegym.agents.configs import register_configs
 from servegym.agents.evaluate import SuiteConfig, evaluate
 from servegym.agents.export import export_policy
-from servegym.agents.learned import load_model
+from servegym.agents.learned import SB3Policy, load_model
 from servegym.agents.runtime import OnnxPolicy
 from servegym.agents.train import train
 
@@ -34,8 +34,8 @@ register_configs()
 LEARNED = "learned"
 
 
-def compare(cfg: DictConfig, onnx_path: Path, out_dir: Path, workload_name: str) -> str:
-    """The exported policy and ``train.compare_with`` on the training world, held-out seeds."""
+def compare(cfg: DictConfig, make_policy, out_dir: Path, workload_name: str) -> str:
+    """The learned policy and ``train.compare_with`` on the training world, held-out seeds."""
     suite = SuiteConfig(
         policies=[*cfg.train.compare_with, LEARNED],
         workloads=[workload_name],
@@ -45,9 +45,8 @@ def compare(cfg: DictConfig, onnx_path: Path, out_dir: Path, workload_name: str)
         workload_overrides={workload_name: OmegaConf.to_container(cfg.workload, resolve=True)},
         baseline="fcfs" if "fcfs" in cfg.train.compare_with else cfg.train.compare_with[0],
     )
-    factory = functools.partial(OnnxPolicy, str(onnx_path))
     result = evaluate(
-        suite, out_dir, extra_policies={LEARNED: factory}, base_cfg=cfg, progress=cfg.train.progress
+        suite, out_dir, extra_policies={LEARNED: make_policy}, base_cfg=cfg, progress=cfg.train.progress
     )
     return (
         (out_dir / "summary.md").read_text() if result.failures.empty else f"failed runs: {result.failures}"
@@ -61,10 +60,16 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     result = train(cfg, run_dir)
     best = result["best_model"]
-    model = load_model(best) if best and Path(best).exists() else result["model"]
+    checkpoint = best if best and Path(best).exists() else result["final_model"]
+    model = load_model(checkpoint)
     kinds = tuple(cfg.env.config.decisions)
     config = OmegaConf.to_container(cfg, resolve=True)
-    paths = export_policy(model, run_dir / "policy.onnx", kinds, env_id=cfg.env.id, config=config)
+    if set(model.observation_space.spaces) == {"global", "candidates", "mask"}:
+        paths = export_policy(model, run_dir / "policy.onnx", kinds, env_id=cfg.env.id, config=config)
+        make_policy, what = functools.partial(OnnxPolicy, str(paths["onnx"])), "the exported ONNX policy"
+    else:  # the replica-table layouts (Routing-v0, Serving-v0) have no runtime sidecar yet
+        paths = {}
+        make_policy, what = functools.partial(SB3Policy, checkpoint, kinds=kinds), "the SB3 policy"
     console.print(
         f"trained {result['timesteps']} steps in {result['train_seconds']:.0f} s; run dir {run_dir}"
     )
@@ -73,31 +78,33 @@ def main(cfg: DictConfig) -> None:
             f"  step {int(row['timesteps'])}: mean tree time {row['jct_mean_s']:.2f} s on eval seeds, "
             f"{row['ratio_to_baseline']:.3f}x {cfg.train.baseline}"
         )
-    table = compare(
-        cfg, paths["onnx"], run_dir / "eval", hydra_cfg.runtime.choices.get("workload", "workload")
-    )
+    table = compare(cfg, make_policy, run_dir / "eval", hydra_cfg.runtime.choices.get("workload", "workload"))
     wandb_run = result["wandb_run"]
     if wandb_run is not None:
         import wandb
 
         artifact = wandb.Artifact("policy", type="model")
-        for path in paths.values():
+        for path in [*paths.values(), Path(checkpoint)]:
             artifact.add_file(str(path))
         wandb_run.log_artifact(artifact)
         wandb_run.log({"eval/summary": wandb.Table(dataframe=_read_summary(run_dir / "eval"))})
         for png in sorted((run_dir / "eval" / "plots").glob("*.png")):
             wandb_run.log({f"eval/{png.stem}": wandb.Image(str(png))})
         wandb_run.finish()
-    console.print(
-        f"\nHeld-out comparison (seeds {list(cfg.train.test_seeds)}; '{LEARNED}' is the exported ONNX policy):"
-    )
+    console.print(f"\nHeld-out comparison (seeds {list(cfg.train.test_seeds)}; '{LEARNED}' is {what}):")
     print(table)
-    console.print(
-        f"exported policy: {paths['onnx']} (+ {paths['sidecar'].name}, {paths['torchscript'].name})"
-    )
+    if paths:
+        console.print(
+            f"exported policy: {paths['onnx']} (+ {paths['sidecar'].name}, {paths['torchscript'].name})"
+        )
+    else:
+        console.print(
+            "not exported: ONNX export speaks the candidate-table layout only (Scheduling-v0, Eviction-v0)"
+        )
     console.print(f"tables and plots: {run_dir / 'eval'}")
     summary = {k: v for k, v in result.items() if k not in ("model", "wandb_run")}
-    print(json.dumps({**summary, "onnx": str(paths["onnx"]), "eval_dir": str(run_dir / "eval")}, default=str))
+    onnx = str(paths["onnx"]) if paths else None
+    print(json.dumps({**summary, "onnx": onnx, "eval_dir": str(run_dir / "eval")}, default=str))
     sys.stdout.flush()
 
 
