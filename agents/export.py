@@ -19,8 +19,16 @@ import torch as th
 
 from servegym.agents.learned import action_semantics
 from servegym.agents.networks import ScoreNetwork
-from servegym.agents.runtime import GLOBAL_COLUMNS, INPUT_NAMES, SIDECAR_FORMAT, check_sidecar, sidecar_path
+from servegym.agents.runtime import (
+    GLOBAL_COLUMNS,
+    INPUT_NAMES,
+    SIDECAR_FORMAT,
+    check_sidecar,
+    sidecar_path,
+    slot_columns,
+)
 from servegym.envs.engine.policy import CANDIDATE_FEATURES, FEATURE_SCHEMA_VERSION
+from servegym.envs.observation import observation_layout
 
 OPSET = 17
 
@@ -42,20 +50,13 @@ def export_policy(
     torchscript: bool = True,
 ) -> dict[str, Path]:
     """Write ``policy.onnx``, ``policy.json`` and (optionally) ``policy.pt``; returns the paths."""
-    if set(model.observation_space.spaces) != {"global", "candidates", "mask"}:
-        raise ValueError(
-            "export speaks the candidate-table schema (Scheduling-v0, Eviction-v0); a policy over "
-            f"observation keys {sorted(model.observation_space.spaces)} has no runtime sidecar yet"
-        )
+    layout = observation_layout(model.observation_space.spaces)
+    columns = slot_columns(layout)
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     network = ScoreNetwork(model.policy).cpu().eval()
-    k = int(model.observation_space["candidates"].shape[0])
-    example = (
-        th.zeros(1, len(GLOBAL_COLUMNS)),
-        th.randn(1, k, len(CANDIDATE_FEATURES)),
-        th.ones(1, k),
-    )
+    k = int(model.observation_space[layout[0]].shape[0])
+    example = (th.zeros(1, len(GLOBAL_COLUMNS)), th.randn(1, k, len(columns)), th.ones(1, k))
     dynamic = {
         "global": {0: "batch"},
         "candidates": {0: "batch", 1: "num_candidates"},
@@ -77,13 +78,15 @@ def export_policy(
     meta = {
         "format": SIDECAR_FORMAT,
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
+        "layout": list(layout),
+        "slot_features": list(columns),
         "candidate_features": list(CANDIDATE_FEATURES),
         "global_features": list(GLOBAL_COLUMNS),
         "normalisation": "none: features are scaled by construction (servegym.envs.engine.policy)",
         "action": action_semantics(model, kinds),
         "inputs": {
             "global": ["batch", "global_features"],
-            "candidates": ["batch", "num_candidates", "candidate_features"],
+            "candidates": ["batch", "num_candidates", "slot_features"],
             "mask": ["batch", "num_candidates"],
         },
         "outputs": {"scores": ["batch", "num_candidates"]},

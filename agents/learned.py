@@ -76,7 +76,6 @@ class SB3Policy(LearnedPolicy):
         super().__init__(action_semantics(model, tuple(kinds)), fallback, layout)
 
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        table = np.concatenate([obs[key] for key in self.layout], axis=1)  # as SlotFlatten does
         with th.no_grad():
-            x = [th.as_tensor(a)[None] for a in (obs["global"], table, obs["mask"])]
+            x = [th.as_tensor(a)[None] for a in (obs["global"], self.slot_table(obs), obs["mask"])]
             return self.network(*x)[0].numpy()

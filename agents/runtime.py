@@ -8,8 +8,11 @@ as training, ``servegym.envs.observation``), so an exported policy run through t
 reproduces the trained one. ``OnnxPolicy`` is that wrapper over a ``ScoreRuntime``.
 
 Sidecar (JSON, written by ``servegym.agents.export``): ``format`` (this module's
-``SIDECAR_FORMAT``), ``feature_schema_version``, ``candidate_features``, ``global_features``
-(names, in column order), ``normalisation``, ``action`` (``type``: ``scores`` — Box scores,
+``SIDECAR_FORMAT``), ``feature_schema_version``, ``layout`` (the slot tables of the env it was
+trained on: ``["candidates"]`` for Scheduling/Eviction, ``["replicas"]`` for Routing, both for
+Serving), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
+side by side, replica columns prefixed ``replica.``), ``candidate_features`` and
+``global_features`` (names, in column order), ``normalisation``, ``action`` (``type``: ``scores`` — Box scores,
 clipped to [-1, 1], admission in descending order and eviction of the lowest — or ``logits``
 — Discrete(K) over slots, the argmax is the victim or the replica), ``kinds`` (decision kinds
 it answers; others go to the fallback), ``max_candidates`` (K it was trained with)),
@@ -28,6 +31,7 @@ from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     FEATURE_SCHEMA_VERSION,
     GLOBAL_FEATURES,
+    ROUTE_FEATURES,
     Decision,
     DecisionKind,
     DefaultPolicy,
@@ -35,10 +39,16 @@ from servegym.envs.engine.policy import (
 )
 from servegym.envs.observation import LAYOUTS, score_action, slot_scores
 
-SIDECAR_FORMAT = 1
+SIDECAR_FORMAT = 2
 ACTION_TYPES = ("scores", "logits")
 INPUT_NAMES = ("global", "candidates", "mask")
 GLOBAL_COLUMNS = (*GLOBAL_FEATURES, *(f"kind_{kind.name.lower()}" for kind in DecisionKind))
+TABLE_COLUMNS = {"candidates": CANDIDATE_FEATURES, "replicas": tuple(f"replica.{n}" for n in ROUTE_FEATURES)}
+
+
+def slot_columns(layout: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The per-slot columns a policy of this layout reads, in order."""
+    return tuple(name for table in layout for name in TABLE_COLUMNS[table])
 
 
 class SidecarError(ValueError):
@@ -61,6 +71,11 @@ def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, An
         )
     if tuple(meta.get("candidate_features", ())) != CANDIDATE_FEATURES:
         raise SidecarError(f"{source}: candidate_features differ from {list(CANDIDATE_FEATURES)}")
+    layout = tuple(meta.get("layout", ()))
+    if layout not in LAYOUTS:
+        raise SidecarError(f"{source}: layout {list(layout)} is not one of {[list(k) for k in LAYOUTS]}")
+    if tuple(meta.get("slot_features", ())) != slot_columns(layout):
+        raise SidecarError(f"{source}: slot_features differ from {list(slot_columns(layout))}")
     if tuple(meta.get("global_features", ())) != GLOBAL_COLUMNS:
         raise SidecarError(f"{source}: global_features differ from {list(GLOBAL_COLUMNS)}")
     action = meta.get("action", {})
@@ -102,10 +117,11 @@ class ScoreRuntime:
         inputs = [np.asarray(x, dtype=np.float32) for x in (global_, candidates, mask)]
         if single:
             inputs = [x[None] for x in inputs]
-        if inputs[1].shape[-1] != len(CANDIDATE_FEATURES) or inputs[0].shape[-1] != len(GLOBAL_COLUMNS):
+        width = len(self.meta["slot_features"])
+        if inputs[1].shape[-1] != width or inputs[0].shape[-1] != len(GLOBAL_COLUMNS):
             raise ValueError(
-                f"expected global (.., {len(GLOBAL_COLUMNS)}) and candidates (.., N, "
-                f"{len(CANDIDATE_FEATURES)}), got {inputs[0].shape} and {inputs[1].shape}"
+                f"expected global (.., {len(GLOBAL_COLUMNS)}) and candidates (.., N, {width}), "
+                f"got {inputs[0].shape} and {inputs[1].shape}"
             )
         (out,) = self.session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
         return out[0] if single else out
@@ -131,6 +147,10 @@ class LearnedPolicy:
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """(K,) raw outputs for one observation; subclasses run their network here."""
         raise NotImplementedError
+
+    def slot_table(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The layout's tables side by side: the rows the network scores (as ``SlotFlatten``)."""
+        return np.concatenate([obs[key] for key in self.layout], axis=1)
 
     def scores(self, decision: Decision) -> np.ndarray:
         if decision.kind not in self.kinds:
@@ -163,10 +183,10 @@ class OnnxPolicy(LearnedPolicy):
 
     def __init__(self, path: str, fallback: Policy | None = None, num_threads: int = 1) -> None:
         self.runtime = ScoreRuntime(path, num_threads=num_threads)
-        super().__init__(self.runtime.action, fallback)
+        super().__init__(self.runtime.action, fallback, tuple(self.runtime.meta["layout"]))
 
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.runtime.scores(obs["global"], obs["candidates"], obs["mask"])
+        return self.runtime.scores(obs["global"], self.slot_table(obs), obs["mask"])
 
 
 __all__ = [
@@ -177,6 +197,7 @@ __all__ = [
     "ScoreRuntime",
     "SidecarError",
     "check_sidecar",
+    "slot_columns",
     "logit_scores",
     "sidecar_path",
 ]

@@ -400,6 +400,11 @@ class RuntimePolicy(LearnedPolicy):
     """An already-loaded ``ScoreRuntime`` as a servegym Policy (the env's action semantics)."""
 
     def __init__(self, runtime: ScoreRuntime, fallback: Policy | None = None) -> None:
+        if tuple(runtime.meta["layout"]) != ("candidates",):
+            raise ValueError(
+                f"{runtime.path}: a policy over {runtime.meta['layout']} tables; vLLM's scheduler "
+                "needs one trained on the candidate table (Scheduling-v0 or Eviction-v0)"
+            )
         self.runtime = runtime
         super().__init__(runtime.action, fallback)
 

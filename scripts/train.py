@@ -26,7 +26,7 @@ from rich.console import Console
 from servegym.agents.configs import register_configs
 from servegym.agents.evaluate import SuiteConfig, evaluate
 from servegym.agents.export import export_policy
-from servegym.agents.learned import SB3Policy, load_model
+from servegym.agents.learned import load_model
 from servegym.agents.runtime import OnnxPolicy
 from servegym.agents.train import train
 
@@ -64,12 +64,8 @@ def main(cfg: DictConfig) -> None:
     model = load_model(checkpoint)
     kinds = tuple(cfg.env.config.decisions)
     config = OmegaConf.to_container(cfg, resolve=True)
-    if set(model.observation_space.spaces) == {"global", "candidates", "mask"}:
-        paths = export_policy(model, run_dir / "policy.onnx", kinds, env_id=cfg.env.id, config=config)
-        make_policy, what = functools.partial(OnnxPolicy, str(paths["onnx"])), "the exported ONNX policy"
-    else:  # the replica-table layouts (Routing-v0, Serving-v0) have no runtime sidecar yet
-        paths = {}
-        make_policy, what = functools.partial(SB3Policy, checkpoint, kinds=kinds), "the SB3 policy"
+    paths = export_policy(model, run_dir / "policy.onnx", kinds, env_id=cfg.env.id, config=config)
+    make_policy = functools.partial(OnnxPolicy, str(paths["onnx"]))
     console.print(
         f"trained {result['timesteps']} steps in {result['train_seconds']:.0f} s; run dir {run_dir}"
     )
@@ -84,14 +80,16 @@ def main(cfg: DictConfig) -> None:
         import wandb
 
         artifact = wandb.Artifact("policy", type="model")
-        for path in [*paths.values(), Path(checkpoint)]:
+        for path in paths.values():
             artifact.add_file(str(path))
         wandb_run.log_artifact(artifact)
         wandb_run.log({"eval/summary": wandb.Table(dataframe=_read_summary(run_dir / "eval"))})
         for png in sorted((run_dir / "eval" / "plots").glob("*.png")):
             wandb_run.log({f"eval/{png.stem}": wandb.Image(str(png))})
         wandb_run.finish()
-    console.print(f"\nHeld-out comparison (seeds {list(cfg.train.test_seeds)}; '{LEARNED}' is {what}):")
+    console.print(
+        f"\nHeld-out comparison (seeds {list(cfg.train.test_seeds)}; '{LEARNED}' is the exported ONNX policy):"
+    )
     print(table)
     if paths:
         console.print(
@@ -103,8 +101,7 @@ def main(cfg: DictConfig) -> None:
         )
     console.print(f"tables and plots: {run_dir / 'eval'}")
     summary = {k: v for k, v in result.items() if k not in ("model", "wandb_run")}
-    onnx = str(paths["onnx"]) if paths else None
-    print(json.dumps({**summary, "onnx": onnx, "eval_dir": str(run_dir / "eval")}, default=str))
+    print(json.dumps({**summary, "onnx": str(paths["onnx"]), "eval_dir": str(run_dir / "eval")}, default=str))
     sys.stdout.flush()
 
 

@@ -18,7 +18,7 @@ from servegym.agents.networks import SetActorCriticPolicy
 from servegym.agents.runtime import OnnxPolicy, ScoreRuntime, SidecarError, sidecar_path
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
-from servegym.envs.engine.policy import CANDIDATE_FEATURES
+from servegym.envs.engine.policy import CANDIDATE_FEATURES, DecisionKind
 from servegym.envs.serving_env import EnvConfig
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
@@ -163,3 +163,38 @@ def test_runtime_needs_neither_torch_nor_sb3_nor_hydra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("env_id", ["servegym/Routing-v0", "servegym/Serving-v0"])
+def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str, tmp_path) -> None:
+    """Routing (Discrete over replicas) and Serving (both tables side by side) export with their
+    layout, and the ONNX policy makes the SB3 policy's decisions in the engine, ROUTE included."""
+    from sb3_contrib import MaskablePPO
+
+    from servegym.agents.networks import MaskableSetActorCriticPolicy
+    from servegym.envs.engine.config import ClusterConfig
+
+    th.manual_seed(0)
+    cluster = ClusterConfig(replicas=["llama8b_h100", "llama8b_h100", "llama70b_h100x4"])
+    env = gym.make(env_id, workload=_workload(), cluster=cluster, env=EnvConfig(max_candidates=8))
+    routing = env_id == "servegym/Routing-v0"
+    algo, policy = (MaskablePPO, MaskableSetActorCriticPolicy) if routing else (PPO, SetActorCriticPolicy)
+    model = algo(policy, env, n_steps=32, batch_size=32, n_epochs=1, seed=0, policy_kwargs={"hidden": 16})
+    model.learn(64)
+    kinds = ("route",) if routing else ("order", "evict", "route")
+    paths = export_policy(model, tmp_path / "policy.onnx", kinds, env_id=env_id)
+    meta = json.loads(paths["sidecar"].read_text())
+    assert meta["layout"] == (["replicas"] if routing else ["candidates", "replicas"])
+
+    def run(policy):
+        engine = Engine(_workload().build(3), cluster=cluster)
+        decisions = []
+        while (decision := engine.next_decision()) is not None:
+            scores = policy.scores(decision)
+            decisions.append((decision.kind, np.argsort(-scores, kind="stable").tolist()))
+            engine.decide(scores)
+        return decisions
+
+    sb3 = run(SB3Policy(model=model, kinds=kinds))
+    assert any(kind == DecisionKind.ROUTE for kind, _ in sb3)
+    assert run(OnnxPolicy(str(paths["onnx"]))) == sb3

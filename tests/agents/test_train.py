@@ -119,8 +119,8 @@ def test_train_config_defaults_validate() -> None:
 
 @pytest.mark.parametrize("experiment", ["quick", "routing"])
 def test_train_script_runs_train_export_and_prints_json(experiment: str, tmp_path: Path) -> None:
-    """The entry point, end to end, as the README runs it (tiny sizes). A routing policy has no
-    ONNX export yet: the script compares its SB3 checkpoint instead and says so."""
+    """The entry point, end to end, as the README runs it (tiny sizes), for a score policy over
+    the candidate table and a slot policy over the replica table."""
     overrides = [o for o in TINY_TRAINING if not o.startswith("experiment=")]
     proc = subprocess.run(
         [
@@ -139,10 +139,9 @@ def test_train_script_runs_train_export_and_prints_json(experiment: str, tmp_pat
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["timesteps"] >= 128
     assert (tmp_path / "eval" / "summary.md").exists()
-    if experiment == "quick":
-        assert (tmp_path / "policy.onnx").exists() and (tmp_path / "policy.json").exists()
-    else:
-        assert summary["onnx"] is None and "not exported" in proc.stdout
+    assert (tmp_path / "policy.onnx").exists() and (tmp_path / "policy.json").exists()
+    layout = json.loads((tmp_path / "policy.json").read_text())["layout"]
+    assert layout == (["candidates"] if experiment == "quick" else ["replicas"])
 
 
 @pytest.mark.parametrize(
