@@ -172,9 +172,9 @@ def _init_set_modules(policy: nn.Module, gains: dict[nn.Module, float]) -> None:
         module.apply(partial(policy.init_weights, gain=gain))
 
 
-class SetActorCriticPolicy(ActorCriticPolicy):
-    """PPO policy over a Box of per-slot scores. ``hidden`` sizes every layer; the standard
-    deviation is one shared parameter, so no slot is special."""
+class _SetPolicy:
+    """What both SB3 policies share: the set trunk, ``hidden`` as a saved constructor argument,
+    the value head, orthogonal init and the optimizer; each policy builds its own action head."""
 
     def __init__(self, observation_space, action_space, lr_schedule, hidden: int = 64, **kwargs) -> None:
         self.hidden = hidden
@@ -187,46 +187,39 @@ class SetActorCriticPolicy(ActorCriticPolicy):
     def _build_mlp_extractor(self) -> None:
         self.mlp_extractor = SetTrunk(*_table_shape(self.observation_space), hidden=self.hidden)
 
+    def _build_action_head(self) -> None:
+        raise NotImplementedError
+
     def _build(self, lr_schedule) -> None:
         self._build_mlp_extractor()
-        self.action_dist = MaskedDiagGaussian(int(np.prod(self.action_space.shape)))
-        self.action_net = SlotHead(self.hidden, squash=True)
-        self.log_std = nn.Parameter(th.full((1,), float(self.log_std_init)))
+        self._build_action_head()
         self.value_net = nn.Linear(self.hidden, 1)
         if self.ortho_init:
             _init_set_modules(
                 self, {self.mlp_extractor: np.sqrt(2), self.action_net: 0.01, self.value_net: 1.0}
             )
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+
+class SetActorCriticPolicy(_SetPolicy, ActorCriticPolicy):
+    """PPO policy over a Box of per-slot scores. ``hidden`` sizes every layer; the standard
+    deviation is one shared parameter, so no slot is special."""
+
+    def _build_action_head(self) -> None:
+        self.action_dist = MaskedDiagGaussian(int(np.prod(self.action_space.shape)))
+        self.action_net = SlotHead(self.hidden, squash=True)
+        self.log_std = nn.Parameter(th.full((1,), float(self.log_std_init)))
 
     def _get_action_dist_from_latent(self, latent_pi: th.Tensor) -> MaskedDiagGaussian:
         mean = self.action_net(latent_pi)
         return self.action_dist.proba_distribution(mean, self.log_std, slot_mask(latent_pi, self.hidden))
 
 
-class MaskableSetActorCriticPolicy(MaskableActorCriticPolicy):
+class MaskableSetActorCriticPolicy(_SetPolicy, MaskableActorCriticPolicy):
     """MaskablePPO policy over Discrete(K): one logit per slot from the shared head."""
 
-    def __init__(self, observation_space, action_space, lr_schedule, hidden: int = 64, **kwargs) -> None:
-        self.hidden = hidden
-        kwargs.setdefault("features_extractor_class", SlotFlatten)
-        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
-
-    def _get_constructor_parameters(self) -> dict:
-        return {**super()._get_constructor_parameters(), "hidden": self.hidden}
-
-    def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = SetTrunk(*_table_shape(self.observation_space), hidden=self.hidden)
-
-    def _build(self, lr_schedule) -> None:
-        self._build_mlp_extractor()
+    def _build_action_head(self) -> None:
         self.action_net = SlotHead(self.hidden)
-        self.value_net = nn.Linear(self.hidden, 1)
-        if self.ortho_init:
-            _init_set_modules(
-                self, {self.mlp_extractor: np.sqrt(2), self.action_net: 0.01, self.value_net: 1.0}
-            )
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
 
 class ScoreNetwork(nn.Module):

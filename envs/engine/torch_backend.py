@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from servegym.envs.engine.backend import Batch
-from servegym.envs.engine.cost_model import CostModel, ModelProfile
+from servegym.envs.engine.backend import Batch, SimBackend
+from servegym.envs.engine.cost_model import ModelProfile
 from servegym.envs.engine.model import PROFILE_MODELS, LlamaModel, ModelConfig, PagedBatch, model_config
 from servegym.envs.engine.tokens import TokenStore
 
@@ -232,7 +232,7 @@ class TorchBackend:
         self.tokens = tokens
         self.profile = profile
         self.timing = timing
-        self.cost = CostModel(profile) if timing == "cost_model" else None
+        self.cost = SimBackend(profile) if timing == "cost_model" else None
         self.cuda_graphs = cuda_graphs
         self.record_logits = record_logits
         self.logits: dict[int, list[tuple[int, np.ndarray]]] = {}  # call -> (context tokens, logits)
@@ -301,15 +301,7 @@ class TorchBackend:
             for row in sampled.tolist():
                 self.logits.setdefault(ids_list[row], []).append((int(context[row]), rows[row].copy()))
         if self.cost is not None:
-            return float(
-                self.cost.iteration_time_s(
-                    batch.prefill_tokens,
-                    batch.prefill_attn_tokens,
-                    batch.num_decodes,
-                    batch.kv_read_tokens,
-                    batch.swap_bytes,
-                )
-            )
+            return self.cost.iteration_time_s(batch)
         if cuda:
             end.synchronize()
             return start.elapsed_time(end) / 1e3
