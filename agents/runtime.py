@@ -31,24 +31,23 @@ from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     FEATURE_SCHEMA_VERSION,
     GLOBAL_FEATURES,
-    ROUTE_FEATURES,
     Decision,
     DecisionKind,
     DefaultPolicy,
     Policy,
 )
-from servegym.envs.observation import LAYOUTS, score_action, slot_scores
+from servegym.envs.observation import LAYOUTS, TABLE_FEATURES, score_action, slot_scores
 
 SIDECAR_FORMAT = 2
 ACTION_TYPES = ("scores", "logits")
 INPUT_NAMES = ("global", "candidates", "mask")
 GLOBAL_COLUMNS = (*GLOBAL_FEATURES, *(f"kind_{kind.name.lower()}" for kind in DecisionKind))
-TABLE_COLUMNS = {"candidates": CANDIDATE_FEATURES, "replicas": tuple(f"replica.{n}" for n in ROUTE_FEATURES)}
 
 
 def slot_columns(layout: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The per-slot columns a policy of this layout reads, in order."""
-    return tuple(name for table in layout for name in TABLE_COLUMNS[table])
+    """The per-slot columns a policy of this layout reads, in order (replica columns prefixed)."""
+    prefix = {"candidates": "", "replicas": "replica."}
+    return tuple(prefix[table] + name for table in layout for name in TABLE_FEATURES[table])
 
 
 class SidecarError(ValueError):

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from gymnasium import spaces
 
-from servegym.envs.engine.config import ClusterConfig, EngineConfig
-from servegym.envs.engine.policy import CANDIDATE_FEATURES, Policy
-from servegym.envs.observation import GLOBAL_SIZE, observe
-from servegym.envs.serving_env import EnvConfig, MaskedChoiceEnv, feature_box, mask_box
+from servegym.envs.engine.config import EngineConfig
+from servegym.envs.serving_env import MaskedChoiceEnv
 from servegym.envs.workloads.generators import TreeOfThoughts
 from servegym.envs.workloads.workload import Workload
 
@@ -74,25 +71,6 @@ class EvictionEnv(MaskedChoiceEnv):
     allowed_decisions = ("evict",)
     default_decisions = ("evict",)
 
-    def __init__(
-        self,
-        workload: Workload | None = None,
-        cluster: ClusterConfig | None = None,
-        engine: EngineConfig | None = None,
-        env: EnvConfig | None = None,
-        fallback: Policy | None = None,
-    ) -> None:
-        super().__init__(workload, cluster, engine, env, fallback)
-        k = self.config.max_candidates
-        self.observation_space = spaces.Dict(
-            {
-                "global": feature_box((GLOBAL_SIZE,)),
-                "candidates": feature_box((k, len(CANDIDATE_FEATURES))),
-                "mask": mask_box(k),
-            }
-        )
-        self.action_space = spaces.Discrete(k)
-
     def default_workload(self) -> Workload:
         return eviction_workload()
 
@@ -109,6 +87,3 @@ class EvictionEnv(MaskedChoiceEnv):
         scores = np.zeros(len(self._decision))
         scores[slot] = -1.0  # the lowest score is preempted
         return scores
-
-    def _observe(self) -> dict[str, np.ndarray]:
-        return observe(self._decision, self.config.max_candidates)

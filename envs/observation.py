@@ -34,6 +34,9 @@ scales would be clipped)."""
 GLOBAL_SIZE = len(GLOBAL_FEATURES) + len(DecisionKind)
 """Length of the ``global`` observation: the engine's global features and the kind one-hot."""
 
+TABLE_FEATURES = {"candidates": CANDIDATE_FEATURES, "replicas": ROUTE_FEATURES}
+"""The columns of each slot table an observation may hold."""
+
 
 def global_observation(decision: Decision | None) -> np.ndarray:
     """(G + 3,): the decision's global features and its kind one-hot (zeros for None)."""
@@ -148,6 +151,7 @@ def subset(decision: Decision, rows: slice) -> Decision:
 __all__ = [
     "FEATURE_BOUND",
     "GLOBAL_SIZE",
+    "TABLE_FEATURES",
     "candidate_table",
     "global_observation",
     "LAYOUTS",

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from gymnasium import spaces
 
-from servegym.envs.engine.config import ClusterConfig, EngineConfig
-from servegym.envs.engine.policy import ROUTE_FEATURES, Policy
-from servegym.envs.observation import GLOBAL_SIZE, observe_replicas
-from servegym.envs.serving_env import EnvConfig, MaskedChoiceEnv, feature_box, mask_box
+from servegym.envs.engine.config import ClusterConfig
+from servegym.envs.serving_env import MaskedChoiceEnv
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
 
@@ -75,25 +72,10 @@ class RoutingEnv(MaskedChoiceEnv):
 
     allowed_decisions = ("route",)
     default_decisions = ("route",)
+    layout = ("replicas",)
 
-    def __init__(
-        self,
-        workload: Workload | None = None,
-        cluster: ClusterConfig | None = None,
-        engine: EngineConfig | None = None,
-        env: EnvConfig | None = None,
-        fallback: Policy | None = None,
-    ) -> None:
-        super().__init__(workload, cluster, engine, env, fallback)
-        r = self.num_replicas
-        self.observation_space = spaces.Dict(
-            {
-                "global": feature_box((GLOBAL_SIZE,)),
-                "replicas": feature_box((r, len(ROUTE_FEATURES))),
-                "mask": mask_box(r),
-            }
-        )
-        self.action_space = spaces.Discrete(r)
+    def _num_slots(self) -> int:
+        return self.num_replicas
 
     def default_workload(self) -> Workload:
         return routing_workload()
@@ -108,6 +90,3 @@ class RoutingEnv(MaskedChoiceEnv):
 
     def _choice_scores(self, slot: int) -> np.ndarray:
         return np.eye(self.num_replicas)[slot]
-
-    def _observe(self) -> dict[str, np.ndarray]:
-        return observe_replicas(self._decision, self.num_replicas)

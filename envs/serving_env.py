@@ -19,8 +19,6 @@ from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.metrics import jain_index
 from servegym.envs.engine.policy import (
-    CANDIDATE_FEATURES,
-    ROUTE_FEATURES,
     Decision,
     DecisionKind,
     DefaultPolicy,
@@ -29,8 +27,8 @@ from servegym.envs.engine.policy import (
 from servegym.envs.observation import (
     FEATURE_BOUND,
     GLOBAL_SIZE,
-    observe,
-    observe_serving,
+    LAYOUTS,
+    TABLE_FEATURES,
     score_action,
     slot_scores,
 )
@@ -99,12 +97,15 @@ class EngineEnv(gym.Env):
     """One episode = one engine run of a workload; each step answers one decision the agent owns.
 
     Subclasses set the decision kinds they may own (``allowed_decisions``, defaulting to
-    ``default_decisions``), their spaces, ``_observe`` and ``_answer`` (action -> engine scores).
+    ``default_decisions``), the slot tables they show (``layout``; the observation space and
+    ``_observe`` follow from it, over ``_num_slots()`` rows), their action space and
+    ``_answer`` (action -> engine scores).
     """
 
     metadata = {"render_modes": []}
     allowed_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
     default_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
+    layout: ClassVar[tuple[str, ...]] = ("candidates",)
 
     def __init__(
         self,
@@ -135,6 +136,15 @@ class EngineEnv(gym.Env):
         self._decision: Decision | None = None
         self._tree_seconds = 0.0
         self._ended = True
+        self.num_slots = self._num_slots()
+        self.observation_space = spaces.Dict(
+            {
+                "global": feature_box((GLOBAL_SIZE,)),
+                **{key: feature_box((self.num_slots, len(TABLE_FEATURES[key]))) for key in self.layout},
+                "mask": mask_box(self.num_slots),
+            }
+        )
+        self.action_space = self._action_space(self.num_slots)
 
     # ------------------------------------------------------------------ defaults
     def default_workload(self) -> Workload:
@@ -214,8 +224,15 @@ class EngineEnv(gym.Env):
         """The engine's scores for the pending decision (one per candidate); may note in ``info``."""
         raise NotImplementedError
 
+    def _num_slots(self) -> int:
+        return self.config.max_candidates
+
+    def _action_space(self, num_slots: int) -> spaces.Space:
+        """Score actions (``ClipAction`` semantics); the discrete envs pick one slot instead."""
+        return spaces.Box(-1.0, 1.0, (num_slots,), np.float32)
+
     def _observe(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        return LAYOUTS[self.layout](self._decision, self.num_slots)
 
     # ------------------------------------------------------------------ internals
     def _advance(self) -> Decision | None:
@@ -284,26 +301,8 @@ class SchedulingEnv(EngineEnv):
     allowed_decisions = ("order", "evict")
     default_decisions = ("order", "evict")
 
-    def __init__(
-        self,
-        workload: Workload | None = None,
-        cluster: ClusterConfig | None = None,
-        engine: EngineConfig | None = None,
-        env: EnvConfig | None = None,
-        fallback: Policy | None = None,
-    ) -> None:
-        super().__init__(workload, cluster, engine, env, fallback)
-        k, f = self.config.max_candidates, len(CANDIDATE_FEATURES)
-        self.observation_space = spaces.Dict(
-            {"global": feature_box((GLOBAL_SIZE,)), "candidates": feature_box((k, f)), "mask": mask_box(k)}
-        )
-        self.action_space = spaces.Box(-1.0, 1.0, (k,), np.float32)
-
     def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
         return slot_scores(self._decision, action, self.config.max_candidates, self.fallback)
-
-    def _observe(self) -> dict[str, np.ndarray]:
-        return observe(self._decision, self.config.max_candidates)
 
 
 class ServingEnv(EngineEnv):
@@ -346,30 +345,16 @@ class ServingEnv(EngineEnv):
     v0: ORDER, EVICT and ROUTE as scores over K slots.
     """
 
-    def __init__(
-        self,
-        workload: Workload | None = None,
-        cluster: ClusterConfig | None = None,
-        engine: EngineConfig | None = None,
-        env: EnvConfig | None = None,
-        fallback: Policy | None = None,
-    ) -> None:
-        super().__init__(workload, cluster, engine, env, fallback)
+    layout = ("candidates", "replicas")
+
+    def _num_slots(self) -> int:
         k = self.config.max_candidates
         if k < self.num_replicas:
             raise ValueError(
                 f"env.max_candidates ({k}) must be >= the number of replicas ({self.num_replicas}): "
                 "ROUTE decisions put the replicas in the first slots"
             )
-        self.observation_space = spaces.Dict(
-            {
-                "global": feature_box((GLOBAL_SIZE,)),
-                "candidates": feature_box((k, len(CANDIDATE_FEATURES))),
-                "replicas": feature_box((k, len(ROUTE_FEATURES))),
-                "mask": mask_box(k),
-            }
-        )
-        self.action_space = spaces.Box(-1.0, 1.0, (k,), np.float32)
+        return k
 
     def default_workload(self) -> Workload:
         from servegym.envs.eviction_env import eviction_workload
@@ -392,9 +377,6 @@ class ServingEnv(EngineEnv):
             return score_action(action, self.config.max_candidates)[: len(d)].copy()
         return slot_scores(d, action, self.config.max_candidates, self.fallback)
 
-    def _observe(self) -> dict[str, np.ndarray]:
-        return observe_serving(self._decision, self.config.max_candidates)
-
 
 class MaskedChoiceEnv(EngineEnv):
     """Base of the envs whose action picks one slot (``Discrete``) among the valid ones.
@@ -405,6 +387,9 @@ class MaskedChoiceEnv(EngineEnv):
     An action that is not one integer (an array of several values, a fractional or NaN
     float) is a caller's bug and raises ``ValueError``.
     """
+
+    def _action_space(self, num_slots: int) -> spaces.Space:
+        return spaces.Discrete(num_slots)
 
     def action_masks(self) -> np.ndarray:
         """(n,) bool: the slots a valid action may pick. With no pending decision (the episode
