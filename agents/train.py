@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch as th
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from servegym.agents.evaluate import DEFAULT_CONF_DIR
+from servegym.agents.evaluate import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
 from servegym.agents.learned import ALGORITHMS, SB3Policy
 from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
 from servegym.agents.pretrain import behaviour_clone, collect
@@ -36,14 +35,6 @@ from servegym.envs.engine.policy import Policy
 VEC_ENVS = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
 
 
-def load_agent_config(name: str) -> DictConfig:
-    """A ``conf/agent/<name>.yaml`` (a heuristic to compare with) outside the composed config."""
-    path = DEFAULT_CONF_DIR / "agent" / f"{name}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"train.baseline={name!r}: no conf/agent/{name}.yaml")
-    return OmegaConf.load(path)
-
-
 def mean_tree_time(cfg: DictConfig, make_policy, seeds: list[int]) -> float:
     """Mean tree completion time over ``seeds`` with a fresh policy per run."""
     times = [build_engine(cfg, seed).run(make_policy()).as_dict()["jct_mean_s"] for seed in seeds]
@@ -51,9 +42,12 @@ def mean_tree_time(cfg: DictConfig, make_policy, seeds: list[int]) -> float:
 
 
 def heuristic_factory(cfg: DictConfig, name: str):
-    agent = load_agent_config(name)
-    root = OmegaConf.create({"time_scale_s": cfg.time_scale_s, "agent": agent})
-    return lambda: instantiate(root.agent)
+    """Fresh instances of ``conf/agent/<name>.yaml`` (a heuristic to compare with or clone),
+    built as the evaluation suite builds them, in the scope of ``cfg``."""
+    if not (DEFAULT_CONF_DIR / "agent" / f"{name}.yaml").exists():
+        raise FileNotFoundError(f"no conf/agent/{name}.yaml (train.baseline / train.pretrain_teacher)")
+    factory = HydraPolicyFactory(load_option(DEFAULT_CONF_DIR, "agent", name), OmegaConf.to_container(cfg))
+    return lambda: factory(cfg.seed)
 
 
 class CompareWithBaseline(BaseCallback):
