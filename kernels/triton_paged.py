@@ -15,6 +15,13 @@ Decode plan (memory bound: every KV byte is read once):
     log-sum-exp, and a second small kernel merges the splits.
   The number of splits comes from the grid size and the table width (no device-to-host sync), so that
   there are several waves of programs over the SMs.
+
+Compiled variants: Triton specialises integer arguments on their value (== 1, divisible by 16) and
+pointers on 16-byte alignment, and compiles each variant the first time it meets it. In an engine
+the table width, the split count and the offset of the prefill rows (``block_tables[num_decodes:]``)
+change every iteration, so those arguments are marked ``do_not_specialize`` and a handful of
+variants cover every batch (``ModelRunner`` compiles them before the first timed iteration); a
+compile inside a timed iteration would cost the clock ~0.1-1 s of host time.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
+MERGE_MIN_BLOCK_S = 32
+"""The merge kernel's split tile: one compiled variant for every split count up to 32 (contexts up
+to 8k tokens at the default partition), instead of one per power of two."""
 
 
 # --------------------------------------------------------------------------------------------- write_kv
@@ -117,7 +127,7 @@ def write_kv(
 # --------------------------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table_b", "stride_part_b", "stride_part_h", "stride_part_s"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -209,7 +219,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=part_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_part_b", "stride_part_h", "stride_part_s"])
 def _decode_merge_kernel(
     part_out_ptr,
     part_lse_ptr,
@@ -360,6 +370,7 @@ def paged_decode_attention(
         num_stages=config.num_stages,
     )
     if not direct:
+        block_s = max(MERGE_MIN_BLOCK_S, triton.next_power_of_2(config.num_splits))
         _decode_merge_kernel[(batch, num_heads)](
             part_out,
             part_lse,
@@ -370,8 +381,8 @@ def paged_decode_attention(
             out.stride(1),
             config.partition_tokens,
             HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(config.num_splits),
-            num_warps=4 if head_dim * config.num_splits >= 2048 else 2,
+            BLOCK_S=block_s,
+            num_warps=4 if head_dim * block_s >= 2048 else 2,
         )
     return out
 
@@ -379,7 +390,10 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------------- prefill
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["stride_table_b"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "cu_query_lens_ptr", "context_lens_ptr"],
+)
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
