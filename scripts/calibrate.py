@@ -8,12 +8,19 @@ python scripts/calibrate.py --device cuda --model llama1b --out llama1b_h100_fit
    own ``iteration_time_s`` (paged forward over a real KV cache; CUDA events and CUDA-graph
    decode on a GPU, perf_counter on CPU); each point is repeated, its median kept, its spread
    (IQR / median) recorded.
-2. Fit: ``servegym.envs.engine.calibration.fit`` on 75% of the points; the fitted profile's
-   ``CostModel`` is scored on the other 25% (MAPE, p90 and max absolute percentage error) and
-   written as a profile YAML whose header records machine, date, model and errors.
-3. Fidelity: one map-reduce workload under FCFS with a tight KV cache (preemptions happen), run
-   on the torch backend (measured clock) and on the sim backend with the fitted profile (and the
-   base profile, for comparison): mean and p99 tree completion time and preemptions.
+2. Engine points: the fidelity workload on other seeds (``--engine-runs``) runs on the torch
+   backend, which records every iteration it executes; isolated batches miss what a running
+   engine meets (ragged contexts, the graph ladder's padding, the host work of real batches).
+3. Fit: ``servegym.envs.engine.calibration.fit`` on 75% of the grid points plus the engine points;
+   the fitted profile's ``CostModel`` is scored on the other 25% of the grid (MAPE, p90 and max
+   absolute percentage error) and written as a profile YAML whose header records machine, date,
+   model and errors. A grid-only fit is kept for comparison.
+4. Fidelity: one map-reduce workload under FCFS with a tight KV cache (preemptions happen), run
+   twice on the torch backend (measured clock; the repeat is the noise floor) and on the sim
+   backend with each fitted profile and the base profile: mean and p99 tree completion time and
+   preemptions. The torch run's own iterations, held out from every fit, are then scored per kind
+   (decode graphed or eager, prefill, mixed: summed time and MAPE), with the iterations the
+   profile underestimates most (a one-off stall such as a kernel compile shows there).
 
 Tables print last. With $OUT set (the GPU machine returns files from there), the points and
 results go to $OUT/calibration_<device>_<model>.json and the profile to $OUT as well.
@@ -28,6 +35,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +52,15 @@ from servegym.envs.engine.config import EngineConfig  # noqa: E402
 from servegym.envs.engine.cost_model import load_profile  # noqa: E402
 
 BASE_PROFILES = {"tiny": "tiny_cpu", "llama1b": "llama1b_h100"}
+ITERATION_COLUMNS = (
+    "prefill_tokens",
+    "prefill_attn_tokens",
+    "decode_seqs",
+    "kv_read_tokens",
+    "num_seqs",
+    "graphed",
+    "time_s",
+)
 FIDELITY_GOAL_PCT = 5.0  # tree time; vidur reports under 9%
 
 
@@ -91,39 +108,38 @@ def fidelity_setup(model: str, quick: bool):
     return workload, settings
 
 
-def run_fidelity(
-    model: str, profile_path: Path, base_name: str, device: torch.device, quick: bool, seed: int
-):
+def run_engine(model: str, profile: str, backend: str, device: torch.device, quick: bool, seed: int):
+    """One run of the fidelity workload under FCFS: (metrics row, the torch backend's recorded
+    iterations or None on the sim)."""
     from servegym.agents.heuristics import FCFS
     from servegym.envs.engine.engine import Engine
     from servegym.envs.engine.torch_backend import TorchBackendFactory
 
     workload, settings = fidelity_setup(model, quick)
-    rows = {}
-    for label, profile, backend in (
-        ("torch (measured)", str(profile_path), "torch"),
-        ("sim (fitted)", str(profile_path), "sim"),
-        (f"sim ({base_name})", base_name, "sim"),
-    ):
-        cfg = EngineConfig(profile=profile, backend=backend, model=model, **settings)
-        factory = TorchBackendFactory(cfg, device=str(device)) if backend == "torch" else None
-        engine = Engine(workload.build(seed), engine=cfg, backend_factory=factory)
-        t0 = time.perf_counter()
-        m = engine.run(FCFS())
-        wall_s = time.perf_counter() - t0
-        if m.stalled or m.jobs_failed:
-            raise RuntimeError(f"fidelity run {label} did not drain: {m.stall_reason or m.jobs_failed}")
-        rows[label] = {
-            "jct_mean_s": m.jct_mean_s,
-            "jct_p99_s": m.jct_p99_s,
-            "makespan_s": m.makespan_s,
-            "preemptions": m.preemptions,
-            "iterations": m.iterations,
-            "jobs": m.jobs_completed,
-            "wall_s": wall_s,
-        }
-        log(f"fidelity {label}: {m.jobs_completed} trees, {m.iterations} iterations in {wall_s:.1f} s")
-    return rows
+    cfg = EngineConfig(profile=profile, backend=backend, model=model, **settings)
+    factory = (
+        TorchBackendFactory(cfg, device=str(device), record_iterations=True) if backend == "torch" else None
+    )
+    engine = Engine(workload.build(seed), engine=cfg, backend_factory=factory)
+    t0 = time.perf_counter()
+    m = engine.run(FCFS())
+    wall_s = time.perf_counter() - t0
+    if m.stalled or m.jobs_failed:
+        raise RuntimeError(f"{backend} run of seed {seed} did not drain: {m.stall_reason or m.jobs_failed}")
+    log(
+        f"{backend} run ({profile}, seed {seed}): {m.jobs_completed} trees, {m.iterations} iterations in {wall_s:.1f} s"
+    )
+    row = {
+        "jct_mean_s": m.jct_mean_s,
+        "jct_p99_s": m.jct_p99_s,
+        "makespan_s": m.makespan_s,
+        "preemptions": m.preemptions,
+        "iterations": m.iterations,
+        "jobs": m.jobs_completed,
+        "wall_s": wall_s,
+    }
+    iterations = [it for b in factory.backends for it in b.iterations] if factory else None
+    return row, iterations
 
 
 def fidelity_table(rows: dict) -> str:
@@ -137,6 +153,19 @@ def fidelity_table(rows: dict) -> str:
         lines.append(
             f"| {label} | {r['jct_mean_s']:.4f} | {err('jct_mean_s')} | {r['jct_p99_s']:.4f} | {err('jct_p99_s')} "
             f"| {r['makespan_s']:.4f} | {err('makespan_s')} | {r['preemptions']} | {r['iterations']} |"
+        )
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| iterations | n | measured (s) | predicted (s) | sum err | MAPE | p90 APE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['n']} | {r['measured_s']:.4f} | {r['predicted_s']:.4f} | {r['sum_err_pct']:+.1f}% "
+            f"| {r['mape_pct']:.1f}% | {r['p90_ape_pct']:.1f}% |"
         )
     return "\n".join(lines)
 
@@ -178,8 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", default=None, help="results JSON (default: $OUT/calibration_<device>_<model>.json)"
     )
+    parser.add_argument(
+        "--engine-runs",
+        type=int,
+        default=2,
+        help="torch-backend runs of the fidelity workload (other seeds) whose iterations join the fit (0: grid only)",
+    )
+    parser.add_argument(
+        "--max-engine-points",
+        type=int,
+        default=800,
+        help="engine iterations kept for the fit (a seeded sample)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.engine_runs < 0 or args.max_engine_points < 1:
+        parser.error("--engine-runs must be >= 0 and --max-engine-points >= 1")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -202,11 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     profile_s = time.perf_counter() - t_start
     cal.split_held_out(points, seed=args.seed)
 
-    result = cal.fit(base, points, name=out.stem, source="")
+    # Batches inside a running engine (other seeds than the fidelity run's): what isolated batches miss.
+    engine_iterations = []
+    for run in range(args.engine_runs):
+        _, iterations = run_engine(model, base_name, "torch", device, args.quick, args.seed + 1000 + run)
+        engine_iterations += iterations
+    engine_pts = cal.engine_points(engine_iterations)
+    if len(engine_pts) > args.max_engine_points:
+        keep = np.random.default_rng(args.seed).choice(len(engine_pts), args.max_engine_points, replace=False)
+        engine_pts = [engine_pts[i] for i in sorted(keep.tolist())]
+
+    result = cal.fit(base, points + engine_pts, name=out.stem, source="")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     errs = (
         f"held-out MAPE {result.held_out['mape_pct']:.2f}%, p90 {result.held_out['p90_ape_pct']:.2f}%, "
-        f"max {result.held_out['max_ape_pct']:.2f}% over {result.held_out['n']} points; "
+        f"max {result.held_out['max_ape_pct']:.2f}% over {result.held_out['n']} grid points; "
         f"train MAPE {result.train['mape_pct']:.2f}% over {result.train['n']}"
     )
     source = f"scripts/calibrate.py fit to the torch backend ({model}) on {machine(device)}, {date}; {errs}"
@@ -214,17 +267,40 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"Fitted by scripts/calibrate.py{' --quick' if args.quick else ''} from {base_name}.yaml: do not edit by hand.",
         f"machine: {machine(device)}",
-        f"date: {date}; model preset: {model}; {len(points)} batch compositions x {repeats} repeats (median)",
+        f"date: {date}; model preset: {model}; {len(points)} batch compositions x {repeats} repeats (median)"
+        f" + {len(engine_pts)} iterations of {args.engine_runs} engine run(s)",
         f"fit error: {errs}",
         *(f"note: {n}" for n in result.notes),
     ]
     cal.write_profile(profile, out, header)
     load_profile(str(out))  # the sim must load what we wrote
     log(f"profile written to {out} ({profile_s:.1f} s of profiling)")
+    profiles = {"fitted": (str(out), profile)}
+    if engine_pts:  # the grid-only fit, for comparison: what the engine's own iterations add
+        grid_only = cal.fit(base, points, name=f"{out.stem}_grid_only").profile
+        grid_path = Path(tempfile.mkdtemp()) / f"{out.stem}_grid_only.yaml"
+        cal.write_profile(grid_only, grid_path, ["grid-only fit (comparison)"])
+        profiles["grid-only fit"] = (str(grid_path), grid_only)
 
-    fidelity = None
+    fidelity, diagnosis, iterations = None, {}, []
     if not args.no_fidelity:
-        fidelity = run_fidelity(model, out, base_name, device, args.quick, args.seed)
+        fidelity = {}
+        fidelity["torch (measured)"], iterations = run_engine(
+            model, str(out), "torch", device, args.quick, args.seed
+        )
+        # the same run again: the torch backend's own run-to-run spread, the floor of any fidelity
+        fidelity["torch (repeat)"] = run_engine(model, str(out), "torch", device, args.quick, args.seed)[0]
+        for label, (path, _) in profiles.items():
+            fidelity[f"sim ({label})"] = run_engine(model, path, "sim", device, args.quick, args.seed)[0]
+        fidelity[f"sim ({base_name})"] = run_engine(model, base_name, "sim", device, args.quick, args.seed)[0]
+        diagnosis = {
+            label: {
+                "breakdown": cal.breakdown(p, iterations),
+                "outliers": cal.outliers(p, iterations),
+                "engine_fit_outliers": cal.outliers(p, engine_iterations) if engine_iterations else [],
+            }
+            for label, (_, p) in profiles.items()
+        }
 
     all_f = cal.feature_arrays(points)
     pred = cal.profile_times_s(profile, all_f)
@@ -247,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             for p, t in zip(points, pred, strict=True)
         ],
         "fidelity": fidelity,
+        "diagnosis": diagnosis,
+        "iteration_columns": list(ITERATION_COLUMNS),
+        "engine_fit_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in engine_iterations],
+        "fidelity_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in iterations],
+        "engine_points": len(engine_pts),
         "wall_s": time.perf_counter() - t_start,
     }
     json_path = args.json or (Path(out_dir) / f"calibration_{device.type}_{model}.json" if out_dir else None)
@@ -281,6 +362,19 @@ def main(argv: list[str] | None = None) -> int:
         ref, fit_row = fidelity["torch (measured)"], fidelity["sim (fitted)"]
         worst = max(abs(fit_row[k] - ref[k]) / ref[k] for k in ("jct_mean_s", "jct_p99_s")) * 100
         print(f"tree-time error (fitted sim vs torch): {worst:.1f}% (goal <= {FIDELITY_GOAL_PCT:.0f}%)")
+        for label, d in diagnosis.items():
+            print()
+            print(f"The torch run's own iterations against the {label} profile (held out: another seed):")
+            print(breakdown_table(d["breakdown"]))
+            for name, rows in (("this run", d["outliers"]), ("engine-fit run", d["engine_fit_outliers"])):
+                if rows:
+                    print(
+                        f"largest excess over the {label} profile, {name}: "
+                        + "; ".join(
+                            f"{r['label']} {1e3 * r['measured_s']:.1f} vs {1e3 * r['predicted_s']:.1f} ms"
+                            for r in rows[:5]
+                        )
+                    )
     print(f"calibration done in {time.perf_counter() - t_start:.1f} s")
     return 0
 

@@ -8,7 +8,7 @@
 # Logs go to $OUT (default ./gpu_out): one <section>.log each, plus summary.txt (exit code and seconds per
 # section). A failing section does not stop the later ones. Expected total: about 3.5 minutes on an H100
 # (measured 2026-11-26: env 11 s, kernel_tests 95 s (mostly Triton compiles), kernel_bench 38 s (now
-# also times each decode call eagerly and graphed: expect ~50 s), model_bench 22 s, calibrate ~30 s).
+# also times each decode call eagerly and graphed: expect ~50 s), model_bench 22 s; calibrate ~60 s, measured 2026-11-27 with two engine runs).
 #
 # To add a section: write a function `section_<name>` (run from the repo root, write under $OUT, keep
 # it bounded with `timeout`), and add <name> to SECTIONS below.
@@ -22,11 +22,15 @@ mkdir -p "$OUT"
 cd "$REPO"
 
 # servegym is not installed: expose the folders as servegym.<pkg> through a tree of symlinks on PYTHONPATH
-# (servegym is a namespace package, so no __init__.py is needed). Sections that need more of the
-# package (envs, agents) link them here too.
+# (servegym is a namespace package, so no __init__.py is needed). envs/ is mirrored without its
+# __init__.py, which registers the Gymnasium envs (gymnasium is not installed there).
 SHIM="$(mktemp -d)"
-mkdir -p "$SHIM/servegym"
+mkdir -p "$SHIM/servegym/envs"
 ln -s "$REPO/kernels" "$SHIM/servegym/kernels"
+ln -s "$REPO/agents" "$SHIM/servegym/agents"
+for entry in "$REPO"/envs/*; do
+    [ "$(basename "$entry")" = __init__.py ] || ln -s "$entry" "$SHIM/servegym/envs/$(basename "$entry")"
+done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -38,7 +42,8 @@ section_env() {
 }
 
 section_kernel_tests() {
-    # test_triton.py runs the kernels on CUDA here (the interpreter variant skips itself on CUDA).
+    # test_triton.py runs the kernels on CUDA here (the interpreter variant skips itself on CUDA);
+    # test_compile_variants.py checks that no engine batch compiles a kernel after ModelRunner is built.
     timeout 150 "$PY" -m pytest tests/kernels -o addopts= -q -rs -p no:cacheprovider --durations=8 \
         --junitxml="$OUT/kernel_tests.xml"
 }
@@ -54,10 +59,11 @@ section_model_bench() {
 }
 
 section_calibrate() {
-    # Profile the llama1b-shaped model (bf16) through the torch backend, fit the cost model, write
-    # $OUT/llama1b_h100_fitted.yaml and $OUT/calibration_cuda_llama1b.json, then run the fidelity
-    # workload on torch and sim (~2-3 min; the budget caps the profiling rounds).
-    timeout 300 "$PY" scripts/calibrate.py --device cuda --model llama1b --budget-s 60 \
+    # Profile the llama1b-shaped model (bf16) through the torch backend (a grid of isolated batches,
+    # then every iteration of two engine runs of the fidelity workload on other seeds), fit the cost
+    # model, write $OUT/llama1b_h100_fitted.yaml and $OUT/calibration_cuda_llama1b.json, then run the
+    # fidelity workload twice on torch and once per profile on the sim (~60 s on an H100).
+    timeout 420 "$PY" scripts/calibrate.py --device cuda --model llama1b --budget-s 60 \
         --out "$OUT/llama1b_h100_fitted.yaml" --json "$OUT/calibration_cuda_llama1b.json"
 }
 

@@ -11,9 +11,15 @@ Three steps, each usable alone:
   is linear in ``theta = (overhead_s, comm_s_per_token, prefill_overhead_s, s_per_flop,
   s_per_byte)`` except for the roofline's ``max``, whose branch is a threshold on arithmetic
   intensity (FLOPs / bytes); so every split of the points sorted by intensity is tried, each as a
-  non-negative least-squares problem on relative error (rows weighted by 1 / measured time), and
+  non-negative least-squares problem on relative error (rows weighted by 1 / measured time, then
+  twice by 1 / fitted time, so noisy single measurements do not bias the fit low), and
   the split whose parameters fit best under the true ``max`` wins (then a few re-assignments);
 * ``write_profile(profile, path, header)``: a YAML the sim loads with ``load_profile(path)``.
+
+Isolated batches miss what a running engine meets (ragged contexts, the decode-graph ladder's
+padding, every kernel variant and host path a run takes), so ``engine_points`` turns the
+iterations a torch-backend engine recorded (``TorchBackend(record_iterations=True)``) into points
+the fit can use too, and ``breakdown`` / ``outliers`` say where a profile misses on a real run.
 
 Only numpy (no scipy), so the fit runs on any machine; torch is imported by the profiling
 functions alone.
@@ -35,7 +41,9 @@ import numpy as np
 from servegym.envs.engine.cost_model import CostModel, ModelProfile
 
 if TYPE_CHECKING:
-    from servegym.envs.engine.torch_backend import TorchBackend
+    from collections.abc import Sequence
+
+    from servegym.envs.engine.torch_backend import TimedIteration, TorchBackend
 
 PARAMS = (
     "overhead_s",
@@ -259,6 +267,58 @@ def split_held_out(points: list[Point], fraction: float = 0.25, seed: int = 0) -
         points[i].held_out = True
 
 
+def engine_points(iterations: Sequence[TimedIteration], label: str = "engine") -> list[Point]:
+    """One point per iteration a running engine executed, labelled by kind and index."""
+    return [
+        Point(
+            label=f"{label} #{i} {it.kind}",
+            num_seqs=it.num_seqs,
+            prefill_tokens=float(it.prefill_tokens),
+            prefill_attn_tokens=float(it.prefill_attn_tokens),
+            decode_seqs=float(it.decode_seqs),
+            kv_read_tokens=float(it.kv_read_tokens),
+            times_s=[it.time_s],
+        )
+        for i, it in enumerate(iterations)
+    ]
+
+
+def breakdown(profile: ModelProfile, iterations: Sequence[TimedIteration]) -> list[dict[str, float | str]]:
+    """Per kind of iteration (and in total): how many, the measured and predicted seconds summed
+    (what a run's clock adds up to), and the per-iteration MAPE. Sums, not means, decide tree times."""
+    points = engine_points(iterations)
+    pred = profile_times_s(profile, feature_arrays(points))
+    true = np.array([it.time_s for it in iterations])
+    kinds = np.array([it.kind for it in iterations])
+    rows = []
+    for kind in [*sorted(set(kinds.tolist())), "all"]:
+        m = np.ones(len(kinds), dtype=bool) if kind == "all" else kinds == kind
+        rows.append(
+            {
+                "kind": kind,
+                "n": int(m.sum()),
+                "measured_s": float(true[m].sum()),
+                "predicted_s": float(pred[m].sum()),
+                "sum_err_pct": float(100 * (pred[m].sum() - true[m].sum()) / true[m].sum()),
+                **errors(pred[m], true[m]),
+            }
+        )
+    return rows
+
+
+def outliers(profile: ModelProfile, iterations: Sequence[TimedIteration], k: int = 8) -> list[dict]:
+    """The ``k`` iterations whose measured time exceeds the prediction by the most seconds (a
+    one-off stall such as a kernel compile shows up here, not in a MAPE)."""
+    points = engine_points(iterations)
+    pred = profile_times_s(profile, feature_arrays(points))
+    true = np.array([it.time_s for it in iterations])
+    worst = np.argsort(pred - true, kind="stable")[:k]
+    return [
+        {"label": points[i].label, "measured_s": float(true[i]), "predicted_s": float(pred[i])}
+        for i in worst.tolist()
+    ]
+
+
 # ------------------------------------------------------------------------------ fitting
 def feature_arrays(points: list[Point]) -> dict[str, np.ndarray]:
     return {
@@ -309,13 +369,15 @@ def fit_theta(
     nbytes: np.ndarray,
     times_s: np.ndarray,
     free: np.ndarray | None = None,
+    scale_s: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Non-negative ``theta`` (``PARAMS`` order) minimising the squared relative error of
-    ``predict``; ``free`` masks which parameters may be non-zero."""
+    """Non-negative ``theta`` (``PARAMS`` order) minimising the squared error of ``predict``
+    relative to ``scale_s`` (default: the measured times themselves); ``free`` masks which
+    parameters may be non-zero."""
     n = len(times_s)
     free = np.ones(len(PARAMS), dtype=bool) if free is None else np.asarray(free, dtype=bool)
-    w = 1.0 / times_s
-    b = np.ones(n)  # times_s * w
+    w = 1.0 / (times_s if scale_s is None else scale_s)
+    b = times_s * w
     order = np.argsort(flops / nbytes.sum(axis=1))  # ascending intensity: memory-bound first
 
     def solve(compute_bound: np.ndarray) -> np.ndarray:
@@ -325,7 +387,7 @@ def fit_theta(
         return _nnls(a * w[:, None], b, free)[0]
 
     def cost(theta: np.ndarray) -> float:
-        r = predict(theta, linear, flops, nbytes) * w - 1.0
+        r = (predict(theta, linear, flops, nbytes) - times_s) * w
         return float(r @ r)
 
     starts = []
@@ -439,6 +501,9 @@ def fit(base: ModelProfile, points: list[Point], name: str, source: str = "") ->
     t_test = np.array([p.median_s for p in test])
     linear, flops, nbytes = _design(base, f_train)
     theta = fit_theta(linear, flops, nbytes, t_train)
+    for _ in range(2):  # relative to the model, not to noisy single measurements (which biases low)
+        scale = np.maximum(predict(theta, linear, flops, nbytes), 0.05 * t_train)
+        theta = fit_theta(linear, flops, nbytes, t_train, scale_s=scale)
     _, flops_all, nbytes_all = _design(base, feature_arrays(points))
     profile, notes = profile_from_theta(base, theta, flops_all, nbytes_all, name, source)
     return FitResult(

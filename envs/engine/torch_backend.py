@@ -14,8 +14,10 @@ for decode-only batches on a GPU); ``TorchBackend`` builds those inputs from the
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +38,27 @@ TIMINGS = ("measured", "cost_model")
 _MODELS: dict[tuple[str, int, str], LlamaModel] = {}
 """Models built in this process, by (preset, seed, device): weights are read-only, so engines
 (an env builds one per episode) share them instead of drawing them again."""
+
+
+@dataclass(frozen=True)
+class TimedIteration:
+    """One executed iteration as the cost model sees it, with the time the clock advanced by:
+    what calibration fits on when it profiles batches inside a running engine."""
+
+    prefill_tokens: int
+    prefill_attn_tokens: float
+    decode_seqs: int
+    kv_read_tokens: int
+    num_seqs: int
+    graphed: bool
+    """Replayed from a CUDA graph (decode-only batches on a GPU), rather than run eagerly."""
+    time_s: float
+
+    @property
+    def kind(self) -> str:
+        if not self.prefill_tokens:
+            return "decode (graph)" if self.graphed else "decode (eager)"
+        return "mixed" if self.decode_seqs else "prefill"
 
 
 class ModelRunner:
@@ -62,6 +85,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_fallback: str | None = None  # why decode batches run eagerly on a GPU
         self.num_graph_replays = 0
+        if self.device.type == "cuda":
+            self._compile_kernels()
         if self.device.type == "cuda" and cuda_graphs:
             try:
                 smaller = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs]
@@ -105,6 +130,27 @@ class ModelRunner:
         batch = self._device_batch(arrays, num_decodes)
         last = (batch.cu_query_lens[1:] - 1).long()  # (B,)
         return self.model.forward_paged(batch, self.kv_cache, last)
+
+    def _compile_kernels(self) -> None:
+        """Run one eager batch of each kernel path (a decode with a prefill chunk after it, a pure
+        prefill, a decode long enough to split and merge) so that Triton compiles its variants now,
+        not inside an iteration the engine's clock times. Writes nothing (every slot is -1)."""
+        bs = self.block_size
+        split_context = min(self.num_blocks * bs, 2048)  # > 256 tokens: more than one split
+        for computed, new in (((0, 0), (1, 2)), ((0,), (2,)), ((split_context - 1,), (1,))):
+            computed_arr, new_arr = np.array(computed), np.array(new)
+            blocks = -(-(computed_arr + new_arr) // bs)
+            arrays = flat_inputs(
+                [[0] * int(b) for b in blocks],
+                computed_arr,
+                new_arr,
+                [np.zeros(n, np.int64) for n in new],
+                bs,
+            )
+            arrays["slot_mapping"][:] = -1
+            self.execute(arrays, num_decodes=int(np.count_nonzero(new_arr == 1)), eager=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ CUDA graphs
     def _capture(self, sizes: list[int]) -> None:
@@ -211,7 +257,8 @@ class TorchBackend:
     ``timing="measured"`` (default) advances the clock by the measured time (CUDA events on a
     GPU, ``perf_counter`` on CPU); ``"cost_model"`` runs the model for its tokens but takes the
     time from the profile's cost model, so runs are reproducible bit for bit (tests).
-    ``record_logits`` keeps each sampled row's logits per call (tests compare them).
+    ``record_logits`` keeps each sampled row's logits per call (tests compare them);
+    ``record_iterations`` keeps a ``TimedIteration`` per batch in ``iterations`` (calibration).
     """
 
     supports_fast_forward = False
@@ -224,6 +271,7 @@ class TorchBackend:
         timing: str = "measured",
         cuda_graphs: bool = True,
         record_logits: bool = False,
+        record_iterations: bool = False,
     ) -> None:
         if timing not in TIMINGS:
             raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
@@ -236,6 +284,8 @@ class TorchBackend:
         self.cuda_graphs = cuda_graphs
         self.record_logits = record_logits
         self.logits: dict[int, list[tuple[int, np.ndarray]]] = {}  # call -> (context tokens, logits)
+        self.record_iterations = record_iterations
+        self.iterations: list[TimedIteration] = []
         self.runner: ModelRunner | None = None
         self.host_kv: dict[int, torch.Tensor] = {}  # swapped call -> its blocks' K/V on the host
         self.num_swapped_out_blocks = 0
@@ -259,8 +309,21 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ Backend protocol
     def iteration_time_s(self, batch: Batch) -> float:
+        """Run the batch and return its time, with Python's cyclic GC held off meanwhile: a
+        collection of the engine's own objects would otherwise land in whichever iteration
+        allocates past the threshold (eager forwards allocate the most) and add tens of ms to
+        it, which is the harness, not the inference step (vLLM freezes its GC for the same reason)."""
         if self.runner is None:
             raise RuntimeError("TorchBackend.attach(replica, keys) must run before the first batch")
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(batch)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self, batch: Batch) -> float:
         cuda = self.runner.device.type == "cuda"
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -286,6 +349,7 @@ class TorchBackend:
                 f"a call reached {longest} tokens, past the model's max_position "
                 f"{self.model.config.max_position}; shorten the workload's contexts"
             )
+        replays = self.runner.num_graph_replays
         logits = self.runner.execute(arrays, num_decodes)  # (B, vocab)
         next_tokens = logits.argmax(dim=-1)
         if cuda:
@@ -301,11 +365,25 @@ class TorchBackend:
             for row in sampled.tolist():
                 self.logits.setdefault(ids_list[row], []).append((int(context[row]), rows[row].copy()))
         if self.cost is not None:
-            return self.cost.iteration_time_s(batch)
-        if cuda:
+            elapsed = self.cost.iteration_time_s(batch)
+        elif cuda:
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return time.perf_counter() - t0
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            elapsed = time.perf_counter() - t0
+        if self.record_iterations:
+            self.iterations.append(
+                TimedIteration(
+                    prefill_tokens=batch.prefill_tokens,
+                    prefill_attn_tokens=batch.prefill_attn_tokens,
+                    decode_seqs=batch.num_decodes,
+                    kv_read_tokens=batch.kv_read_tokens,
+                    num_seqs=len(ids_list),
+                    graphed=self.runner.num_graph_replays > replays,
+                    time_s=elapsed,
+                )
+            )
+        return elapsed
 
     def decode_run_times_s(self, num_decodes: int, kv_read_tokens: np.ndarray) -> np.ndarray:
         raise NotImplementedError("the torch backend runs every iteration; it never fast-forwards")
@@ -353,17 +431,14 @@ class TorchBackendFactory:
         seed: int = 0,
         cuda_graphs: bool = True,
         record_logits: bool = False,
+        record_iterations: bool = False,
     ) -> None:
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             torch.set_num_threads(config.torch_threads)  # deliberate: engines run beside each other
-        self.timing, self.seed, self.cuda_graphs, self.record_logits = (
-            timing,
-            seed,
-            cuda_graphs,
-            record_logits,
-        )
+        self.timing, self.seed, self.cuda_graphs = timing, seed, cuda_graphs
+        self.record_logits, self.record_iterations = record_logits, record_iterations
         self.tokens: TokenStore | None = None
         self.backends: list[TorchBackend] = []
 
@@ -390,6 +465,14 @@ class TorchBackendFactory:
                 "torch backend replicas must share one vocabulary (a child reads its parent's tokens); "
                 f"got vocab sizes {self.tokens.vocab_size} and {model.config.vocab_size}"
             )
-        backend = TorchBackend(model, self.tokens, profile, self.timing, self.cuda_graphs, self.record_logits)
+        backend = TorchBackend(
+            model,
+            self.tokens,
+            profile,
+            self.timing,
+            self.cuda_graphs,
+            self.record_logits,
+            self.record_iterations,
+        )
         self.backends.append(backend)
         return backend

@@ -165,3 +165,39 @@ def test_unknown_model_or_mismatched_profile_is_a_clear_error() -> None:
         Engine(workload(1), engine=EngineConfig(backend="torch", profile="llama8b_h100"))
     with pytest.raises(ValueError, match="cost profile 'tiny_cpu' describes"):
         Engine(workload(1), engine=config(backend="torch", model="llama1b"))
+
+
+def test_recorded_iterations_are_the_clock_and_the_cost_model_fits_them_exactly(time_limit) -> None:
+    """Calibration fits on what a running engine recorded: one record per iteration, its time the
+    clock's step; on the cost model's clock the profile predicts every record exactly."""
+    from servegym.envs.engine import calibration as cal
+
+    cfg = config("recompute")
+    factory = TorchBackendFactory(cfg, device="cpu", timing="cost_model", record_iterations=True)
+    engine = Engine(workload(), engine=cfg, backend_factory=factory)
+    with time_limit(RUN_LIMIT_S):
+        metrics = engine.run(FCFS())
+    (backend,) = factory.backends
+    iterations = backend.iterations
+    assert len(iterations) == metrics.iterations > 0
+    assert {it.kind for it in iterations} >= {"decode (eager)", "mixed"}  # no graphs on a CPU
+    assert all((it.num_seqs > it.decode_seqs) == (it.prefill_tokens > 0) for it in iterations)
+    rows = {r["kind"]: r for r in cal.breakdown(backend.profile, iterations)}
+    assert rows["all"]["n"] == len(iterations)
+    assert rows["all"]["measured_s"] == pytest.approx(sum(it.time_s for it in iterations))
+    assert rows["all"]["mape_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert len(cal.engine_points(iterations)) == len(iterations)
+    assert cal.outliers(backend.profile, iterations, k=3)[0]["measured_s"] == pytest.approx(
+        cal.outliers(backend.profile, iterations, k=3)[0]["predicted_s"]
+    )
+
+
+def test_kernel_warm_up_writes_nothing() -> None:
+    from servegym.envs.engine.model import LlamaModel, model_config
+    from servegym.envs.engine.torch_backend import ModelRunner
+
+    runner = ModelRunner(LlamaModel(model_config("tiny")), num_blocks=32, block_size=16, cuda_graphs=False)
+    runner.kv_cache.normal_()
+    before = runner.kv_cache.clone()
+    runner._compile_kernels()
+    assert torch.equal(before, runner.kv_cache)
