@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 BACKENDS = ("sim", "torch")
 """Values of ``engine.backend``."""
+TORCH_TIMINGS = ("measured", "cost_model")
+"""Values of ``engine.torch_timing``."""
 PREFIX_EVICTIONS = ("lru", "workflow")
 """Values of ``engine.prefix_eviction`` (see block_manager.py)."""
 PIN_TTL_RULES = ("off", "fixed", "tool_mean", "oracle")
@@ -63,6 +65,10 @@ class EngineConfig:
     """torch backend: model preset (envs/engine/model.py); None takes the profile's own model."""
     torch_threads: int = 1
     """torch backend on CPU: intra-op threads (one by default, so parallel engines do not contend)."""
+    torch_timing: str = "measured"
+    """torch backend: the clock advances by the measured time (measured), or by the profile's cost
+    model while the model still runs for its tokens (cost_model: reproducible bit for bit, e.g.
+    for training on real tokens without timing noise)."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -71,6 +77,8 @@ class EngineConfig:
         _check_int("engine.torch_threads", self.torch_threads, minimum=1)
         if self.backend not in BACKENDS:
             raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.torch_timing not in TORCH_TIMINGS:
+            raise ValueError(f"engine.torch_timing must be one of {TORCH_TIMINGS}, got {self.torch_timing!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"engine.model must be a model preset name or null, got {self.model!r}")
         if self.num_gpu_blocks is not None:

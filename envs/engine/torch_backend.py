@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from servegym.envs.engine.backend import Batch, SimBackend
+from servegym.envs.engine.config import TORCH_TIMINGS
 from servegym.envs.engine.cost_model import ModelProfile
 from servegym.envs.engine.model import PROFILE_MODELS, LlamaModel, ModelConfig, PagedBatch, model_config
 from servegym.envs.engine.tokens import TokenStore
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 """Decode batch sizes captured in CUDA graphs; a batch pads up to the next one."""
-TIMINGS = ("measured", "cost_model")
 _MODELS: dict[tuple[str, int, str], LlamaModel] = {}
 """Models built in this process, by (preset, seed, device): weights are read-only, so engines
 (an env builds one per episode) share them instead of drawing them again."""
@@ -273,8 +273,8 @@ class TorchBackend:
         record_logits: bool = False,
         record_iterations: bool = False,
     ) -> None:
-        if timing not in TIMINGS:
-            raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+        if timing not in TORCH_TIMINGS:
+            raise ValueError(f"timing must be one of {TORCH_TIMINGS}, got {timing!r}")
         _check_profile(model.config, profile)
         self.model = model
         self.tokens = tokens

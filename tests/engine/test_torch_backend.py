@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -129,7 +131,7 @@ def test_cost_model_clock_gives_the_sim_trajectory_bit_for_bit(time_limit) -> No
     cfg = config("swap")
     a, metrics_a, factory_a = run(cfg, time_limit)
     b, metrics_b, factory_b = run(cfg, time_limit)
-    sim = Engine(workload(), engine=cfg)
+    sim = Engine(workload(), engine=replace(cfg, fast_forward=False))  # stepped, as the torch backend
     with time_limit(RUN_LIMIT_S):
         metrics_sim = sim.run(FCFS())
     assert repr(metrics_a.as_dict()) == repr(metrics_b.as_dict()) == repr(metrics_sim.as_dict())  # NaN-safe
@@ -151,9 +153,23 @@ def test_config_backend_torch_measures_real_time(time_limit) -> None:
     assert torch.get_num_threads() == cfg.torch_threads
 
 
+def test_config_torch_timing_cost_model_runs_the_model_on_the_sims_clock(time_limit) -> None:
+    cfg = config(backend="torch", torch_timing="cost_model")
+    engine = Engine(workload(num_jobs=2), engine=cfg)  # backend and timing both from the config
+    # stepped like the torch backend: fast-forward sums kv_utilization_mean in another order (1e-9)
+    sim = Engine(workload(num_jobs=2), engine=config(fast_forward=False))
+    with time_limit(RUN_LIMIT_S):
+        metrics, metrics_sim = engine.run(FCFS()), sim.run(FCFS())
+    check_drained(engine, metrics)
+    assert engine.replicas[0].backend.timing == "cost_model"
+    assert repr(metrics.as_dict()) == repr(metrics_sim.as_dict())
+
+
 def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"engine.backend must be one of \('sim', 'torch'\), got 'jax'"):
         EngineConfig(backend="jax")
+    with pytest.raises(ValueError, match=r"engine.torch_timing must be one of .*got 'wall'"):
+        EngineConfig(torch_timing="wall")
     with pytest.raises(ValueError, match="engine.torch_threads"):
         EngineConfig(torch_threads=0)
 
