@@ -157,6 +157,21 @@ def fidelity_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def fidelity_header(fidelity: dict, held_out_run: dict, seed: int) -> list[str]:
+    """Profile header lines on the held-out engine run: how well the profile does where it is used."""
+    ref, repeat, fitted = fidelity["torch (measured)"], fidelity["torch (repeat)"], fidelity["sim (fitted)"]
+
+    def err(row: dict, key: str) -> str:
+        return f"{100 * (row[key] - ref[key]) / ref[key]:+.1f}%"
+
+    return [
+        f"held-out engine run (seed {seed}): iteration MAPE {held_out_run['mape_pct']:.2f}%, "
+        f"p90 {held_out_run['p90_ape_pct']:.2f}%, summed time {held_out_run['sum_err_pct']:+.1f}%",
+        f"tree time, sim with this profile vs the torch backend: mean {err(fitted, 'jct_mean_s')}, "
+        f"p99 {err(fitted, 'jct_p99_s')} (torch vs itself: {err(repeat, 'jct_mean_s')}, {err(repeat, 'jct_p99_s')})",
+    ]
+
+
 def breakdown_table(rows: list[dict]) -> str:
     lines = [
         "| iterations | n | measured (s) | predicted (s) | sum err | MAPE | p90 APE |",
@@ -301,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             for label, (_, p) in profiles.items()
         }
+        held_out_run = next(r for r in diagnosis["fitted"]["breakdown"] if r["kind"] == "all")
+        cal.write_profile(profile, out, header + fidelity_header(fidelity, held_out_run, args.seed))
 
     all_f = cal.feature_arrays(points)
     pred = cal.profile_times_s(profile, all_f)

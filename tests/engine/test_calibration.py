@@ -122,5 +122,10 @@ def test_quick_cpu_calibration_end_to_end(tmp_path: Path) -> None:
     assert result["held_out"]["mape_pct"] < result["base_held_out"]["mape_pct"]  # placeholders are ~90% off
     torch_row, sim_row = result["fidelity"]["torch (measured)"], result["fidelity"]["sim (fitted)"]
     assert torch_row["preemptions"] > 0  # the workload is tight enough to preempt
+    assert (
+        result["engine_points"] > 0 and "torch (repeat)" in result["fidelity"]
+    )  # engine iterations joined the fit
+    assert len(result["fidelity_iterations"]) == torch_row["iterations"]  # one record per iteration
+    assert "held-out engine run (seed 0): iteration MAPE" in out.read_text()
     error = abs(sim_row["jct_mean_s"] - torch_row["jct_mean_s"]) / torch_row["jct_mean_s"]
     assert error < FIDELITY_BOUND, result["fidelity"]
