@@ -22,7 +22,10 @@ python scripts/calibrate.py --device cuda --model llama1b --out llama1b_h100_fit
    (decode graphed or eager, prefill, mixed: summed time and MAPE), with the iterations the
    profile underestimates most (a one-off stall such as a kernel compile shows there).
 
-Tables print last. With $OUT set (the GPU machine returns files from there), the points and
+Steps 1, 2 and the torch runs of 4 need the torch backend (a GPU for llama1b); the rest runs
+anywhere, so ``--refit REPORT.json`` fits again from a report's recorded measurements (e.g. after
+changing the fit) and reruns only the sim side. On a GPU the fitted rates stay at or below the
+base profile's datasheet peaks. Tables print last. With $OUT set (the GPU machine returns files from there), the points and
 results go to $OUT/calibration_<device>_<model>.json and the profile to $OUT as well.
 Needs torch, numpy and pyyaml only (no gymnasium, hydra or SB3).
 """
@@ -37,6 +40,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, however this file is run
@@ -50,6 +54,7 @@ import torch  # noqa: E402
 from servegym.envs.engine import calibration as cal  # noqa: E402
 from servegym.envs.engine.config import EngineConfig  # noqa: E402
 from servegym.envs.engine.cost_model import load_profile  # noqa: E402
+from servegym.envs.engine.torch_backend import TimedIteration  # noqa: E402
 
 BASE_PROFILES = {"tiny": "tiny_cpu", "llama1b": "llama1b_h100"}
 ITERATION_COLUMNS = (
@@ -196,6 +201,88 @@ def points_table(points: list[cal.Point], pred: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Measurements:
+    """Everything the torch backend measured. The fit and the sim runs after it need no GPU, so a
+    saved report refits anywhere (``--refit``)."""
+
+    machine: str
+    device: str
+    date: str
+    model: str
+    seed: int
+    quick: bool
+    repeats: int
+    points: list[cal.Point]  # the grid of isolated batches, some held out
+    engine_iterations: list[TimedIteration]  # the engine runs on other seeds (fit)
+    torch_rows: dict[str, dict]  # the fidelity seed on the torch backend, run twice
+    fidelity_iterations: list[TimedIteration]  # the first of those runs (held out from the fit)
+
+
+def measure(args: argparse.Namespace, device: torch.device, model: str) -> Measurements:
+    """The grid, the engine runs on other seeds and the fidelity seed twice, all on the torch backend."""
+    from servegym.envs.engine.torch_backend import TorchBackendFactory
+
+    base_name = BASE_PROFILES[model]
+    repeats = args.repeats or (5 if args.quick else 9)
+    cfg = EngineConfig(profile=base_name, model=model, backend="torch")
+    backend = TorchBackendFactory(cfg, device=str(device))(load_profile(base_name))  # the engine's own
+    specs = cal.default_grid(model, args.quick)
+    log(f"{machine(device)}; model {model}; {len(specs)} points x {repeats} repeats")
+    points = cal.profile_points(backend, specs, repeats, block_size=16, budget_s=args.budget_s, log=log)
+    cal.split_held_out(points, seed=args.seed)
+    # Batches inside a running engine (other seeds than the fidelity run's): what isolated batches miss.
+    engine_iterations = []
+    for run in range(args.engine_runs):
+        engine_iterations += run_engine(
+            model, base_name, "torch", device, args.quick, args.seed + 1000 + run
+        )[1]
+    torch_rows, fidelity_iterations = {}, []
+    if not args.no_fidelity:
+        torch_rows["torch (measured)"], fidelity_iterations = run_engine(
+            model, base_name, "torch", device, args.quick, args.seed
+        )
+        # the same run again: the torch backend's own run-to-run spread, the floor of any fidelity
+        torch_rows["torch (repeat)"] = run_engine(model, base_name, "torch", device, args.quick, args.seed)[0]
+    return Measurements(
+        machine=machine(device),
+        device=device.type,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        model=model,
+        seed=args.seed,
+        quick=args.quick,
+        repeats=repeats,
+        points=points,
+        engine_iterations=engine_iterations,
+        torch_rows=torch_rows,
+        fidelity_iterations=fidelity_iterations,
+    )
+
+
+def load_measurements(path: str) -> Measurements:
+    """The measurements of a report this script wrote (``--json``)."""
+    report = json.loads(Path(path).read_text())
+    fields = {f.name for f in cal.dataclasses.fields(cal.Point)}
+    columns = report["iteration_columns"]
+
+    def iterations(key: str) -> list[TimedIteration]:
+        return [TimedIteration(**dict(zip(columns, row, strict=True))) for row in report[key]]
+
+    return Measurements(
+        machine=report["machine"],
+        device=report.get("device", "cpu" if report["machine"].startswith("CPU") else "cuda"),
+        date=report.get("measured", report["date"]),
+        model=report["model"],
+        seed=report.get("seed", 0),
+        quick=report["quick"],
+        repeats=report["repeats"],
+        points=[cal.Point(**{k: v for k, v in p.items() if k in fields}) for p in report["points"]],
+        engine_iterations=iterations("engine_fit_iterations"),
+        torch_rows={k: v for k, v in (report["fidelity"] or {}).items() if k.startswith("torch")},
+        fidelity_iterations=iterations("fidelity_iterations"),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,100 +321,96 @@ def main(argv: list[str] | None = None) -> int:
         default=800,
         help="engine iterations kept for the fit (a seeded sample)",
     )
+    parser.add_argument(
+        "--refit",
+        default=None,
+        metavar="REPORT_JSON",
+        help="fit again from a report's measurements instead of measuring (no GPU needed; sim runs only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.engine_runs < 0 or args.max_engine_points < 1:
         parser.error("--engine-runs must be >= 0 and --max-engine-points >= 1")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no GPU; use --device cpu")
-    model = args.model or ("llama1b" if device.type == "cuda" else "tiny")
-    base_name = BASE_PROFILES[model]
+    t_start = time.perf_counter()
+    if args.refit:
+        m = load_measurements(args.refit)
+        log(f"refitting from {args.refit}: measured on {m.machine}, {m.date}")
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda but torch sees no GPU; use --device cpu")
+        m = measure(args, device, args.model or ("llama1b" if device.type == "cuda" else "tiny"))
+    base_name = BASE_PROFILES[m.model]
     base = load_profile(base_name)
     out_dir = os.environ.get("OUT")
     out = Path(args.out or Path(out_dir or ".") / f"{base_name}_fitted.yaml")
-    repeats = args.repeats or (5 if args.quick else 9)
-    t_start = time.perf_counter()
+    measured_s = time.perf_counter() - t_start
 
-    from servegym.envs.engine.torch_backend import TorchBackendFactory
-
-    cfg = EngineConfig(profile=base_name, model=model, backend="torch")
-    backend = TorchBackendFactory(cfg, device=str(device))(base)  # the engine's own backend
-    specs = cal.default_grid(model, args.quick)
-    log(f"{machine(device)}; model {model}; {len(specs)} points x {repeats} repeats")
-    points = cal.profile_points(backend, specs, repeats, block_size=16, budget_s=args.budget_s, log=log)
-    profile_s = time.perf_counter() - t_start
-    cal.split_held_out(points, seed=args.seed)
-
-    # Batches inside a running engine (other seeds than the fidelity run's): what isolated batches miss.
-    engine_iterations = []
-    for run in range(args.engine_runs):
-        _, iterations = run_engine(model, base_name, "torch", device, args.quick, args.seed + 1000 + run)
-        engine_iterations += iterations
-    engine_pts = cal.engine_points(engine_iterations)
+    engine_pts = cal.engine_points(m.engine_iterations)
     if len(engine_pts) > args.max_engine_points:
-        keep = np.random.default_rng(args.seed).choice(len(engine_pts), args.max_engine_points, replace=False)
+        keep = np.random.default_rng(m.seed).choice(len(engine_pts), args.max_engine_points, replace=False)
         engine_pts = [engine_pts[i] for i in sorted(keep.tolist())]
-
-    result = cal.fit(base, points + engine_pts, name=out.stem, source="")
+    # A GPU's datasheet peaks bound its fitted rates; a CPU profile's "peak" is a placeholder.
+    cap = m.device == "cuda"
+    result = cal.fit(base, m.points + engine_pts, name=out.stem, source="", cap_at_peak=cap)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     errs = (
         f"held-out MAPE {result.held_out['mape_pct']:.2f}%, p90 {result.held_out['p90_ape_pct']:.2f}%, "
         f"max {result.held_out['max_ape_pct']:.2f}% over {result.held_out['n']} grid points; "
         f"train MAPE {result.train['mape_pct']:.2f}% over {result.train['n']}"
     )
-    source = f"scripts/calibrate.py fit to the torch backend ({model}) on {machine(device)}, {date}; {errs}"
+    how = f"fit on {date} from measurements of {m.date}" if args.refit else f"{m.date}"
+    source = f"scripts/calibrate.py fit to the torch backend ({m.model}) on {m.machine}, {how}; {errs}"
     profile = cal.dataclasses.replace(result.profile, source=source)
     header = [
-        f"Fitted by scripts/calibrate.py{' --quick' if args.quick else ''} from {base_name}.yaml: do not edit by hand.",
-        f"machine: {machine(device)}",
-        f"date: {date}; model preset: {model}; {len(points)} batch compositions x {repeats} repeats (median)"
-        f" + {len(engine_pts)} iterations of {args.engine_runs} engine run(s)",
+        f"Fitted by scripts/calibrate.py{' --quick' if m.quick else ''}{' --refit' if args.refit else ''} "
+        f"from {base_name}.yaml: do not edit by hand.",
+        f"machine: {m.machine}",
+        f"date: {how}; model preset: {m.model}; {len(m.points)} batch compositions x {m.repeats} repeats (median)"
+        f" + {len(engine_pts)} iterations of engine runs on other seeds",
         f"fit error: {errs}",
         *(f"note: {n}" for n in result.notes),
     ]
     cal.write_profile(profile, out, header)
     load_profile(str(out))  # the sim must load what we wrote
-    log(f"profile written to {out} ({profile_s:.1f} s of profiling)")
+    log(f"profile written to {out} ({measured_s:.1f} s of measuring)")
     profiles = {"fitted": (str(out), profile)}
     if engine_pts:  # the grid-only fit, for comparison: what the engine's own iterations add
-        grid_only = cal.fit(base, points, name=f"{out.stem}_grid_only").profile
+        grid_only = cal.fit(base, m.points, name=f"{out.stem}_grid_only", cap_at_peak=cap).profile
         grid_path = Path(tempfile.mkdtemp()) / f"{out.stem}_grid_only.yaml"
         cal.write_profile(grid_only, grid_path, ["grid-only fit (comparison)"])
         profiles["grid-only fit"] = (str(grid_path), grid_only)
 
-    fidelity, diagnosis, iterations = None, {}, []
-    if not args.no_fidelity:
-        fidelity = {}
-        fidelity["torch (measured)"], iterations = run_engine(
-            model, str(out), "torch", device, args.quick, args.seed
-        )
-        # the same run again: the torch backend's own run-to-run spread, the floor of any fidelity
-        fidelity["torch (repeat)"] = run_engine(model, str(out), "torch", device, args.quick, args.seed)[0]
+    fidelity, diagnosis = None, {}
+    if m.torch_rows:
+        cpu = torch.device("cpu")  # the sim never touches a device
+        fidelity = dict(m.torch_rows)
         for label, (path, _) in profiles.items():
-            fidelity[f"sim ({label})"] = run_engine(model, path, "sim", device, args.quick, args.seed)[0]
-        fidelity[f"sim ({base_name})"] = run_engine(model, base_name, "sim", device, args.quick, args.seed)[0]
+            fidelity[f"sim ({label})"] = run_engine(m.model, path, "sim", cpu, m.quick, m.seed)[0]
+        fidelity[f"sim ({base_name})"] = run_engine(m.model, base_name, "sim", cpu, m.quick, m.seed)[0]
         diagnosis = {
             label: {
-                "breakdown": cal.breakdown(p, iterations),
-                "outliers": cal.outliers(p, iterations),
-                "engine_fit_outliers": cal.outliers(p, engine_iterations) if engine_iterations else [],
+                "breakdown": cal.breakdown(p, m.fidelity_iterations),
+                "outliers": cal.outliers(p, m.fidelity_iterations),
+                "engine_fit_outliers": cal.outliers(p, m.engine_iterations) if m.engine_iterations else [],
             }
             for label, (_, p) in profiles.items()
         }
         held_out_run = next(r for r in diagnosis["fitted"]["breakdown"] if r["kind"] == "all")
-        cal.write_profile(profile, out, header + fidelity_header(fidelity, held_out_run, args.seed))
+        cal.write_profile(profile, out, header + fidelity_header(fidelity, held_out_run, m.seed))
 
-    all_f = cal.feature_arrays(points)
-    pred = cal.profile_times_s(profile, all_f)
+    pred = cal.profile_times_s(profile, cal.feature_arrays(m.points))
     report = {
-        "machine": machine(device),
+        "machine": m.machine,
+        "device": m.device,
+        "measured": m.date,
         "date": date,
-        "model": model,
+        "model": m.model,
+        "seed": m.seed,
         "base_profile": base_name,
-        "quick": args.quick,
-        "repeats": repeats,
+        "quick": m.quick,
+        "repeats": m.repeats,
         "profile_path": str(out),
         "profile": cal.dataclasses.asdict(profile),
         "theta": result.theta,
@@ -337,28 +420,33 @@ def main(argv: list[str] | None = None) -> int:
         "notes": result.notes,
         "points": [
             {**cal.dataclasses.asdict(p), "median_s": p.median_s, "spread": p.spread, "fitted_s": float(t)}
-            for p, t in zip(points, pred, strict=True)
+            for p, t in zip(m.points, pred, strict=True)
         ],
         "fidelity": fidelity,
         "diagnosis": diagnosis,
         "iteration_columns": list(ITERATION_COLUMNS),
-        "engine_fit_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in engine_iterations],
-        "fidelity_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in iterations],
+        "engine_fit_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in m.engine_iterations],
+        "fidelity_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in m.fidelity_iterations],
         "engine_points": len(engine_pts),
         "wall_s": time.perf_counter() - t_start,
     }
-    json_path = args.json or (Path(out_dir) / f"calibration_{device.type}_{model}.json" if out_dir else None)
+    json_path = args.json or (Path(out_dir) / f"calibration_{m.device}_{m.model}.json" if out_dir else None)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))
         log(f"results written to {json_path}")
+    print_report(m, result, profile, out.stem, base_name, pred, fidelity, diagnosis)
+    print(f"calibration done in {time.perf_counter() - t_start:.1f} s")
+    return 0
 
+
+def print_report(m, result, profile, name, base_name, pred, fidelity, diagnosis) -> None:
     print()
-    print(points_table(points, pred))
+    print(points_table(m.points, pred))
     print()
     print("| profile | held-out MAPE | p90 APE | max APE | train MAPE |")
     print("|---|---|---|---|---|")
     for label, e_test, e_train in (
-        (f"{out.stem} (fitted)", result.held_out, result.train),
+        (f"{name} (fitted)", result.held_out, result.train),
         (f"{base_name} (base)", result.base_held_out, None),
     ):
         train = f"{e_train['mape_pct']:.2f}%" if e_train else ""
@@ -373,27 +461,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     for note in result.notes:
         print(f"note: {note}")
-    if fidelity:
+    if not fidelity:
+        return
+    print()
+    print(fidelity_table(fidelity))
+    ref, fit_row = fidelity["torch (measured)"], fidelity["sim (fitted)"]
+    worst = max(abs(fit_row[k] - ref[k]) / ref[k] for k in ("jct_mean_s", "jct_p99_s")) * 100
+    print(f"tree-time error (fitted sim vs torch): {worst:.1f}% (goal <= {FIDELITY_GOAL_PCT:.0f}%)")
+    for label, d in diagnosis.items():
         print()
-        print(fidelity_table(fidelity))
-        ref, fit_row = fidelity["torch (measured)"], fidelity["sim (fitted)"]
-        worst = max(abs(fit_row[k] - ref[k]) / ref[k] for k in ("jct_mean_s", "jct_p99_s")) * 100
-        print(f"tree-time error (fitted sim vs torch): {worst:.1f}% (goal <= {FIDELITY_GOAL_PCT:.0f}%)")
-        for label, d in diagnosis.items():
-            print()
-            print(f"The torch run's own iterations against the {label} profile (held out: another seed):")
-            print(breakdown_table(d["breakdown"]))
-            for name, rows in (("this run", d["outliers"]), ("engine-fit run", d["engine_fit_outliers"])):
-                if rows:
-                    print(
-                        f"largest excess over the {label} profile, {name}: "
-                        + "; ".join(
-                            f"{r['label']} {1e3 * r['measured_s']:.1f} vs {1e3 * r['predicted_s']:.1f} ms"
-                            for r in rows[:5]
-                        )
+        print(f"The torch run's own iterations against the {label} profile (held out: another seed):")
+        print(breakdown_table(d["breakdown"]))
+        for which, rows in (("this run", d["outliers"]), ("engine-fit run", d["engine_fit_outliers"])):
+            if rows:
+                print(
+                    f"largest excess over the {label} profile, {which}: "
+                    + "; ".join(
+                        f"{r['label']} {1e3 * r['measured_s']:.1f} vs {1e3 * r['predicted_s']:.1f} ms"
+                        for r in rows[:5]
                     )
-    print(f"calibration done in {time.perf_counter() - t_start:.1f} s")
-    return 0
+                )
 
 
 if __name__ == "__main__":

@@ -370,12 +370,14 @@ def fit_theta(
     times_s: np.ndarray,
     free: np.ndarray | None = None,
     scale_s: np.ndarray | None = None,
+    lower: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Non-negative ``theta`` (``PARAMS`` order) minimising the squared error of ``predict``
-    relative to ``scale_s`` (default: the measured times themselves); ``free`` masks which
-    parameters may be non-zero."""
+    """``theta`` (``PARAMS`` order) >= ``lower`` (default 0) minimising the squared error of
+    ``predict`` relative to ``scale_s`` (default: the measured times themselves); ``free`` masks
+    which parameters may move off their lower bound."""
     n = len(times_s)
     free = np.ones(len(PARAMS), dtype=bool) if free is None else np.asarray(free, dtype=bool)
+    lower = np.zeros(len(PARAMS)) if lower is None else np.asarray(lower, dtype=np.float64)
     w = 1.0 / (times_s if scale_s is None else scale_s)
     b = times_s * w
     order = np.argsort(flops / nbytes.sum(axis=1))  # ascending intensity: memory-bound first
@@ -384,7 +386,8 @@ def fit_theta(
         a = np.concatenate(
             [linear, (flops * compute_bound)[:, None], nbytes * ~compute_bound[:, None]], axis=1
         )
-        return _nnls(a * w[:, None], b, free)[0]
+        a = a * w[:, None]
+        return lower + _nnls(a, b - a @ lower, free)[0]  # theta = lower + a non-negative step
 
     def cost(theta: np.ndarray) -> float:
         r = (predict(theta, linear, flops, nbytes) - times_s) * w
@@ -491,19 +494,30 @@ class FitResult:
     notes: list[str]
 
 
-def fit(base: ModelProfile, points: list[Point], name: str, source: str = "") -> FitResult:
+def fit(
+    base: ModelProfile, points: list[Point], name: str, source: str = "", cap_at_peak: bool = False
+) -> FitResult:
     """Fit on the points not held out (medians), score the fitted profile's ``CostModel`` on both
-    sets, and the base (unfitted) profile on the held-out set for comparison."""
+    sets, and the base (unfitted) profile on the held-out set for comparison.
+
+    ``cap_at_peak`` keeps the fitted FLOP rate and bandwidths at or below the base profile's
+    datasheet peaks (a GPU's are real; a CPU profile's are placeholders). Where host time grows
+    with batch size too, the fit can otherwise trade compute for a per-token cost and land on a
+    rate no chip reaches."""
     train = [p for p in points if not p.held_out]
     test = [p for p in points if p.held_out] or train
     f_train, f_test = feature_arrays(train), feature_arrays(test)
     t_train = np.array([p.median_s for p in train])
     t_test = np.array([p.median_s for p in test])
     linear, flops, nbytes = _design(base, f_train)
-    theta = fit_theta(linear, flops, nbytes, t_train)
+    lower = None
+    if cap_at_peak:
+        hbm = 1.0 / base.hbm_bytes_per_s_per_gpu
+        lower = np.array([0.0, 0.0, 0.0, 1.0 / base.peak_flops_per_gpu, hbm, hbm])
+    theta = fit_theta(linear, flops, nbytes, t_train, lower=lower)
     for _ in range(2):  # relative to the model, not to noisy single measurements (which biases low)
         scale = np.maximum(predict(theta, linear, flops, nbytes), 0.05 * t_train)
-        theta = fit_theta(linear, flops, nbytes, t_train, scale_s=scale)
+        theta = fit_theta(linear, flops, nbytes, t_train, scale_s=scale, lower=lower)
     _, flops_all, nbytes_all = _design(base, feature_arrays(points))
     profile, notes = profile_from_theta(base, theta, flops_all, nbytes_all, name, source)
     return FitResult(

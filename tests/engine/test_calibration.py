@@ -61,6 +61,27 @@ def test_fit_recovers_known_constants(base_name: str) -> None:
     assert result.held_out["max_ape_pct"] < 0.1 and result.train["max_ape_pct"] < 0.1
 
 
+def test_capped_fit_recovers_feasible_constants_and_never_passes_the_peak() -> None:
+    """``cap_at_peak``: a profile within the datasheet is still recovered exactly; times that
+    only a FLOP rate above the peak could explain leave the fitted rate at the peak (no note
+    raising it) and the rest of the time in the other terms."""
+    base = load_profile("llama1b_h100")
+    truth = dataclasses.replace(base, overhead_s=0.8e-3, flops_efficiency=0.45, bandwidth_efficiency=0.6)
+    points = synthetic_points(truth, "llama1b")
+    capped = cal.fit(base, points, name="fitted", cap_at_peak=True)
+    assert capped.profile.flops_efficiency == pytest.approx(0.45, rel=1e-2)
+    assert capped.train["max_ape_pct"] < 0.1
+    too_fast = synthetic_points(
+        dataclasses.replace(base, peak_flops_per_gpu=3 * base.peak_flops_per_gpu), "llama1b"
+    )
+    free = cal.fit(base, too_fast, name="fitted")
+    assert any("exceeds peak_flops_per_gpu" in n for n in free.notes)
+    capped = cal.fit(base, too_fast, name="fitted", cap_at_peak=True)
+    assert not any("exceeds" in n for n in capped.notes)
+    assert capped.profile.peak_flops_per_gpu == base.peak_flops_per_gpu
+    assert capped.profile.flops_efficiency <= 1.0 and capped.profile.bandwidth_efficiency <= 1.0
+
+
 def test_fit_names_unidentified_rates() -> None:
     """Decode-only points never make compute bind: the note says so, and the fitted FLOP rate
     still never binds on them (predictions stay exact)."""
@@ -127,5 +148,34 @@ def test_quick_cpu_calibration_end_to_end(tmp_path: Path) -> None:
     )  # engine iterations joined the fit
     assert len(result["fidelity_iterations"]) == torch_row["iterations"]  # one record per iteration
     assert "held-out engine run (seed 0): iteration MAPE" in out.read_text()
+
+    # --refit: the same measurements fit again without measuring (what a machine without a GPU can do)
+    refit, refit_report = tmp_path / "refit.yaml", tmp_path / "refit.json"
+    again = subprocess.run(
+        [
+            sys.executable,
+            "scripts/calibrate.py",
+            "--refit",
+            str(report),
+            "--out",
+            str(refit),
+            "--json",
+            str(refit_report),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert load_profile(str(refit)) == dataclasses.replace(
+        profile, name="refit", source=load_profile(str(refit)).source
+    )
+    second = json.loads(refit_report.read_text())
+    assert second["fidelity"]["torch (measured)"] == torch_row and second["measured"] == result["measured"]
+    assert (
+        second["points"] == result["points"]
+        and second["fidelity_iterations"] == result["fidelity_iterations"]
+    )
     error = abs(sim_row["jct_mean_s"] - torch_row["jct_mean_s"]) / torch_row["jct_mean_s"]
     assert error < FIDELITY_BOUND, result["fidelity"]
