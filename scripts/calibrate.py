@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 from servegym.envs.engine import calibration as cal  # noqa: E402
 from servegym.envs.engine.config import EngineConfig  # noqa: E402
-from servegym.envs.engine.cost_model import load_profile  # noqa: E402
+from servegym.envs.engine.cost_model import ModelProfile, load_profile  # noqa: E402
 from servegym.envs.engine.torch_backend import TimedIteration  # noqa: E402
 
 BASE_PROFILES = {"tiny": "tiny_cpu", "llama1b": "llama1b_h100"}
@@ -113,7 +113,9 @@ def fidelity_setup(model: str, quick: bool):
     return workload, settings
 
 
-def run_engine(model: str, profile: str, backend: str, device: torch.device, quick: bool, seed: int):
+def run_engine(
+    model: str, profile: str, backend: str, device: torch.device, quick: bool, seed: int
+) -> tuple[dict, list[TimedIteration] | None]:
     """One run of the fidelity workload under FCFS: (metrics row, the torch backend's recorded
     iterations or None on the sim)."""
     from servegym.agents.heuristics import FCFS
@@ -439,7 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_report(m, result, profile, name, base_name, pred, fidelity, diagnosis) -> None:
+def print_report(
+    m: Measurements,
+    result: cal.FitResult,
+    profile: ModelProfile,
+    name: str,
+    base_name: str,
+    pred: np.ndarray,
+    fidelity: dict | None,
+    diagnosis: dict,
+) -> None:
+    """The grid's points, the fit's errors and constants, then fidelity and the per-kind diagnosis."""
     print()
     print(points_table(m.points, pred))
     print()
