@@ -74,7 +74,7 @@ def make_backend_factory(config: EngineConfig) -> Callable[[ModelProfile], Backe
     if config.backend == "torch":
         from servegym.envs.engine.torch_backend import TorchBackendFactory
 
-        return TorchBackendFactory(config, timing=config.torch_timing)
+        return TorchBackendFactory(config)
     return SimBackend
 
 

@@ -421,13 +421,14 @@ def _check_profile(cfg: ModelConfig, profile: ModelProfile) -> None:
 
 class TorchBackendFactory:
     """Builds one ``TorchBackend`` per replica from the engine config; replicas of one model
-    share its weights, and all share one ``TokenStore`` (a child reads its parent's outputs)."""
+    share its weights, and all share one ``TokenStore`` (a child reads its parent's outputs).
+    ``timing`` overrides ``config.torch_timing`` (tests)."""
 
     def __init__(
         self,
         config: EngineConfig,
         device: str | None = None,
-        timing: str = "measured",
+        timing: str | None = None,
         seed: int = 0,
         cuda_graphs: bool = True,
         record_logits: bool = False,
@@ -437,7 +438,7 @@ class TorchBackendFactory:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             torch.set_num_threads(config.torch_threads)  # deliberate: engines run beside each other
-        self.timing, self.seed, self.cuda_graphs = timing, seed, cuda_graphs
+        self.timing, self.seed, self.cuda_graphs = timing or config.torch_timing, seed, cuda_graphs
         self.record_logits, self.record_iterations = record_logits, record_iterations
         self.tokens: TokenStore | None = None
         self.backends: list[TorchBackend] = []
