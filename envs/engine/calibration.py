@@ -283,12 +283,21 @@ def engine_points(iterations: Sequence[TimedIteration], label: str = "engine") -
     ]
 
 
+def _predicted_and_measured(
+    profile: ModelProfile, iterations: Sequence[TimedIteration]
+) -> tuple[list[Point], np.ndarray, np.ndarray]:
+    points = engine_points(iterations)
+    return (
+        points,
+        profile_times_s(profile, feature_arrays(points)),
+        np.array([it.time_s for it in iterations]),
+    )
+
+
 def breakdown(profile: ModelProfile, iterations: Sequence[TimedIteration]) -> list[dict[str, float | str]]:
     """Per kind of iteration (and in total): how many, the measured and predicted seconds summed
     (what a run's clock adds up to), and the per-iteration MAPE. Sums, not means, decide tree times."""
-    points = engine_points(iterations)
-    pred = profile_times_s(profile, feature_arrays(points))
-    true = np.array([it.time_s for it in iterations])
+    _, pred, true = _predicted_and_measured(profile, iterations)
     kinds = np.array([it.kind for it in iterations])
     rows = []
     for kind in [*sorted(set(kinds.tolist())), "all"]:
@@ -309,9 +318,7 @@ def breakdown(profile: ModelProfile, iterations: Sequence[TimedIteration]) -> li
 def outliers(profile: ModelProfile, iterations: Sequence[TimedIteration], k: int = 8) -> list[dict]:
     """The ``k`` iterations whose measured time exceeds the prediction by the most seconds (a
     one-off stall such as a kernel compile shows up here, not in a MAPE)."""
-    points = engine_points(iterations)
-    pred = profile_times_s(profile, feature_arrays(points))
-    true = np.array([it.time_s for it in iterations])
+    points, pred, true = _predicted_and_measured(profile, iterations)
     worst = np.argsort(pred - true, kind="stable")[:k]
     return [
         {"label": points[i].label, "measured_s": float(true[i]), "predicted_s": float(pred[i])}
