@@ -40,7 +40,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, however this file is run
@@ -57,15 +57,8 @@ from servegym.envs.engine.cost_model import ModelProfile, load_profile  # noqa: 
 from servegym.envs.engine.torch_backend import TimedIteration  # noqa: E402
 
 BASE_PROFILES = {"tiny": "tiny_cpu", "llama1b": "llama1b_h100"}
-ITERATION_COLUMNS = (
-    "prefill_tokens",
-    "prefill_attn_tokens",
-    "decode_seqs",
-    "kv_read_tokens",
-    "num_seqs",
-    "graphed",
-    "time_s",
-)
+ITERATION_COLUMNS = tuple(f.name for f in fields(TimedIteration))
+"""A report stores each recorded iteration as one row of these."""
 FIDELITY_GOAL_PCT = 5.0  # tree time; vidur reports under 9%
 
 
@@ -149,6 +142,11 @@ def run_engine(
     return row, iterations
 
 
+def err_pct(row: dict, ref: dict, key: str) -> float:
+    """``row``'s ``key`` relative to the reference run's, in %."""
+    return 100 * (row[key] - ref[key]) / ref[key]
+
+
 def fidelity_table(rows: dict) -> str:
     ref = rows["torch (measured)"]
     head = (
@@ -156,7 +154,7 @@ def fidelity_table(rows: dict) -> str:
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
-        err = lambda key, r=r: "" if r is ref else f"{100 * (r[key] - ref[key]) / ref[key]:+.1f}%"  # noqa: E731
+        err = lambda key, r=r: "" if r is ref else f"{err_pct(r, ref, key):+.1f}%"  # noqa: E731
         lines.append(
             f"| {label} | {r['jct_mean_s']:.4f} | {err('jct_mean_s')} | {r['jct_p99_s']:.4f} | {err('jct_p99_s')} "
             f"| {r['makespan_s']:.4f} | {err('makespan_s')} | {r['preemptions']} | {r['iterations']} |"
@@ -169,7 +167,7 @@ def fidelity_header(fidelity: dict, held_out_run: dict, seed: int) -> list[str]:
     ref, repeat, fitted = fidelity["torch (measured)"], fidelity["torch (repeat)"], fidelity["sim (fitted)"]
 
     def err(row: dict, key: str) -> str:
-        return f"{100 * (row[key] - ref[key]) / ref[key]:+.1f}%"
+        return f"{err_pct(row, ref, key):+.1f}%"
 
     return [
         f"held-out engine run (seed {seed}): iteration MAPE {held_out_run['mape_pct']:.2f}%, "
@@ -261,10 +259,27 @@ def measure(args: argparse.Namespace, device: torch.device, model: str) -> Measu
     )
 
 
+def measurements_json(m: Measurements) -> dict:
+    """The report's measurement fields (``load_measurements`` reads them back; the grid points and
+    the torch rows are written with the fit's results beside them)."""
+    return {
+        "machine": m.machine,
+        "device": m.device,
+        "measured": m.date,
+        "model": m.model,
+        "seed": m.seed,
+        "quick": m.quick,
+        "repeats": m.repeats,
+        "iteration_columns": list(ITERATION_COLUMNS),
+        "engine_fit_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in m.engine_iterations],
+        "fidelity_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in m.fidelity_iterations],
+    }
+
+
 def load_measurements(path: str) -> Measurements:
     """The measurements of a report this script wrote (``--json``)."""
     report = json.loads(Path(path).read_text())
-    fields = {f.name for f in cal.dataclasses.fields(cal.Point)}
+    point_fields = {f.name for f in fields(cal.Point)}
     columns = report["iteration_columns"]
 
     def iterations(key: str) -> list[TimedIteration]:
@@ -272,13 +287,13 @@ def load_measurements(path: str) -> Measurements:
 
     return Measurements(
         machine=report["machine"],
-        device=report.get("device", "cpu" if report["machine"].startswith("CPU") else "cuda"),
-        date=report.get("measured", report["date"]),
+        device=report["device"],
+        date=report["measured"],
         model=report["model"],
-        seed=report.get("seed", 0),
+        seed=report["seed"],
         quick=report["quick"],
         repeats=report["repeats"],
-        points=[cal.Point(**{k: v for k, v in p.items() if k in fields}) for p in report["points"]],
+        points=[cal.Point(**{k: v for k, v in p.items() if k in point_fields}) for p in report["points"]],
         engine_iterations=iterations("engine_fit_iterations"),
         torch_rows={k: v for k, v in (report["fidelity"] or {}).items() if k.startswith("torch")},
         fidelity_iterations=iterations("fidelity_iterations"),
@@ -364,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     how = f"fit on {date} from measurements of {m.date}" if args.refit else f"{m.date}"
     source = f"scripts/calibrate.py fit to the torch backend ({m.model}) on {m.machine}, {how}; {errs}"
-    profile = cal.dataclasses.replace(result.profile, source=source)
+    profile = replace(result.profile, source=source)
     header = [
         f"Fitted by scripts/calibrate.py{' --quick' if m.quick else ''}{' --refit' if args.refit else ''} "
         f"from {base_name}.yaml: do not edit by hand.",
@@ -404,31 +419,22 @@ def main(argv: list[str] | None = None) -> int:
 
     pred = cal.profile_times_s(profile, cal.feature_arrays(m.points))
     report = {
-        "machine": m.machine,
-        "device": m.device,
-        "measured": m.date,
+        **measurements_json(m),
         "date": date,
-        "model": m.model,
-        "seed": m.seed,
         "base_profile": base_name,
-        "quick": m.quick,
-        "repeats": m.repeats,
         "profile_path": str(out),
-        "profile": cal.dataclasses.asdict(profile),
+        "profile": asdict(profile),
         "theta": result.theta,
         "train": result.train,
         "held_out": result.held_out,
         "base_held_out": result.base_held_out,
         "notes": result.notes,
         "points": [
-            {**cal.dataclasses.asdict(p), "median_s": p.median_s, "spread": p.spread, "fitted_s": float(t)}
+            {**asdict(p), "median_s": p.median_s, "spread": p.spread, "fitted_s": float(t)}
             for p, t in zip(m.points, pred, strict=True)
         ],
         "fidelity": fidelity,
         "diagnosis": diagnosis,
-        "iteration_columns": list(ITERATION_COLUMNS),
-        "engine_fit_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in m.engine_iterations],
-        "fidelity_iterations": [[getattr(it, c) for c in ITERATION_COLUMNS] for it in m.fidelity_iterations],
         "engine_points": len(engine_pts),
         "wall_s": time.perf_counter() - t_start,
     }
@@ -478,7 +484,7 @@ def print_report(
     print()
     print(fidelity_table(fidelity))
     ref, fit_row = fidelity["torch (measured)"], fidelity["sim (fitted)"]
-    worst = max(abs(fit_row[k] - ref[k]) / ref[k] for k in ("jct_mean_s", "jct_p99_s")) * 100
+    worst = max(abs(err_pct(fit_row, ref, k)) for k in ("jct_mean_s", "jct_p99_s"))
     print(f"tree-time error (fitted sim vs torch): {worst:.1f}% (goal <= {FIDELITY_GOAL_PCT:.0f}%)")
     for label, d in diagnosis.items():
         print()
