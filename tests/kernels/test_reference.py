@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from servegym.kernels import paged_decode_attention, paged_prefill_attention, reference, write_kv
 
-from .helpers import decode_expected, make_case, prefill_expected, rel_err
+from .helpers import PagedCase, decode_expected, make_case, prefill_expected, rel_err
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2}
 
@@ -33,9 +33,8 @@ def layouts(draw: st.DrawFn) -> dict:
     }
 
 
-@given(layout=layouts())
-def test_decode_matches_dense(layout: dict) -> None:
-    case = make_case(
+def case_of(layout: dict) -> PagedCase:
+    return make_case(
         layout["context_lens"],
         block_size=layout["block_size"],
         num_kv_heads=layout["num_kv_heads"],
@@ -43,6 +42,11 @@ def test_decode_matches_dense(layout: dict) -> None:
         dtype=layout["dtype"],
         seed=layout["seed"],
     )
+
+
+@given(layout=layouts())
+def test_decode_matches_dense(layout: dict) -> None:
+    case = case_of(layout)
     num_heads = layout["num_kv_heads"] * layout["group"]
     gen = torch.Generator().manual_seed(layout["seed"] + 1)
     q = torch.randn(len(case.keys), num_heads, layout["head_dim"], generator=gen).to(layout["dtype"])
@@ -56,14 +60,7 @@ def test_decode_matches_dense(layout: dict) -> None:
 
 @given(layout=layouts(), data=st.data())
 def test_prefill_matches_dense(layout: dict, data: st.DataObject) -> None:
-    case = make_case(
-        layout["context_lens"],
-        block_size=layout["block_size"],
-        num_kv_heads=layout["num_kv_heads"],
-        head_dim=layout["head_dim"],
-        dtype=layout["dtype"],
-        seed=layout["seed"],
-    )
+    case = case_of(layout)
     # Each chunk is the last q_len tokens of its context: 0 (no chunk), 1, a prefix hit, or everything.
     q_lens = [data.draw(st.integers(0, n)) for n in layout["context_lens"]]
     q_lens[0] = max(q_lens[0], 1)
