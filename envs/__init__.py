@@ -1,10 +1,12 @@
-"""servegym environments: workloads, the engine, and the Gymnasium envs over them."""
+"""servegym environments: workloads, the engine, and the Gymnasium envs over them.
 
-from gymnasium.envs.registration import register
+Importing this package does not import gymnasium (the engine and the workloads need numpy
+alone); the env ids are registered when gymnasium is imported, before or after this package
+(``registration.py``).
+"""
 
-# Episodes end when the workload drains or at env.horizon_s: no step limit.
-register(id="servegym/Scheduling-v0", entry_point="servegym.envs.serving_env:SchedulingEnv")
-register(id="servegym/Eviction-v0", entry_point="servegym.envs.eviction_env:EvictionEnv")
-register(id="servegym/Routing-v0", entry_point="servegym.envs.routing_env:RoutingEnv")
-register(id="servegym/Serving-v0", entry_point="servegym.envs.serving_env:ServingEnv")
-ENV_IDS = ("servegym/Scheduling-v0", "servegym/Eviction-v0", "servegym/Routing-v0", "servegym/Serving-v0")
+from servegym.envs.registration import ENV_IDS, register_when_gymnasium_loads
+
+register_when_gymnasium_loads()
+
+__all__ = ["ENV_IDS"]

@@ -15,21 +15,14 @@ Needs only torch, numpy and servegym's model and kernels (no gymnasium, hydra or
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, however this file is run
-import _bootstrap  # noqa: E402
+import numpy as np
+import torch
 
-_bootstrap.engine_imports()  # before servegym: works without gymnasium (the GPU machine)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from servegym import kernels  # noqa: E402
-from servegym.envs.engine.model import LlamaModel, model_config  # noqa: E402
-from servegym.envs.engine.torch_backend import ModelRunner, flat_inputs  # noqa: E402
+from servegym import kernels
+from servegym.envs.engine.model import LlamaModel, model_config
+from servegym.envs.engine.torch_backend import ModelRunner, flat_inputs
 
 
 class Timer:

@@ -43,18 +43,13 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, however this file is run
-import _bootstrap  # noqa: E402
+import numpy as np
+import torch
 
-_bootstrap.engine_imports()  # before servegym: works without gymnasium (the GPU machine)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from servegym.envs.engine import calibration as cal  # noqa: E402
-from servegym.envs.engine.config import EngineConfig  # noqa: E402
-from servegym.envs.engine.cost_model import ModelProfile, load_profile  # noqa: E402
-from servegym.envs.engine.torch_backend import TimedIteration  # noqa: E402
+from servegym.envs.engine import calibration as cal
+from servegym.envs.engine.config import EngineConfig
+from servegym.envs.engine.cost_model import ModelProfile, load_profile
+from servegym.envs.engine.torch_backend import TimedIteration
 
 BASE_PROFILES = {"tiny": "tiny_cpu", "llama1b": "llama1b_h100"}
 ITERATION_COLUMNS = tuple(f.name for f in fields(TimedIteration))
