@@ -21,16 +21,10 @@ SECTIONS=(env kernel_tests kernel_bench model_bench calibrate)
 mkdir -p "$OUT"
 cd "$REPO"
 
-# servegym is not installed: expose the folders as servegym.<pkg> through a tree of symlinks on PYTHONPATH
-# (servegym is a namespace package, so no __init__.py is needed). envs/ is mirrored without its
-# __init__.py, which registers the Gymnasium envs (gymnasium is not installed there).
+# servegym is not installed there: a symlink named servegym to the checkout, on PYTHONPATH, makes
+# servegym.envs/agents/kernels the repo's folders (servegym is a namespace package: no __init__.py).
 SHIM="$(mktemp -d)"
-mkdir -p "$SHIM/servegym/envs"
-ln -s "$REPO/kernels" "$SHIM/servegym/kernels"
-ln -s "$REPO/agents" "$SHIM/servegym/agents"
-for entry in "$REPO"/envs/*; do
-    [ "$(basename "$entry")" = __init__.py ] || ln -s "$entry" "$SHIM/servegym/envs/$(basename "$entry")"
-done
+ln -s "$REPO" "$SHIM/servegym"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
