@@ -2,8 +2,14 @@
 
 Poisson is the textbook baseline; real LLM traffic is burstier (BurstGPT fits Gamma inter-arrivals;
 the Mooncake conversation trace has an inter-arrival CV of 3.0, ANCHORS.md), and bursts are what
-make admission and eviction choices matter, so Gamma and a two-state MMPP are here too.
+make admission and eviction choices matter, so Gamma (cv <= ``GAMMA_MAX_CV``) and a two-state
+MMPP are here too.
 Each process returns absolute, sorted arrival times in seconds, the first one after t = 0.
+
+Degenerate settings fail at construction rather than producing a run that looks fine: a rate so
+low that the arrivals would span more than ``MAX_ARRIVAL_SPAN_S`` (the engine's float64 clock
+would round every latency to 0), and an MMPP whose states are too short to hold an arrival (its
+sampler would loop about ``1 / (rate x dwell)`` times per arrival).
 """
 
 from __future__ import annotations
@@ -11,6 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+MAX_ARRIVAL_SPAN_S = 1e9
+"""The longest arrival span a workload may have (about 31.7 years). The engine keeps time in
+float64 seconds, which resolves 0.12 us at 1e9 s and nothing below 0.25 s at 1e15 s; a longer
+span is almost always a unit mistake (ns or us where seconds are expected, a rate of 1e-300).
+Every trace loader and generator refuses it with the value named."""
+
+GAMMA_MAX_CV = 30.0
+"""Gamma gaps with a larger CV (shape below ~1e-3) are almost all 0 in a few thousand draws:
+every job would arrive at once and the configured mean rate would not show; refused."""
+
+MMPP_MIN_ARRIVALS_PER_DWELL = 0.01
+"""An MMPP state visit must expect at least this many arrivals (mean rate x ``mean_dwell_s``)."""
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -54,6 +73,12 @@ class Gamma:
 
     def __post_init__(self) -> None:
         _positive("Gamma", rate_per_s=self.rate_per_s, cv=self.cv)
+        if self.cv > GAMMA_MAX_CV:
+            raise ValueError(
+                f"Gamma.cv={self.cv!r} is above {GAMMA_MAX_CV}: gaps of shape 1/cv^2 are almost all 0 in "
+                "any practical number of draws, so every job would arrive at once; use cv <= "
+                f"{GAMMA_MAX_CV} (Mooncake's conversation trace has 3.0)"
+            )
 
     def times(self, rng: np.random.Generator, num_jobs: int) -> np.ndarray:
         _check_num_jobs(num_jobs)
@@ -82,6 +107,13 @@ class MMPP:
         if not (np.isfinite(self.rate_low) and 0 <= self.rate_low <= self.rate_high):
             raise ValueError(
                 f"MMPP.rate_low must be in [0, rate_high={self.rate_high!r}], got {self.rate_low!r}"
+            )
+        per_dwell = (self.rate_low + self.rate_high) / 2 * self.mean_dwell_s
+        if not per_dwell >= MMPP_MIN_ARRIVALS_PER_DWELL:
+            raise ValueError(
+                f"MMPP.mean_dwell_s={self.mean_dwell_s!r} at mean rate {(self.rate_low + self.rate_high) / 2!r}/s "
+                f"gives {per_dwell:.3g} arrivals per state visit (< {MMPP_MIN_ARRIVALS_PER_DWELL}): the "
+                "sampler would loop ~1/that times per arrival; raise mean_dwell_s or the rates"
             )
 
     def times(self, rng: np.random.Generator, num_jobs: int) -> np.ndarray:

@@ -27,7 +27,11 @@ What every importer does:
 
 - One job per kept row by default: a single ``user`` call, ``output_tokens`` = the logged
   output length, ``max_tokens`` = ``max_tokens_budget`` or the output length, ``arrival_s`` =
-  the row's time minus the earliest kept row's time (the first row in a sorted trace).
+  the row's time minus the earliest kept row's time (the first row in a sorted trace),
+  subtracted on the exact values as written before they become float seconds
+  (``traces.relative_seconds``), so epoch or nanosecond-scale clocks keep their resolution.
+  A NaN or infinite time, or kept rows spanning more than ``MAX_ARRIVAL_SPAN_S`` (31.7 years,
+  e.g. a ``timestamp`` of 1e308 ms), raise ``TraceFormatError`` naming the file, line and field.
 - Rows that cannot become a call are skipped and counted by reason in
   ``ImportResult.skipped``, because real traces hold a few and one should not abort a
   ten-million-row import: ``"zero_input"`` (empty prompt), ``"zero_output"`` (nothing
@@ -63,6 +67,8 @@ from __future__ import annotations
 
 import calendar
 import csv
+import dataclasses
+import decimal
 import json
 import math
 import os
@@ -71,11 +77,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from servegym.envs.workloads.job import Call, Job, Output, Text
-from servegym.envs.workloads.traces import TraceFormatError
+from servegym.envs.workloads.traces import RawTime, TraceFormatError, relative_seconds, utf8_lines
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per Mooncake hash id."""
@@ -101,12 +108,13 @@ class _Request:
     """One usable trace row, before it becomes a call."""
 
     line: int
-    time_s: float  # on the file's own clock; arrivals are taken relative to the earliest row
+    raw_time: RawTime  # exactly as the file wrote it, in the file's unit (see _on_zero_clock)
     input_tokens: int
     output_tokens: int
     hash_ids: tuple[int, ...] = ()
     model: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    time_s: float = math.nan  # seconds after the earliest kept row, set by _on_zero_clock
 
 
 Row = _Request | str  # a usable request, or the reason a row was skipped
@@ -124,6 +132,7 @@ def import_mooncake(
     path = Path(path)
     _check_options(session_gap_s, max_tokens_budget, limit)
     requests, skipped = _collect(_mooncake_rows(path), limit)
+    requests = _on_zero_clock(requests, path, "timestamp", Decimal("0.001"))
     if group_sessions:
         jobs = _mooncake_sessions(requests, path.stem, session_gap_s, max_tokens_budget)
     else:
@@ -148,6 +157,7 @@ def import_azure(
     _check_options(session_gap_s, max_tokens_budget, limit)
     _refuse_grouping(group_sessions, "Azure")
     requests, skipped = _collect(_azure_rows(path), limit)
+    requests = _on_zero_clock(requests, path, "TIMESTAMP", 1)
     return ImportResult(
         _single_call_jobs(requests, "azure", path.stem, _unique_prompt, max_tokens_budget), skipped
     )
@@ -173,6 +183,7 @@ def import_burstgpt(
     _check_options(session_gap_s, max_tokens_budget, limit)
     _refuse_grouping(group_sessions, "BurstGPT")
     requests, skipped = _collect(_burstgpt_rows(path, set_call_model), limit)
+    requests = _on_zero_clock(requests, path, "Timestamp", 1)
     return ImportResult(
         _single_call_jobs(requests, "burstgpt", path.stem, _unique_prompt, max_tokens_budget), skipped
     )
@@ -214,6 +225,16 @@ def _collect(rows: Iterator[Row], limit: int | None) -> tuple[list[_Request], di
     return requests, dict(skipped)
 
 
+def _on_zero_clock(
+    requests: list[_Request], path: Path, time_field: str, seconds_per_unit: RawTime
+) -> list[_Request]:
+    """The requests with ``time_s`` = seconds after the earliest one, shifted exactly."""
+    times_s = relative_seconds(
+        [r.raw_time for r in requests], [r.line for r in requests], path, time_field, seconds_per_unit
+    )
+    return [dataclasses.replace(r, time_s=t) for r, t in zip(requests, times_s, strict=True)]
+
+
 def _single_call_jobs(
     requests: list[_Request],
     source: str,
@@ -221,7 +242,6 @@ def _single_call_jobs(
     prompt_for: Callable[[_Request, str], tuple[Text, ...]],
     max_tokens_budget: int | None,
 ) -> list[Job]:
-    start_s = min((r.time_s for r in requests), default=0.0)
     jobs = []
     for r in requests:
         job_id = f"{stem}/{r.line}"
@@ -234,7 +254,7 @@ def _single_call_jobs(
             model=r.model,
         )
         meta = {"source": source, "lines": [r.line], **r.meta}
-        jobs.append(Job(job_id=job_id, arrival_s=r.time_s - start_s, calls=(call,), kind=source, meta=meta))
+        jobs.append(Job(job_id=job_id, arrival_s=r.time_s, calls=(call,), kind=source, meta=meta))
     return jobs
 
 
@@ -265,12 +285,12 @@ def _mooncake_prompt(r: _Request, job_id: str) -> tuple[Text, ...]:
 
 
 def _mooncake_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
+    with utf8_lines(path) as lines:
+        for line_no, line in lines:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_float=Decimal, parse_constant=Decimal)
             except json.JSONDecodeError as err:
                 raise _row_error(path, line_no, f"invalid JSON: {err.msg} at column {err.colno}") from err
             if not isinstance(obj, dict):
@@ -282,9 +302,9 @@ def _mooncake_rows(path: Path) -> Iterator[Row]:
             time_field = "timestamp" if "timestamp" in obj else "timestamp_ms"
             time_ms = obj[time_field]
             if (
-                not isinstance(time_ms, int | float)
+                not isinstance(time_ms, int | Decimal)
                 or isinstance(time_ms, bool)
-                or not math.isfinite(time_ms)
+                or (isinstance(time_ms, Decimal) and not time_ms.is_finite())
             ):
                 raise _row_error(path, line_no, f"{time_field}: must be a number of ms, got {time_ms!r}")
             input_tokens = _json_length(obj, "input_length", path, line_no)
@@ -300,7 +320,7 @@ def _mooncake_rows(path: Path) -> Iterator[Row]:
             elif output_tokens == 0:
                 yield "zero_output"
             else:
-                yield _Request(line_no, time_ms / 1000.0, input_tokens, output_tokens, tuple(hash_ids))
+                yield _Request(line_no, time_ms, input_tokens, output_tokens, tuple(hash_ids))
 
 
 def _json_length(obj: dict[str, Any], name: str, path: Path, line_no: int) -> int:
@@ -326,8 +346,7 @@ def _mooncake_sessions(
         sessions[index].append(r)
         for hash_id in r.hash_ids:
             first_seen.setdefault(hash_id, index)
-    start_s = min((r.time_s for r in requests), default=0.0)
-    return [_session_job(chain, stem, start_s, max_tokens_budget) for chain in sessions]
+    return [_session_job(chain, stem, max_tokens_budget) for chain in sessions]
 
 
 def _continued_session(
@@ -358,7 +377,7 @@ def _generated(r: _Request, max_tokens_budget: int | None) -> int:
     return min(r.output_tokens, max_tokens_budget or r.output_tokens)
 
 
-def _session_job(chain: list[_Request], stem: str, start_s: float, max_tokens_budget: int | None) -> Job:
+def _session_job(chain: list[_Request], stem: str, max_tokens_budget: int | None) -> Job:
     job_id = f"{stem}/{chain[0].line}"
     calls: list[Call] = []
     for index, r in enumerate(chain):
@@ -383,7 +402,7 @@ def _session_job(chain: list[_Request], stem: str, start_s: float, max_tokens_bu
     meta = {"source": "mooncake", "lines": [r.line for r in chain]}
     return Job(
         job_id=job_id,
-        arrival_s=chain[0].time_s - start_s,
+        arrival_s=chain[0].time_s,
         calls=tuple(calls),
         kind="mooncake-session",
         meta=meta,
@@ -396,11 +415,8 @@ _AZURE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})(?:\.(\d+))?\
 
 
 def _azure_rows(path: Path) -> Iterator[Row]:
-    origin_s: int | None = None  # whole seconds of the first row: keeps times small and exact
     for line_no, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
-        whole_s, frac_s = _parse_wall_time(row["TIMESTAMP"], path, line_no)
-        if origin_s is None:
-            origin_s = whole_s
+        time_s = _parse_wall_time(row["TIMESTAMP"], path, line_no)
         input_tokens = _csv_length(row, "ContextTokens", path, line_no)
         output_tokens = _csv_length(row, "GeneratedTokens", path, line_no)
         if input_tokens == 0:
@@ -408,16 +424,16 @@ def _azure_rows(path: Path) -> Iterator[Row]:
         elif output_tokens == 0:
             yield "zero_output"
         else:
-            yield _Request(line_no, (whole_s - origin_s) + frac_s, input_tokens, output_tokens)
+            yield _Request(line_no, time_s, input_tokens, output_tokens)
 
 
 def _burstgpt_rows(path: Path, set_call_model: bool) -> Iterator[Row]:
     for line_no, row in _csv_rows(path, ("Timestamp", "Model", "Request tokens", "Response tokens")):
         try:
-            time_s = float(row["Timestamp"])
-        except ValueError:
-            time_s = math.nan
-        if not math.isfinite(time_s):
+            time_s = Decimal(row["Timestamp"].strip())
+        except decimal.InvalidOperation:
+            time_s = Decimal("NaN")
+        if not time_s.is_finite():
             raise _row_error(
                 path, line_no, f"Timestamp: must be a finite number of seconds, got {row['Timestamp']!r}"
             )
@@ -441,8 +457,8 @@ def _burstgpt_rows(path: Path, set_call_model: bool) -> Iterator[Row]:
 
 
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    with path.open(encoding="utf-8", newline="") as file:
-        reader = csv.DictReader(file)
+    with utf8_lines(path) as numbered:
+        reader = csv.DictReader(text for _, text in numbered)
         header = reader.fieldnames or []
         missing = [name for name in columns if name not in header]
         if missing:
@@ -460,9 +476,9 @@ def _csv_length(row: dict[str, str], name: str, path: Path, line_no: int) -> int
     return int(text)
 
 
-def _parse_wall_time(text: str, path: Path, line_no: int) -> tuple[int, float]:
-    """Whole UTC epoch seconds and the fraction, parsed by hand: Azure writes 7 fractional
-    digits, which ``datetime.fromisoformat`` only accepts from Python 3.11."""
+def _parse_wall_time(text: str, path: Path, line_no: int) -> Decimal:
+    """Exact UTC epoch seconds, parsed by hand: Azure writes 7 fractional digits, which
+    ``datetime.fromisoformat`` only accepts from Python 3.11."""
     match = _AZURE_TIME.fullmatch(text.strip())
     if match is None:
         raise _row_error(path, line_no, f"TIMESTAMP: expected 'YYYY-MM-DD HH:MM:SS[.fraction]', got {text!r}")
@@ -475,7 +491,7 @@ def _parse_wall_time(text: str, path: Path, line_no: int) -> tuple[int, float]:
         digits = offset[1:].replace(":", "")
         sign = 1 if offset[0] == "+" else -1
         whole_s -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return whole_s, int(fraction) / 10 ** len(fraction) if fraction else 0.0
+    return Decimal(whole_s) + (Decimal(f"0.{fraction}") if fraction else 0)
 
 
 def _row_error(path: Path, line_no: int, what: str) -> TraceFormatError:

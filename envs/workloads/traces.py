@@ -19,8 +19,8 @@ Line format, schema 1. One job per line; blank lines are skipped. Every line car
 
 (shown wrapped; a real line has no newlines). ``save_jobs`` writes every field.
 
-- Job fields. Required: ``schema`` (1), ``job_id`` (string), ``arrival_s`` (number),
-  ``calls`` (array). Optional, with the ``Job`` defaults: ``tenant``, ``kind`` (strings),
+- Job fields. Required: ``schema`` (1), ``job_id`` (string), ``arrival_s`` (number of
+  seconds on any clock, see below), ``calls`` (array). Optional, with the ``Job`` defaults: ``tenant``, ``kind`` (strings),
   ``slo_s`` (number or null), ``meta`` (object; kept but not compared, as in ``Job``).
 - Call fields, in topological order; a call's id is its position. Required: ``role`` (string),
   ``prompt`` (array of segments), ``output_tokens``, ``max_tokens`` (integers). Optional:
@@ -31,16 +31,33 @@ Line format, schema 1. One job per line; blank lines are skipped. Every line car
 
 Any other field is an error, not silently dropped: a typo such as ``max_token`` would otherwise
 replay a different workload. Integers must be JSON integers (``true`` is not ``1``).
+
+Arrival clock. ``arrival_s`` may be relative (0.25, 3.0, ...) or absolute, as exported logs write
+them (epoch seconds such as 1732000000.25, or a clock that counts from 10^15): the loader
+shifts every arrival so that the earliest is exactly 0. The shift is done on the numbers as
+written (integers and decimal text, exactly) before they become float seconds, so
+1700000000000000000.25 and 1700000000000000000.5 load as 0.0 and 0.25, not as two equal floats.
+A trace whose earliest job arrives at 0 (every trace ``save_jobs`` writes from a workload that
+starts there) loads bit for bit as saved; one whose earliest job arrives at t > 0 loads t seconds
+earlier, the same workload on a clock that starts with it. Refused, naming the file, line,
+field and value: NaN or infinite times, and a trace spanning more than ``MAX_ARRIVAL_SPAN_S``
+(about 31.7 years; such a span is almost always a unit mistake, e.g. nanoseconds written into
+``arrival_s``, and beyond it float64 seconds no longer resolve a microsecond).
 """
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from servegym.envs.workloads.arrivals import MAX_ARRIVAL_SPAN_S
 from servegym.envs.workloads.job import Call, Job, JobValidationError, Output, Segment, Text
 
 SCHEMA_VERSION = 1
@@ -86,33 +103,126 @@ def save_jobs(jobs: Iterable[Job], path: str | os.PathLike[str]) -> Path:
 
 def load_jobs(path: str | os.PathLike[str]) -> list[Job]:
     """Read a schema-1 JSONL trace, validating every line (JSON shape here, the data model's
-    invariants in ``validate_job``); raises ``TraceFormatError`` at the first bad line."""
+    invariants in ``validate_job``); raises ``TraceFormatError`` at the first bad line.
+
+    Arrivals are shifted exactly so the earliest is 0 (see "Arrival clock" above)."""
     path = Path(path)
-    jobs: list[Job] = []
+    decoded: list[tuple[int, dict[str, Any], RawTime]] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
+    with utf8_lines(path) as lines:
+        for line_no, line in lines:
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-            except ValueError as err:
-                what = (
-                    f"invalid JSON: {err.msg} at column {err.colno}"
-                    if isinstance(err, json.JSONDecodeError)
-                    else f"invalid JSON: {err}"
-                )
-                raise _line_error(path, line_no, what) from err
-            try:
-                job = _decode_job(obj)
-            except (_FieldError, JobValidationError) as err:
-                raise _line_error(path, line_no, str(err)) from err
-            if job.job_id in first_line:
-                what = f"job_id: duplicate job id {job.job_id!r} (first on line {first_line[job.job_id]})"
+            fields, raw_arrival = _read_line(path, line_no, line)
+            job_id = fields["job_id"]
+            if job_id in first_line:
+                what = f"job_id: duplicate job id {job_id!r} (first on line {first_line[job_id]})"
                 raise _line_error(path, line_no, what)
-            first_line[job.job_id] = line_no
-            jobs.append(job)
+            first_line[job_id] = line_no
+            decoded.append((line_no, fields, raw_arrival))
+    line_numbers = [line_no for line_no, _, _ in decoded]
+    arrivals = relative_seconds([raw for _, _, raw in decoded], line_numbers, path, "arrival_s")
+    jobs = []
+    for (line_no, fields, _), arrival_s in zip(decoded, arrivals, strict=True):
+        try:
+            jobs.append(Job(arrival_s=arrival_s, **fields))
+        except JobValidationError as err:
+            raise _line_error(path, line_no, str(err)) from err
     return jobs
+
+
+def _read_line(path: Path, line_no: int, line: str) -> tuple[dict[str, Any], RawTime]:
+    try:
+        obj = json.loads(
+            line,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_float=Decimal,  # exact: arrivals are shifted before they become floats
+            parse_constant=_refuse_constant,
+        )
+    except ValueError as err:
+        what = (
+            f"invalid JSON: {err.msg} at column {err.colno}"
+            if isinstance(err, json.JSONDecodeError)
+            else f"invalid JSON: {err}"
+        )
+        raise _line_error(path, line_no, what) from err
+    try:
+        return _decode_job(obj)
+    except _FieldError as err:
+        raise _line_error(path, line_no, str(err)) from err
+
+
+RawTime = int | Decimal
+"""A time as the file wrote it: a JSON integer or the exact decimal of a JSON number."""
+
+_EXACT = decimal.Context(prec=100, traps=[decimal.InvalidOperation])
+
+
+def relative_seconds(
+    raw_times: Sequence[RawTime],
+    lines: Sequence[int],
+    path: Path,
+    field: str,
+    seconds_per_unit: RawTime = 1,
+) -> list[float]:
+    """``(raw - min(raw)) * seconds_per_unit`` as float seconds, one per raw time: shifted on
+    the exact values, then rounded once, so absolute clocks (epoch seconds, microsecond or
+    nanosecond counters) keep their resolution. Every trace loader uses it.
+
+    Raises ``TraceFormatError`` (file, line, field, value) for a NaN or infinite time and for a
+    span over ``MAX_ARRIVAL_SPAN_S``."""
+    for raw, line in zip(raw_times, lines, strict=True):
+        if isinstance(raw, Decimal) and not raw.is_finite():
+            raise _line_error(path, line, f"{field}: must be a finite number, got {raw}")
+    if not raw_times:
+        return []
+    first = min(range(len(raw_times)), key=raw_times.__getitem__)
+    last = max(range(len(raw_times)), key=raw_times.__getitem__)
+    origin = Decimal(raw_times[first])
+    scale = Decimal(seconds_per_unit)
+    span_s = _EXACT.multiply(_EXACT.subtract(Decimal(raw_times[last]), origin), scale)
+    if span_s > Decimal(MAX_ARRIVAL_SPAN_S):
+        raise _line_error(
+            path,
+            lines[last],
+            f"{field}: {raw_times[last]} is {_short(span_s)} s after the earliest time "
+            f"({raw_times[first]} on line {lines[first]}); a trace may span at most "
+            f"{MAX_ARRIVAL_SPAN_S:.0e} s (31.7 years). Check the unit of {field} "
+            f"({_unit_name(seconds_per_unit)}) and the row's value",
+        )
+    return [float(_EXACT.multiply(_EXACT.subtract(Decimal(raw), origin), scale)) for raw in raw_times]
+
+
+def _short(value: Decimal) -> str:
+    return f"{float(value):.3g}" if value < Decimal("1e300") else f"{value:.2e}"
+
+
+def _unit_name(seconds_per_unit: RawTime) -> str:
+    return "seconds" if seconds_per_unit == 1 else f"{seconds_per_unit} s per unit"
+
+
+@contextmanager
+def utf8_lines(path: Path) -> Iterator[Iterator[tuple[int, str]]]:
+    """(1-based line number, text) of a UTF-8 file, for every trace reader: a line that is not
+    UTF-8 raises ``TraceFormatError`` naming the file, line and byte, instead of a bare
+    ``UnicodeDecodeError``. Line ends are kept (the CSV reader needs them)."""
+    with path.open("rb") as file:
+        yield (_decode_line(path, line_no, data) for line_no, data in enumerate(file, start=1))
+
+
+def _decode_line(path: Path, line_no: int, data: bytes) -> tuple[int, str]:
+    try:
+        return line_no, data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _line_error(
+            path,
+            line_no,
+            f"not UTF-8 text (byte {data[err.start]:#04x} at column {err.start + 1}); save the trace as UTF-8",
+        ) from err
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; write finite numbers only")
 
 
 def _line_error(path: Path, line_no: int, what: str) -> TraceFormatError:
@@ -170,7 +280,8 @@ def _encode_segment(seg: Segment) -> dict[str, Any]:
 # --- decoding: JSON shape only; the data model's rules stay in validate_job -------------------
 
 
-def _decode_job(obj: Any) -> Job:
+def _decode_job(obj: Any) -> tuple[dict[str, Any], RawTime]:
+    """The ``Job`` fields but ``arrival_s``, and the arrival as written (shifted later)."""
     if not isinstance(obj, dict):
         raise _FieldError("", f"a trace line must be a JSON object (one job), got {_describe(obj)}")
     _check_fields(obj, "", _JOB_REQUIRED, _JOB_OPTIONAL)
@@ -183,15 +294,29 @@ def _decode_job(obj: Any) -> Job:
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise _FieldError("meta", f"must be an object, got {_describe(meta)}")
-    return Job(
-        job_id=_expect(obj, "job_id", "", str),
-        arrival_s=_number(obj, "arrival_s", ""),
-        calls=tuple(_decode_call(call, index) for index, call in enumerate(calls)),
-        tenant=_expect(obj, "tenant", "", str, default="default"),
-        kind=_expect(obj, "kind", "", str, default="custom"),
-        slo_s=None if obj.get("slo_s") is None else _number(obj, "slo_s", ""),
-        meta=meta,
-    )
+    arrival = obj["arrival_s"]
+    if not isinstance(arrival, int | Decimal) or isinstance(arrival, bool):
+        raise _FieldError("arrival_s", f"must be a number, got {_describe(arrival)}")
+    fields = {
+        "job_id": _expect(obj, "job_id", "", str),
+        "calls": tuple(_decode_call(call, index) for index, call in enumerate(calls)),
+        "tenant": _expect(obj, "tenant", "", str, default="default"),
+        "kind": _expect(obj, "kind", "", str, default="custom"),
+        "slo_s": None if obj.get("slo_s") is None else _number(obj, "slo_s", ""),
+        "meta": _plain(meta),
+    }
+    return fields, arrival
+
+
+def _plain(value: Any) -> Any:
+    """``meta`` with the exact decimals the reader parses turned back into floats."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _decode_call(obj: Any, index: int) -> Call:
@@ -266,12 +391,15 @@ def _number(obj: dict[str, Any], name: str, where: str, default: float | None = 
     if name not in obj and default is not None:
         return default
     value = obj[name]
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not isinstance(value, int | float | Decimal) or isinstance(value, bool):
         raise _FieldError(_join(where, name), f"must be a number, got {_describe(value)}")
     try:
-        return float(value)
-    except OverflowError as err:  # a JSON integer too large for a float
-        raise _FieldError(_join(where, name), f"number out of range: {_describe(value)}") from err
+        number = float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):  # float(Decimal("1e400")) is inf, not an error
+        raise _FieldError(_join(where, name), f"number out of range: {_describe(value)}")
+    return number
 
 
 def _join(where: str, name: str) -> str:
@@ -281,8 +409,10 @@ def _join(where: str, name: str) -> str:
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, Decimal):
+        return f"number {value}"
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
-    shown = json.dumps(value)
+    shown = json.dumps(value, default=str)  # exact decimals nested in an array or object
     if len(shown) > 40:
         shown = shown[:37] + "..."
     return f"{kind[type(value)]} {shown}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from servegym.envs.workloads.arrivals import MMPP, Gamma, Poisson
+from servegym.envs.workloads.arrivals import MAX_ARRIVAL_SPAN_S, MMPP, Gamma, Poisson
 from servegym.envs.workloads.generators import Generator, ReactChain
 from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import FixedJobs, JobSource
@@ -113,6 +113,22 @@ class Workload:
                 raise ValueError(f"Workload.{name} must be an int >= 1, got {value!r}")
         if not (np.isfinite(self.think_time_s) and self.think_time_s >= 0):
             raise ValueError(f"Workload.think_time_s must be a finite time >= 0, got {self.think_time_s!r}")
+        span_s = self.num_jobs * (
+            self.think_time_s / self.num_users if self.arrival == "closed" else 1.0 / self.arrival_rate
+        )
+        if span_s > MAX_ARRIVAL_SPAN_S:
+            what = (
+                f"think_time_s={self.think_time_s!r} with num_users={self.num_users}"
+                if self.arrival == "closed"
+                else f"arrival_rate={self.arrival_rate!r}/s"
+            )
+            raise ValueError(
+                f"Workload.{what} spreads num_jobs={self.num_jobs} arrivals over ~{span_s:.3g} s, past "
+                f"the {MAX_ARRIVAL_SPAN_S:.0e} s the engine's float64 clock resolves to a microsecond "
+                "(every latency would round to 0); check the unit: the rate is jobs per second"
+            )
+        if self.arrival != "closed":
+            self.arrival_process()  # an open-loop process checks its parameters now, not per run
 
     def arrival_process(self) -> Poisson | Gamma | MMPP:
         """The open-loop process for ``arrival`` at mean rate ``arrival_rate``."""
@@ -133,6 +149,12 @@ class Workload:
                 self.generator, self.num_users, self.num_jobs, self.think_time_s, generator_seed
             )
         times = self.arrival_process().times(np.random.default_rng(arrival_seed), self.num_jobs)
+        if len(times) and times[-1] > MAX_ARRIVAL_SPAN_S:  # a heavy-tailed draw (Gamma, large cv)
+            raise ValueError(
+                f"Workload(arrival={self.arrival!r}, arrival_rate={self.arrival_rate!r}, "
+                f"burstiness_cv={self.burstiness_cv!r}) seed {seed}: the last arrival is at "
+                f"{times[-1]:.3g} s, past {MAX_ARRIVAL_SPAN_S:.0e} s; lower burstiness_cv or raise the rate"
+            )
         rng = np.random.default_rng(generator_seed)
         return FixedJobs([self.generator.sample(rng, f"j{i}", float(t)) for i, t in enumerate(times)])
 

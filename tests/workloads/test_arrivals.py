@@ -118,3 +118,41 @@ def test_same_seed_same_jobs_different_seed_different_jobs(arrival: str) -> None
         assert isinstance(source, FixedJobs) and [j.job_id for j in first] == [f"j{i}" for i in range(30)]
         times = [j.arrival_s for j in first]
         assert times == sorted(times) and times[0] > 0
+
+
+# --- degenerate settings fail at construction, naming the value ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"arrival_rate": 1e-300},
+            r"Workload.arrival_rate=1e-300/s spreads num_jobs=200 arrivals over ~2e\+302 s",
+        ),
+        ({"arrival_rate": 1e-7, "arrival": "gamma"}, r"arrival_rate=1e-07/s spreads"),
+        (
+            {"arrival": "closed", "think_time_s": 1e300},
+            r"Workload.think_time_s=1e\+300 with num_users=16 spreads",
+        ),
+        ({"arrival": "mmpp", "mmpp_dwell_s": 1e-9}, r"MMPP.mean_dwell_s=1e-09 .* arrivals per state visit"),
+        ({"arrival": "gamma", "burstiness_cv": 1e6}, r"Gamma.cv=1000000.0 is above 30.0: .* arrive at once"),
+    ],
+)
+def test_degenerate_workload_settings_are_config_errors(changes: dict, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        Workload(**changes)
+
+
+def test_a_heavy_tailed_draw_past_the_clock_span_is_an_error() -> None:
+    # mean span 200 / 3e-7 = 6.7e8 s is allowed, but Gamma's heavy tail puts seed 0's last job at 1.3e9 s
+    workload = Workload(arrival="gamma", arrival_rate=3e-7, burstiness_cv=10.0, num_jobs=200)
+    with pytest.raises(ValueError, match=r"seed 0: the last arrival is at .* s, past 1e\+09 s"):
+        workload.build(0)
+
+
+def test_the_largest_allowed_span_still_resolves_a_microsecond() -> None:
+    from servegym.envs.workloads.arrivals import MAX_ARRIVAL_SPAN_S
+
+    assert np.spacing(MAX_ARRIVAL_SPAN_S) < 1e-6
+    Workload(arrival_rate=200 / MAX_ARRIVAL_SPAN_S)  # exactly at the limit: allowed

@@ -241,3 +241,96 @@ def test_imported_jobs_round_trip_through_a_trace(tmp_path: Path) -> None:
         + import_burstgpt(BURSTGPT).jobs
     )
     assert load_jobs(save_jobs(jobs, tmp_path / "all.jsonl")) == jobs
+
+
+# --- absolute clocks and absurd times ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "start_ms",
+    [1732000000000, 1732000000000000, 1732000000000000000],  # epoch ms, and us / ns magnitudes
+    ids=["epoch-ms", "us-magnitude", "ns-magnitude"],
+)
+def test_mooncake_absolute_timestamps_keep_their_resolution(tmp_path: Path, start_ms: int) -> None:
+    path = tmp_path / "abs.jsonl"
+    rows = [(start_ms + 2900, 7), (start_ms, 6), (f"{start_ms + 1}.5", 5)]
+    path.write_text(
+        "".join(
+            f'{{"timestamp": {t}, "input_length": 600, "output_length": {n}, "hash_ids": [4, 5]}}\n'
+            for t, n in rows
+        )
+    )
+    assert [job.arrival_s for job in import_mooncake(path).jobs] == [2.9, 0.0, 0.0015]
+
+
+def test_burstgpt_and_azure_absolute_times_keep_their_resolution(tmp_path: Path) -> None:
+    path = tmp_path / "burst.csv"
+    path.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "1732000000000000.25,ChatGPT,4,5,9,API log\n"
+        "1732000000000002.75,ChatGPT,4,5,9,API log\n"
+    )
+    assert [job.arrival_s for job in import_burstgpt(path).jobs] == [0.0, 2.5]
+    path = tmp_path / "azure.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,4808,10\n"
+        "2023-11-16 18:15:46.6805901,4808,10\n"
+    )
+    assert [job.arrival_s for job in import_azure(path).jobs] == [0.0, 1e-7]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        (
+            "mooncake.jsonl",
+            '{"timestamp": 0, "input_length": 4, "output_length": 3, "hash_ids": [1]}\n'
+            '{"timestamp": 1e308, "input_length": 4, "output_length": 3, "hash_ids": [1]}\n',
+            "line 2: timestamp: 1E+308 is 1.00e+305 s after the earliest time (0 on line 1)",
+        ),
+        (
+            "mooncake.jsonl",
+            '{"timestamp": 0, "input_length": 4, "output_length": 3, "hash_ids": [1]}\n'
+            '{"timestamp": NaN, "input_length": 4, "output_length": 3, "hash_ids": [1]}\n',
+            "line 2: timestamp: must be a number of ms, got Decimal('NaN')",
+        ),
+        (
+            "burstgpt.csv",
+            "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+            "5.0,ChatGPT,4,5,9,API log\n1e300,ChatGPT,4,5,9,API log\n",
+            "line 3: Timestamp: 1E+300 is 1.00e+300 s after the earliest time (5.0 on line 2)",
+        ),
+        (
+            "burstgpt.csv",
+            "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+            "5.0,ChatGPT,4,5,9,API log\ninf,ChatGPT,4,5,9,API log\n",
+            "line 3: Timestamp: must be a finite number of seconds, got 'inf'",
+        ),
+    ],
+)
+def test_absurd_or_non_finite_times_are_refused(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    load = import_mooncake if name.endswith(".jsonl") else import_burstgpt
+    with pytest.raises(TraceFormatError) as info:
+        load(path)
+    assert str(info.value).startswith(str(path)) and expected in str(info.value), str(info.value)
+
+
+def test_non_utf8_rows_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "burst.csv"
+    path.write_bytes(
+        b"Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        b"5.0,ChatGPT,4,5,9,API log\n6.0,Chat\xff,4,5,9,API log\n"
+    )
+    with pytest.raises(
+        TraceFormatError, match=r"burst.csv line 3: not UTF-8 text \(byte 0xff at column 9\)"
+    ):
+        import_burstgpt(path)
+    path = tmp_path / "moon.jsonl"
+    path.write_bytes(
+        b'{"timestamp": 0, "input_length": 4, "output_length": 3, "hash_ids": [1], "x": "\xe9"}\n'
+    )
+    with pytest.raises(TraceFormatError, match=r"moon.jsonl line 1: not UTF-8 text \(byte 0xe9"):
+        import_mooncake(path)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import decimal
 import json
 import tempfile
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from servegym.envs.engine.engine import Engine
+from servegym.envs.engine.policy import DefaultPolicy
+from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.job import Call, Job, Output, Text
 from servegym.envs.workloads.source import FixedJobs
 from servegym.envs.workloads.traces import TraceFormatError, load_jobs, save_jobs
+from servegym.envs.workloads.workload import Workload
 
 
 def sample_jobs() -> list[Job]:
@@ -27,7 +34,7 @@ def sample_jobs() -> list[Job]:
     return [
         Job(
             "a",
-            0.25,
+            0.0,
             (plan, work, judge),
             tenant="t1",
             kind="react",
@@ -39,6 +46,7 @@ def sample_jobs() -> list[Job]:
 
 
 def test_round_trip_is_exact_and_keeps_meta(tmp_path: Path) -> None:
+    """Exact when the earliest job arrives at 0, as the loader's clock starts there."""
     jobs = sample_jobs()
     loaded = load_jobs(save_jobs(jobs, tmp_path / "trace.jsonl"))
     assert loaded == jobs
@@ -60,7 +68,7 @@ def test_blank_lines_are_skipped_and_optional_fields_default(tmp_path: Path) -> 
     path = tmp_path / "t.jsonl"
     path.write_text("\n" + json.dumps(line) + "\n   \n")
     (job,) = load_jobs(path)
-    assert job == Job("j", 1.0, (Call(0, "user", (Text("k", 5),), 3, 4),))
+    assert job == Job("j", 0.0, (Call(0, "user", (Text("k", 5),), 3, 4),))  # its clock starts at it
     assert job.tenant == "default" and job.kind == "custom" and job.meta == {}
 
 
@@ -137,7 +145,25 @@ ERROR_CASES = {
         edit(lambda d: d.update(arrival_s="0.5")),
         'arrival_s: must be a number, got string "0.5"',
     ),
-    "negative arrival": (edit(lambda d: d.update(arrival_s=-1)), "arrival_s: must be a finite time >= 0"),
+    "NaN arrival": (edit(lambda d: d.update(arrival_s=float("nan"))), "NaN is not a JSON number"),
+    "infinite arrival": (
+        edit(lambda d: d.update(arrival_s=float("inf"))),
+        "Infinity is not a JSON number",
+    ),
+    "arrival 1e400": (
+        edit(lambda d: d.update(arrival_s=0.5)).replace('"arrival_s": 0.5', '"arrival_s": 1e400'),
+        "arrival_s: 1E+400 is",
+    ),
+    "absurd arrival span": (
+        edit(lambda d: d.update(arrival_s=2e9)),
+        "arrival_s: 2000000000.0 is 2e+09 s after the earliest time (0.5 on line 1)",
+    ),
+    "tool latency 1e400": (
+        edit(lambda d: d.update(arrival_s=0.5)).replace(
+            '"max_tokens": 4}', '"max_tokens": 4, "tool_latency_s": 1e400}', 1
+        ),
+        "calls[0].tool_latency_s: number out of range: number 1E+400",
+    ),
     "calls not a list": (edit(lambda d: d.update(calls={})), "calls: must be an array, got object"),
     "no calls": (edit(lambda d: d.update(calls=[])), "calls: a job needs at least one call"),
     "meta not an object": (edit(lambda d: d.update(meta=[1])), "meta: must be an object"),
@@ -206,6 +232,73 @@ def test_error_names_file_line_and_field(tmp_path: Path, case: str) -> None:
     assert isinstance(info.value, ValueError)
 
 
+def test_non_utf8_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    good = json.dumps({**valid_line(), "job_id": "ok"}).encode()
+    bad = json.dumps({**valid_line(), "job_id": "cafe"}).encode().replace(b"cafe", b"caf\xe9")
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(TraceFormatError) as info:
+        load_jobs(path)
+    assert str(info.value).startswith(f"{path} line 2: not UTF-8 text (byte 0xe9 at column ")
+
+
+# --- absolute clocks: shifted exactly to start at 0 -------------------------------------------
+
+# (name, the clock's value at the trace's start written as JSON text): epoch seconds, and the
+# magnitudes of epoch microseconds and nanoseconds, where float64 resolves only 0.25 s and 256 s.
+CLOCKS = {
+    "epoch seconds": "1732000000",
+    "microsecond magnitude": "1732000000000000",
+    "nanosecond magnitude": "1732000000000000000",
+}
+OFFSETS_S = ("0", "0.25", "1.5", "2.000001", "7.75")
+
+
+def absolute_trace(path: Path, start: str, offsets: tuple[str, ...] = OFFSETS_S) -> Path:
+    """One job per offset, arrival_s = start + offset written exactly as decimal text."""
+    lines = []
+    for i, offset in enumerate(offsets):
+        whole, _, frac = offset.partition(".")
+        arrival = f"{int(start) + int(whole)}" + (f".{frac}" if frac else "")
+        line = json.dumps({**valid_line(), "job_id": f"j{i}", "arrival_s": 0}).replace(
+            '"arrival_s": 0', f'"arrival_s": {arrival}'
+        )
+        lines.append(line)
+    path.write_text("\n".join(reversed(lines)) + "\n")  # not sorted: the minimum is the origin
+    return path
+
+
+@pytest.mark.parametrize("clock", CLOCKS)
+def test_absolute_arrivals_start_at_zero_with_full_resolution(tmp_path: Path, clock: str) -> None:
+    loaded = load_jobs(absolute_trace(tmp_path / "abs.jsonl", CLOCKS[clock]))
+    by_id = {job.job_id: job.arrival_s for job in loaded}
+    assert [by_id[f"j{i}"] for i in range(len(OFFSETS_S))] == [float(o) for o in OFFSETS_S]
+
+
+def test_absolute_trace_replays_like_the_relative_one(tmp_path: Path) -> None:
+    """A generated workload moved onto a nanosecond-magnitude clock (written exactly) loads with
+    the same float arrivals and runs to the same metrics, bit for bit; float64 would hold
+    1.732e18 + t only to 256 s and report tree times of 0."""
+    generated = Workload(generator=MapReduce(), arrival_rate=2.0, num_jobs=8).build(0).jobs
+    relative = [
+        dataclasses.replace(job, arrival_s=job.arrival_s - generated[0].arrival_s) for job in generated
+    ]
+    path = save_jobs(relative, tmp_path / "ns.jsonl")
+    lines = []
+    with decimal.localcontext(prec=60):
+        for line, job in zip(path.read_text().splitlines(), relative, strict=True):
+            absolute = Decimal(CLOCKS["nanosecond magnitude"]) + Decimal(repr(job.arrival_s))
+            lines.append(line.replace(f'"arrival_s":{job.arrival_s!r}', f'"arrival_s":{absolute}'))
+    assert lines[1] != path.read_text().splitlines()[1]
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_jobs(path)
+    assert [job.arrival_s for job in loaded] == [job.arrival_s for job in relative]
+    replayed = Engine(FixedJobs(loaded)).run(DefaultPolicy())
+    original = Engine(FixedJobs(relative)).run(DefaultPolicy())
+    assert repr(replayed.as_dict()) == repr(original.as_dict())  # repr: NaN equals NaN
+    assert replayed.jct_mean_s > 1.0 and replayed.jobs_completed == 8
+
+
 def test_duplicate_job_id_names_both_lines(tmp_path: Path) -> None:
     path = tmp_path / "trace.jsonl"
     line = json.dumps(valid_line())
@@ -256,5 +349,14 @@ def jobs(draw: st.DrawFn) -> Job:
 def test_random_valid_jobs_round_trip(generated: list[Job]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         loaded = load_jobs(save_jobs(generated, Path(folder) / "trace.jsonl"))
-    assert loaded == generated
+    # the clock starts at the earliest job; the shift is exact on the written decimals
+    origin = min((Decimal(repr(job.arrival_s)) for job in generated), default=Decimal(0))
+    with decimal.localcontext(prec=60):
+        expected = [
+            dataclasses.replace(job, arrival_s=float(Decimal(repr(job.arrival_s)) - origin))
+            for job in generated
+        ]
+    assert loaded == expected
+    if generated and min(job.arrival_s for job in generated) == 0:
+        assert loaded == generated
     assert [job.meta for job in loaded] == [job.meta for job in generated]
