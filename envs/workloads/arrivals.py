@@ -1,7 +1,7 @@
 """Open-loop arrival processes: when jobs reach the system, independent of how fast it serves them.
 
 Poisson is the textbook baseline; real LLM traffic is burstier (BurstGPT fits Gamma inter-arrivals;
-the Mooncake conversation trace has an inter-arrival CV of 3.0, ANCHORS.md), and bursts are what
+the Mooncake conversation trace has an inter-arrival CV of 3.0), and bursts are what
 make admission and eviction choices matter, so Gamma (cv <= ``GAMMA_MAX_CV``) and a two-state
 MMPP are here too.
 Each process returns absolute, sorted arrival times in seconds, the first one after t = 0.
@@ -69,7 +69,7 @@ class Gamma:
     rate_per_s: float = 1.0
     """Mean arrivals per second."""
     cv: float = 3.0
-    """Coefficient of variation of the gaps; 3.0 is the Mooncake conversation trace's (ANCHORS.md)."""
+    """Coefficient of variation of the gaps; 3.0 is the Mooncake conversation trace's."""
 
     def __post_init__(self) -> None:
         _positive("Gamma", rate_per_s=self.rate_per_s, cv=self.cv)

@@ -7,8 +7,8 @@ and a call that continues an earlier one repeats that call's prompt and appends 
 plus the new tool result, so its whole history is a reusable prefix. Prefix caching and eviction
 choices therefore compound down the tree, as in real agent serving.
 
-Length defaults come from ANCHORS.md ("Workload traces and shape statistics"); each field says
-which number it follows. They are kept moderate (a few K to ~15K tokens of context per call) so a
+Length defaults follow published trace statistics (Azure LLM 2023, Mooncake, AgentX, Continuum);
+each field says which number it follows. They are kept moderate (a few K to ~15K tokens of context per call) so a
 simulation of hundreds of jobs on an 8B-shaped model stays realistic.
 """
 

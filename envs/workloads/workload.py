@@ -86,7 +86,7 @@ class Workload:
     arrival_rate: float = 1.0
     """Mean open-loop jobs per second (sweep it; Mooncake's conversation trace runs 3.4 requests/s)."""
     burstiness_cv: float = 3.0
-    """Gamma inter-arrival CV; 3.0 is the Mooncake conversation trace's (ANCHORS.md)."""
+    """Gamma inter-arrival CV; 3.0 is the Mooncake conversation trace's."""
     num_jobs: int = 200
     """Jobs per episode."""
     num_users: int = 16
