@@ -32,6 +32,17 @@ class NextUse(IntEnum):
     EMPTY = 3  # holds no hash: reusing it costs nothing
 
 
+class CacheListener(Protocol):
+    """Told of every change that can alter a prefix match: hashes entering the cache, a cached
+    block evicted (while still unreferenced), blocks leaving or joining the free queue.
+    ``prefix_watch.PrefixWatch`` keeps the waiting calls' hits current from these."""
+
+    def registered(self, hashes: list[int]) -> None: ...
+    def evicted(self, block: int) -> None: ...
+    def owned(self, blocks: list[int]) -> None: ...
+    def released(self, blocks: list[int]) -> None: ...
+
+
 class FreeQueue(Protocol):
     """Eviction order of unreferenced blocks (head = next to reuse). Pluggable: LRU is vLLM's."""
 
@@ -140,6 +151,7 @@ class BlockManager:
         self.num_evictions = 0
         self.num_allocated_total = 0
         self.num_freed_total = 0
+        self.listener: CacheListener | None = None
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -173,26 +185,32 @@ class BlockManager:
     def take(self, blocks: Sequence[int]) -> None:
         """Add a reference to prefix-hit blocks, pulling unreferenced ones out of the free queue."""
         ref = self.ref_count
+        owned = []
         for block in blocks:
             if ref[block] == 0:
                 self.free_queue.remove(block)
                 self.num_cached_free_blocks -= 1  # prefix hits are always hashed blocks
+                owned.append(block)
             ref[block] += 1
+        if owned and self.listener is not None:
+            self.listener.owned(owned)
 
     def allocate(self, num: int) -> list[int]:
         """Pop ``num`` blocks from the head of the free queue, evicting cached prefixes."""
         if num > len(self.free_queue):
             raise OutOfBlocks(f"asked for {num} blocks, {len(self.free_queue)} free")
         blocks = self.free_queue.pop_many(num)
-        block_hash, ref, cached = self.block_hash, self.ref_count, self.cached
+        block_hash, ref, cached, listener = self.block_hash, self.ref_count, self.cached, self.listener
         for block in blocks:
-            ref[block] = 1
             old = block_hash[block]
             if old is not None:
                 del cached[old]
                 block_hash[block] = None
                 self.num_evictions += 1
                 self.num_cached_free_blocks -= 1
+                if listener is not None:
+                    listener.evicted(block)
+            ref[block] = 1
         self.num_allocated_total += num
         return blocks
 
@@ -202,10 +220,14 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         block_hash, cached = self.block_hash, self.cached
+        added = []
         for block, h in zip(blocks, hashes, strict=True):
             if block_hash[block] is None and h not in cached:
                 cached[h] = block
                 block_hash[block] = h
+                added.append(h)
+        if added and self.listener is not None:
+            self.listener.registered(added)
 
     def set_eviction_order(self, prefix_eviction: str) -> None:
         """Switch the free queue's order, keeping its blocks (in their current order)."""
@@ -239,6 +261,8 @@ class BlockManager:
                     released_levels.append(NextUse.EMPTY)
         self.free_queue.push_many(released, released_levels)
         self.num_freed_total += len(blocks)
+        if released and self.listener is not None:
+            self.listener.released(released)
 
     def reserve_host(self, num: int) -> bool:
         """Claim host-tier space for a swap-out; False when the tier is full."""

@@ -45,6 +45,8 @@ _INT_COLUMNS = (
     "role",
     "depth",
     "pending_parents",
+    "prefix_hits",  # while waiting: leading blocks the prefix cache holds (prefix_watch.py)
+    "prefix_free_hits",  # while waiting: how many of those sit unreferenced in the free queue
 )
 _FLOAT_COLUMNS = (
     "ready_s",

@@ -355,7 +355,7 @@ class Engine:
         calls.ready_s[call] = self.now_s
         calls.enqueue_s[call] = self.now_s
         self.job_replicas[int(calls.job[call])].add(target)
-        replica.waiting.append(call)
+        replica.enqueue(call)
         if replica.in_flight is None:  # idle: wake it now
             replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
             replica.in_flight.starts = np.array([self.now_s, self.now_s])
@@ -446,9 +446,9 @@ class Engine:
         self._call_done(call)
 
     # ------------------------------------------------------------------ iterations
-    def _build_decision(self, replica, kind, candidates, plans, budget_left) -> Decision:
+    def _build_decision(self, replica, kind, candidates, needs, budget_left) -> Decision:
         self._sync_all()
-        return candidate_decision(self, replica, kind, candidates, plans, budget_left)
+        return candidate_decision(self, replica, kind, candidates, needs, budget_left)
 
     def _push_step(self, replica: Replica) -> None:
         replica.step_version += 1

@@ -18,7 +18,7 @@ from servegym.envs.engine.policy import (
 
 if TYPE_CHECKING:
     from servegym.envs.engine.engine import Engine
-    from servegym.envs.engine.scheduler import AdmissionPlan, Replica
+    from servegym.envs.engine.scheduler import QueueNeeds, Replica
 
 
 def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.ndarray:
@@ -60,7 +60,7 @@ def candidate_decision(
     replica: Replica,
     kind: DecisionKind,
     candidates: list[int],
-    plans: list[AdmissionPlan] | None,
+    needs: QueueNeeds | None,
     budget_left: int,
 ) -> Decision:
     calls = engine.calls
@@ -68,9 +68,9 @@ def candidate_decision(
     num_blocks = replica.blocks.num_blocks
     prompt = calls.prompt_tokens[ids]
     jobs = calls.job[ids]
-    if plans is not None:
-        hit = np.array([len(p.hit_blocks) for p in plans], dtype=np.float64) * replica.config.block_size
-        needed = np.array([p.total_blocks for p in plans], dtype=np.float64)
+    if needs is not None:
+        hit = needs.hit_blocks.astype(np.float64) * replica.config.block_size
+        needed = needs.needed_blocks.astype(np.float64)
     else:
         hit = np.minimum(calls.num_computed[ids], prompt).astype(np.float64)
         needed = np.ones(len(ids))
@@ -129,7 +129,8 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
         bm, bs = replica.blocks, replica.config.block_size
         max_hit = (prompt - 1) // bs
         hits = len(bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit)) if max_hit else 0
-        queued = sum(int(calls.prompt_tokens[c] - calls.num_computed[c]) for c in replica.waiting)
+        waiting = np.fromiter(replica.waiting, dtype=np.int64, count=len(replica.waiting))
+        queued = int((calls.prompt_tokens[waiting] - calls.num_computed[waiting]).sum())
         table[r] = (
             bm.num_used_blocks / bm.num_blocks,
             bm.num_free_blocks / bm.num_blocks,

@@ -30,6 +30,7 @@ from servegym.envs.engine.calls import CallState, CallTable
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile
 from servegym.envs.engine.policy import Decision, DecisionKind
+from servegym.envs.engine.prefix_watch import PrefixWatch
 
 MAX_FAST_FORWARD_ITERATIONS = 4096
 """Longest decode run folded at once (bounds the size of the vectorised arrays)."""
@@ -50,7 +51,17 @@ class AdmissionPlan:
         return self.new_blocks + self.reclaimed_blocks
 
 
-DecisionBuilder = Callable[["Replica", DecisionKind, list[int], list[AdmissionPlan] | None, int], Decision]
+@dataclass
+class QueueNeeds:
+    """``admission_plan`` for every waiting call at once, as columns aligned with ``calls``."""
+
+    calls: np.ndarray  # (n,) call ids, queue order
+    hit_blocks: np.ndarray  # (n,) leading blocks the prefix cache holds
+    needed_blocks: np.ndarray  # (n,) blocks admitting it takes from the free queue (new + reclaimed)
+    fits: np.ndarray  # (n,) bool: a chunk is schedulable and its blocks are free
+
+
+DecisionBuilder = Callable[["Replica", DecisionKind, list[int], QueueNeeds | None, int], Decision]
 
 
 class Replica:
@@ -90,6 +101,7 @@ class Replica:
             enable_prefix_caching=config.enable_prefix_caching,
             prefix_eviction=config.prefix_eviction,
         )
+        self.watch = PrefixWatch(self.blocks, calls)  # prefix hits of the waiting calls
         # TTL pins, oldest first: finished call -> its pinned blocks; the children each waits for
         self.pins: dict[int, list[int]] = {}
         self.pin_waiters: dict[int, set[int]] = {}  # pinned call -> children not yet admitted
@@ -115,14 +127,15 @@ class Replica:
     def admission_plan(self, call: int, budget_tokens: int) -> AdmissionPlan:
         calls, bs, bm = self.calls, self.config.block_size, self.blocks
         total = int(calls.prompt_tokens[call] + calls.num_output[call])
+        limit = self._hit_limit(call)
+        if call in self.watch:  # waiting: its hits are kept current
+            hits = self.watch.hits(call)
+        else:
+            hits = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
         if calls.state[call] == CallState.SWAPPED:
             computed = int(calls.num_computed[call])
-            full = computed // bs
-            hits = bm.match_prefix(calls.hash_chain(call, full, bs), full) if full else []
             swap_in = -(-computed // bs) - len(hits)
         else:
-            max_hit = (total - 1) // bs  # always leave a token to compute, so a token is sampled
-            hits = bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit) if max_hit else []
             computed = len(hits) * bs
             swap_in = 0
         chunk = min(total - computed, budget_tokens)
@@ -131,8 +144,43 @@ class Replica:
         new = -(-(computed + chunk) // bs) - len(hits)
         return AdmissionPlan(hits, chunk, new, bm.num_reclaimed_by_taking(hits), swap_in)
 
+    def _hit_limit(self, call: int) -> int:
+        """Most leading blocks a prefix hit may cover: a swapped call's full computed blocks
+        (the rest swaps in); otherwise all but the last token, so a token is computed and sampled."""
+        calls, bs = self.calls, self.config.block_size
+        if calls.state[call] == CallState.SWAPPED:
+            return int(calls.num_computed[call]) // bs
+        return int(calls.prompt_tokens[call] + calls.num_output[call] - 1) // bs
+
     def fits(self, plan: AdmissionPlan) -> bool:
         return plan.chunk_tokens > 0 and plan.total_blocks <= self.blocks.num_free_blocks
+
+    def enqueue(self, call: int, front: bool = False) -> None:
+        """Queue a waiting (or swapped) call; its prefix hits are tracked from now on."""
+        if front:
+            self.waiting.appendleft(call)
+        else:
+            self.waiting.append(call)
+        self.watch.watch(call, self._hit_limit(call))
+
+    def dequeue(self, call: int) -> None:
+        self.waiting.remove(call)
+        self.watch.unwatch(call)
+
+    def queue_needs(self, budget_tokens: int) -> QueueNeeds:
+        """``admission_plan`` of every waiting call, vectorised over the watch's columns: equal
+        to planning each one (a test checks it), without walking any hash chain."""
+        calls, bs = self.calls, self.config.block_size
+        q = np.fromiter(self.waiting, dtype=np.int64, count=len(self.waiting))
+        hits = calls.prefix_hits[q]
+        total = calls.prompt_tokens[q] + calls.num_output[q]
+        computed = np.where(calls.state[q] == CallState.SWAPPED, calls.num_computed[q], hits * bs)
+        chunk = np.minimum(total - computed, budget_tokens)
+        if self.config.long_prefill_token_threshold:
+            chunk = np.minimum(chunk, self.config.long_prefill_token_threshold)
+        needed = -(-(computed + chunk) // bs) - hits + calls.prefix_free_hits[q]
+        fits = (chunk > 0) & (needed <= self.blocks.num_free_blocks)
+        return QueueNeeds(q, hits, needed, fits)
 
     def _admit(self, call: int, plan: AdmissionPlan) -> float:
         """Move a waiting call into the running set; returns the swap-in bytes it costs."""
@@ -256,7 +304,7 @@ class Replica:
             calls.lost_tokens[call] = calls.num_computed[call]
             calls.num_computed[call] = 0
             swap_bytes = 0.0
-        self.waiting.appendleft(call)  # vLLM puts a preempted request at the queue front
+        self.enqueue(call, front=True)  # vLLM puts a preempted request at the queue front
         return swap_bytes
 
     # ---------------------------------------------------------------- one iteration
@@ -309,14 +357,19 @@ class Replica:
         # Later iterations are pure decodes of this same set, and nothing else can happen on
         # this replica until an event, when: nothing was preempted, every running call is in
         # the batch and has all its known tokens computed after this iteration, and no waiting
-        # call could be admitted later (none waits, or none fits while the budget stays put).
+        # call could be admitted later (none waits, every slot is taken until a call finishes
+        # and so ends the run, or none fits while the budget stays put).
         batch.fast_forwardable = (
             cfg.fast_forward
             and self.backend.supports_fast_forward
             and not preempted
             and len(order) == len(self.running)
             and bool(np.all(batch.num_new_tokens == batch.remaining_tokens))
-            and (not self.waiting or (blocked_waiting and not admitted and batch.prefill_tokens == 0))
+            and (
+                not self.waiting
+                or len(self.running) >= cfg.max_num_seqs
+                or (blocked_waiting and not admitted and batch.prefill_tokens == 0)
+            )
         )
         return batch
 
@@ -357,18 +410,18 @@ class Replica:
 
     def _admit_waiting(self, order: list[int], grants: list[int], budget: int):
         cfg = self.config
-        queue = list(self.waiting)
-        plans = [self.admission_plan(call, budget) for call in queue]
-        while not order and self.pins and not any(self.fits(plan) for plan in plans):
+        needs = self.queue_needs(budget)
+        while not order and self.pins and not needs.fits.any():
             # nothing runs and nothing fits: waiting for a TTL would idle the replica
             self.unpin(next(iter(self.pins)))
             self.num_pins_dropped += 1
-            plans = [self.admission_plan(call, budget) for call in queue]
-        if not any(self.fits(plan) for plan in plans):
+            needs = self.queue_needs(budget)
+        if not needs.fits.any():
             return False, 0, 0.0, True
+        queue = needs.calls.tolist()
         ranked = range(len(queue))
         if len(queue) > 1:
-            decision = self.build_decision(self, DecisionKind.ORDER, queue, plans, budget)
+            decision = self.build_decision(self, DecisionKind.ORDER, queue, needs, budget)
             scores = yield decision
             ranked = np.argsort(-np.asarray(scores), kind="stable").tolist()
         spent = 0
@@ -377,8 +430,8 @@ class Replica:
             if len(self.running) >= cfg.max_num_seqs or budget - spent <= 0:
                 break
             call = queue[index]
-            # the first plan is still exact; later ones must see the blocks taken since
-            plan = plans[index] if rank == 0 else self.admission_plan(call, budget - spent)
+            # plans must see the blocks taken by the calls admitted before
+            plan = self.admission_plan(call, budget - spent)
             while rank == 0 and not order and self.pins and not self.fits(plan):
                 # nothing runs and the policy's first choice waits on pinned blocks: drop pins
                 self.unpin(next(iter(self.pins)))
@@ -386,7 +439,7 @@ class Replica:
                 plan = self.admission_plan(call, budget)
             if not self.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
-            self.waiting.remove(call)
+            self.dequeue(call)
             swap_bytes += self._admit(call, plan)
             order.append(call)
             grants.append(plan.chunk_tokens)

@@ -1,9 +1,13 @@
 """Golden runs: seeded engine and env trajectories recorded once, replayed by ``test_golden.py``.
 
-Every optimisation of the engine must leave these bit-identical: the same decisions in the
-same order at the same virtual times, with the same candidates, features (to 1e-5), masks and
-final metrics. A run is summarised by a digest of everything a policy saw (chunked, so a
-mismatch names the first diverging stretch), its decision count and its metrics.
+Every optimisation of the engine must leave these identical: the same decisions in the same
+order at the same virtual times (bit for bit), with the same candidates, masks and features
+(to 1e-5), the same integer metrics, and float metrics and rewards to 1e-9 relative. Integrals
+over virtual time (tree-seconds, hence rewards; KV use) are sums over events, and folding decode
+runs (``Replica.time_batch``) changes how many events there are, so their last bits follow the
+order of additions; nothing else may move. A run is summarised by a digest of everything a
+policy saw (chunked, so a mismatch names the first diverging stretch), its decision count, its
+metrics and, for env rollouts, the reward summed per chunk.
 
 The set spans every workload family, both preemption modes, the swap tier, chunked prefill,
 TTL pinning (fixed, tool_mean, oracle), workflow eviction, prefix caching on and off, one,
@@ -221,20 +225,30 @@ def env_rollout(env_id: str, kwargs: dict[str, Any], steps: int = ENV_STEPS, see
     obs, _ = env.reset(seed=seed)
     episodes: list[dict[str, Any]] = []
     chunks: list[str] = []
+    rewards: list[float] = []  # per chunk: compared to 1e-9, not digested (see module docstring)
+    reward_sum = 0.0
     for step in range(1, steps + 1):
         for key in sorted(obs):
             h.update(np.round(obs[key].astype(np.float64), FEATURE_DECIMALS).tobytes())
         action = random_action(env, rng)
         h.update(np.asarray(action, dtype=np.float64).tobytes())
         obs, reward, terminated, truncated, info = env.step(action)
-        h.update(np.array([reward, terminated, truncated], dtype=np.float64).tobytes())
+        h.update(np.array([terminated, truncated], dtype=np.int64).tobytes())
+        reward_sum += reward
         if step % CHUNK == 0:
             chunks.append(h.hexdigest()[:16])
+            rewards.append(reward_sum)
+            reward_sum = 0.0
         if terminated or truncated:
             episodes.append(metrics_record(info["metrics"]))
             obs, _ = env.reset()
     env.close()
-    return {"decisions": steps, "digests": [*chunks, h.hexdigest()[:16]], "episodes": episodes}
+    return {
+        "decisions": steps,
+        "digests": [*chunks, h.hexdigest()[:16]],
+        "rewards": [*rewards, reward_sum],
+        "episodes": episodes,
+    }
 
 
 def env_runs() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Engine invariants (DESIGN.md) over random agent workloads, policies and tight KV caches:
+"""Engine invariants (listed in envs/README.md) over random agent workloads, policies and tight KV caches:
 
 * every KV block is free, cached or owned exactly once, between decisions and at the end, and
   the pool is whole again when the workload drains (no leaked blocks, no host blocks left);
@@ -36,6 +36,7 @@ from servegym.envs.engine.policy import (
     Policy,
     column,
 )
+from servegym.envs.engine.scheduler import Replica
 from servegym.envs.workloads.generators import (
     Debate,
     MapReduce,
@@ -275,8 +276,28 @@ def check_live(engine: Engine, probe: Probe, decision: Decision | None = None) -
             else:
                 assert calls.host_blocks[call] == 0
         assert host_blocks == bm.num_host_used_blocks <= bm.num_host_blocks
+        check_prefix_watch(replica)
     if decision is not None:
         check_decision(engine, decision)
+
+
+def check_prefix_watch(replica: Replica) -> None:
+    """The incrementally kept hits of every waiting call equal a fresh prefix match, and the
+    vectorised queue plans equal planning each call alone."""
+    calls, bm, bs = replica.calls, replica.blocks, replica.config.block_size
+    for call in replica.waiting:
+        limit = replica._hit_limit(call)
+        fresh = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
+        assert replica.watch.hits(call) == fresh, f"call {call}: watched hits drifted from the cache"
+        assert calls.prefix_hits[call] == len(fresh)
+        assert calls.prefix_free_hits[call] == bm.num_reclaimed_by_taking(fresh)
+    for budget in (1, 17, replica.config.max_num_batched_tokens):
+        needs = replica.queue_needs(budget)
+        for i, call in enumerate(needs.calls.tolist()):
+            plan = replica.admission_plan(call, budget)
+            assert needs.hit_blocks[i] == len(plan.hit_blocks)
+            assert needs.needed_blocks[i] == plan.total_blocks
+            assert needs.fits[i] == replica.fits(plan)
 
 
 def check_decision(engine: Engine, decision: Decision) -> None:
