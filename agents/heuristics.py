@@ -1,7 +1,6 @@
 """Heuristic baselines of the field, each a ``Policy`` over the engine's feature table.
 
-Each docstring names the system it reproduces and how faithfully (the rules as the sources
-state them are collected in the project's ANCHORS notes). A policy answers three kinds of
+Each docstring names the system it reproduces and how faithfully. A policy answers three kinds of
 decision (see ``servegym.envs.engine.policy``): ORDER (higher score admitted first), EVICT
 (lowest score preempted) and ROUTE (highest valid score receives the call). Ties keep the
 engine's queue order, which is FCFS.
