@@ -66,6 +66,37 @@ class LoggerConfig:
             raise ValueError(f"logger.mode must be offline, online or disabled, got {self.mode!r}")
 
 
+def config_error_message(error: BaseException) -> str | None:
+    """The message to print for a bad config, value or input file, without a traceback; None
+    for anything else (a bug keeps its traceback). A Hydra instantiation error is unwrapped to
+    its cause, with the config key it came from."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__ or error
+        key = next(
+            (line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")),
+            "",
+        )
+        where = f"{key}: " if key else ""
+        return f"{where}{cause}" if isinstance(cause, ValueError) else f"{where}{type(cause).__name__}: {cause}"
+    if isinstance(error, ValueError | FileNotFoundError):
+        return str(error)
+    return None
+
+
+def exit_on_config_error(error: BaseException, what: str = "bad config") -> None:
+    """Print ``what: <message>`` on stderr and exit 2 when ``error`` is a config error (see
+    ``config_error_message``); otherwise return so the caller re-raises it."""
+    import sys
+
+    message = config_error_message(error)
+    if message is None:
+        return
+    print(f"{what}: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def register_configs() -> None:
     """Every schema the entry points compose: engine, cluster and env (``servegym.envs.configs``)
     plus training and logging."""

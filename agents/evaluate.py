@@ -3,7 +3,7 @@ then a tidy table, a summary with confidence intervals and plots.
 
 Command line (Hydra, ``conf/evaluate.yaml`` + ``conf/suite/*.yaml``)::
 
-    python scripts/evaluate.py                                   # suite=default: 10 heuristics, 2 workloads
+    python scripts/evaluate.py                                   # suite=default: conf/suite/default.yaml
     python scripts/evaluate.py suite.policies=[fcfs,lpm,plas,program_fcfs] suite.workloads=[mapreduce,debate] \\
         suite.loads=[0.5,1.0,1.5] suite.seeds=[0,1,2] suite.jobs=2
     python scripts/evaluate.py suite.policies=[fcfs,ppo] +suite.agent_overrides.ppo.checkpoint=run/policy.zip
@@ -93,6 +93,7 @@ KEYS = ("policy", "workload", "load", "seed")
 HEADLINE_METRICS: dict[str, str] = {
     "jct_mean_s": "tree time mean (s)",
     "jct_p99_s": "tree time p99 (s)",
+    "jobs_failed": "failed trees",
     "goodput_jobs_per_s": "goodput (trees/s)",
     "slo_attainment": "SLO attained",
     "ttft_p99_s": "TTFT p99 (s)",
@@ -103,7 +104,10 @@ HEADLINE_METRICS: dict[str, str] = {
 }
 """Metrics shown in ``summary.md`` (``summary.csv`` holds every metric)."""
 
-_NOT_METRICS = ("stalled", "stall_reason", "wall_s")
+_NOT_METRICS = ("stalled", "stall_reason", "wall_s", "complete", "first_rejection")
+
+INCOMPLETE_COLUMNS = ("calls_rejected", "jobs_failed", "jobs_unfinished")
+"""A run with any of these > 0 did not finish its work: its tree times cover finished trees only."""
 
 
 class SuiteConfigError(ValueError):
@@ -115,16 +119,17 @@ class SuiteConfig:
     """``suite:`` in ``conf/evaluate.yaml`` (``conf/suite/*.yaml``), also the Python API's config.
 
     Engine, cluster and ``time_scale_s`` are not here: they come from the base config (the same
-    ``conf/config.yaml`` groups every entry point composes).
+    ``conf/config.yaml`` groups every entry point composes). Which policies and workloads a
+    suite runs has no default here: the default suite is ``conf/suite/default.yaml``, the one
+    place it is written; every other setting's default is the field's below, and the YAML files
+    set only what differs from it.
     """
 
-    policies: list[str] = field(
-        default_factory=lambda: ["fcfs", "lpm", "vtc", "sjf_oracle", "plas", "atlas", "program_fcfs"]
-    )
+    policies: list[str]
     """Names of ``conf/agent/*.yaml`` (or of ``extra_policies``), in table order."""
-    workloads: list[str] = field(default_factory=lambda: ["mapreduce", "debate"])
+    workloads: list[str]
     """Names of ``conf/workload/*.yaml``."""
-    loads: list[float] = field(default_factory=lambda: [0.5, 4.0, 8.0])
+    loads: list[float] = field(default_factory=lambda: [1.0])
     """Multipliers of each workload's offered load (see the module docstring), each > 0."""
     seeds: list[int] = field(default_factory=lambda: [10000, 10001, 10002])
     """Workload seeds; keep them out of the training range (< 10000)."""
@@ -133,7 +138,8 @@ class SuiteConfig:
     jobs: int = 1
     """Worker processes (1: in this process)."""
     baseline: str = "fcfs"
-    """Policy the JCT ratio divides by (NaN ratios when it is not in ``policies``)."""
+    """Policy the JCT ratio divides by: a known policy name. When it is not in ``policies`` (one
+    cell of a sweep) the ratio column is left out and summary.md says why."""
     slo_scale: float = 5.0
     """A tree's SLO = slo_scale x its unloaded time (unless it or ``slo_fixed_s`` says otherwise)."""
     slo_fixed_s: float | None = None
@@ -144,6 +150,9 @@ class SuiteConfig:
     """Per workload name, keys merged into its workload config, e.g. ``{mapreduce: {generator: {fan_out: 8}}}``."""
     kv_timeline_bins: int = 200
     """Time bins of the KV-use-over-time series kept per run (0: keep none)."""
+    fail_on_rejected: bool = True
+    """A run with rejected calls or failed trees makes ``scripts/evaluate.py`` exit 1 (false:
+    report it and exit 0). Either way it is counted in runs.csv, summary.md and the last line."""
 
     def check(self, conf_dir: Path, extra_policies: Iterable[str] = ()) -> None:
         """Fail with the offending key named; called by ``run_suite`` before anything runs."""
@@ -178,6 +187,12 @@ class SuiteConfig:
         for key, values in lists.items():
             if len(set(values)) != len(values):
                 raise SuiteConfigError(f"{key} repeats a value: {list(values)}")
+        if self.baseline not in agents | extra:
+            raise SuiteConfigError(
+                f"suite.baseline: unknown policy {self.baseline!r}; the tree-time ratio divides by it: "
+                f"name one of suite.policies {list(self.policies)} (a one-policy suite of a sweep may "
+                "name a policy another suite runs; summary.md then says the ratio is missing)"
+            )
         for load in self.loads:
             if (
                 isinstance(load, bool)
@@ -485,6 +500,32 @@ class SuiteResult:
     kv: pd.DataFrame
     failures: pd.DataFrame
 
+    def incomplete(self) -> pd.DataFrame:
+        """The runs that rejected work (rows of ``runs`` with rejected calls, failed or
+        unfinished trees): they ran, but their tree times cover finished trees only."""
+        return incomplete_runs(self.runs)
+
+
+def incomplete_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a runs table with rejected calls, failed or unfinished trees."""
+    present = [c for c in INCOMPLETE_COLUMNS if c in runs]
+    if runs.empty or not present:
+        return runs.iloc[0:0]
+    return runs[(runs[present].fillna(0) > 0).any(axis=1)]
+
+
+def rejected_work_line(runs: pd.DataFrame) -> str:
+    """One line saying how much work a suite's runs rejected ("" when none did)."""
+    bad = incomplete_runs(runs)
+    if bad.empty:
+        return ""
+    total = lambda column: int(bad[column].sum()) if column in bad else 0  # noqa: E731
+    return (
+        f"{len(bad)} of {len(runs)} runs rejected work: {total('calls_rejected')} calls rejected, "
+        f"{total('jobs_failed')} trees failed, {total('jobs_unfinished')} unfinished; their tree "
+        "times cover finished trees only"
+    )
+
 
 def run_suite(
     config: SuiteConfig | DictConfig,
@@ -565,7 +606,18 @@ def run_suite_full(
                     soft_wrap=True,
                 )
             else:
-                rows.append(result["row"])
+                row = result["row"]
+                if any(row.get(column, 0) for column in INCOMPLETE_COLUMNS):
+                    bar.console.print(
+                        f"run rejected work: policy={row['policy']} workload={row['workload']} "
+                        f"load={row['load']} seed={row['seed']}: {row['calls_rejected']} of "
+                        f"{row['calls_total']} calls rejected, {row['jobs_failed']} of {row['jobs_total']} "
+                        f"trees failed; first: {row['first_rejection'] or '-'}",
+                        highlight=False,
+                        markup=False,
+                        soft_wrap=True,
+                    )
+                rows.append(row)
                 jobs.append(result["jobs"])
                 if result["kv"] is not None:
                     kv.append(result["kv"])
@@ -775,7 +827,9 @@ def to_markdown(summary: pd.DataFrame, metrics: dict[str, str] | None = None, ba
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines.append(
-        "Mean ± 95% Student-t half-width over seeds. Tree time = tree completion time. "
+        "Mean ± 95% Student-t half-width over seeds. Tree time = tree completion time, over "
+        "finished trees only; failed trees (a call rejected, e.g. too long for the KV cache) "
+        "are counted in their own column and are not in the tree times. "
         f"Tree time / {baseline}: ratio of mean tree times in the same cell; in brackets the "
         "t-interval of the per-seed ratios (a seed gives every policy the same trees and arrivals). "
         "SLO: a multiple of each tree's unloaded time unless configured otherwise; goodput = trees "
@@ -820,6 +874,13 @@ def report(result: SuiteResult, out_dir: Path | str, baseline: str = "fcfs", plo
         summary = summarise(result.runs, baseline=baseline)
         summary.to_csv(out / "summary.csv", index=False)
         markdown = to_markdown(summary, baseline=baseline)
+        if baseline not in set(result.runs["policy"]):
+            markdown = (
+                f"No tree-time ratio column: the baseline {baseline!r} is not among the policies "
+                f"{_unique(result.runs['policy'])} (set suite.baseline).\n\n" + markdown
+            )
+        if rejected := rejected_work_line(result.runs):
+            markdown = f"**Incomplete: {rejected}.**\n\n" + markdown
         if plots:
             plot_suite(result.runs, out, jobs=result.jobs, kv=result.kv, summary=summary)
     (out / "summary.md").write_text(markdown)
@@ -892,8 +953,10 @@ __all__ = [
     "collect",
     "compose_config",
     "evaluate",
+    "incomplete_runs",
     "metric_columns",
     "plot_suite",
+    "rejected_work_line",
     "report",
     "run_suite",
     "run_suite_full",

@@ -1,6 +1,6 @@
 """Evaluate policies on a suite: policies x workloads x loads x seeds -> tables, summary, plots.
 
-python scripts/evaluate.py                                        # suite=default (7 heuristics)
+python scripts/evaluate.py                                        # suite=default: conf/suite/default.yaml
 python scripts/evaluate.py suite=smoke                            # seconds: the pipeline end to end
 python scripts/evaluate.py suite.policies=[fcfs,plas] suite.workloads=[mapreduce] suite.loads=[1,4] \
     suite.seeds=[10000,10001,10002] suite.jobs=2 engine.max_num_seqs=32
@@ -9,8 +9,10 @@ python scripts/evaluate.py -m hydra/launcher=joblib suite.policies=[fcfs],[plas]
 python scripts/evaluate.py collect=multirun/DATE/TIME             # merge a sweep's suites
 
 Writes runs.csv, jobs.csv, kv_timeline.csv, summary.csv, summary.md, plots/*.png (and
-failures.csv/.log) into the Hydra run dir or output_dir=; exits 1 if a run failed, 2 on a bad
-config. Definitions (load, SLO, confidence intervals, seeds): servegym/agents/evaluate.py.
+failures.csv/.log) into the Hydra run dir or output_dir=. Exit status: 0 when every run finished
+all its work; 1 if a run failed, or if a run rejected work (calls too long for the KV cache,
+failed trees) and suite.fail_on_rejected is true (the default; false: reported, exit 0); 2 on a
+bad config or trace. Definitions (load, SLO, confidence intervals, seeds): servegym/agents/evaluate.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from servegym.agents.evaluate import (
     SuiteConfigError,
     collect,
     register_suite_schema,
+    rejected_work_line,
     report,
     run_suite_full,
     suite_from_cfg,
@@ -53,25 +56,44 @@ def main(cfg: DictConfig) -> None:
             result = collect(cfg.collect, exclude=out_dir)
         else:
             result = run_suite_full(cfg, conf_dir=CONF_DIR, progress=cfg.progress, console=errors)
-    except SuiteConfigError as error:
+    except (SuiteConfigError, ValueError) as error:  # a bad key, value or trace: the message says which
         errors.print(f"[red]bad evaluation config:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     markdown = report(result, out_dir, baseline=suite.baseline, plots=cfg.plots)
     print(markdown, flush=True)  # plain Markdown: paste it into a README or an issue
     failed = len(result.failures)
+    incomplete = len(result.incomplete())
     console.print(
-        f"{len(result.runs)} runs ok, {failed} failed, {time.perf_counter() - start:.0f} s; tables and plots in {out_dir}",
+        f"{len(result.runs) - incomplete} runs complete, {incomplete} rejected work, {failed} failed, "
+        f"{time.perf_counter() - start:.0f} s; tables and plots in {out_dir}",
         highlight=False,
         soft_wrap=True,
     )
+    problems = []
     if failed:
+        problems.append(f"{failed} runs failed; see {out_dir / 'failures.log'}")
         errors.print(
             f"[red]{failed} runs failed[/red]: see {out_dir / 'failures.log'}",
             highlight=False,
             soft_wrap=True,
         )
+    if incomplete:
+        switch = (
+            "suite.fail_on_rejected=false to exit 0 anyway"
+            if suite.fail_on_rejected
+            else "exit 0: suite.fail_on_rejected=false"
+        )
+        errors.print(
+            f"[red]{rejected_work_line(result.runs)}[/red] (per run: runs.csv calls_rejected, jobs_failed, "
+            f"first_rejection; {switch})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if suite.fail_on_rejected:
+            problems.append(rejected_work_line(result.runs))
+    if problems:
         if hydra_cfg.mode == RunMode.MULTIRUN:  # let the launcher report this job, keep the sweep going
-            raise RuntimeError(f"{failed} runs failed; see {out_dir / 'failures.log'}")
+            raise RuntimeError("; ".join(problems))
         sys.exit(1)
 
 

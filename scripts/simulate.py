@@ -2,6 +2,10 @@
 
 python scripts/simulate.py workload=mapreduce workload.arrival_rate=4 engine=llama8b_h100 seed=3
 python scripts/simulate.py output=json          # last line: one JSON object of the metrics
+
+Exit status: 0 when every tree finished; 1 when the run stalled, or rejected work (a call too
+long for every replica's KV cache is rejected with its tree) and ``fail_on_rejected`` is true
+(the default; ``fail_on_rejected=false`` reports it and exits 0); 2 on a bad config or trace.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from servegym.agents.configs import register_configs
+from servegym.agents.configs import exit_on_config_error, register_configs
 from servegym.envs.build import build_engine
 
 register_configs()
@@ -35,8 +39,12 @@ def metrics_table(metrics: dict) -> Table:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     console = Console(stderr=cfg.output == "json")
-    engine = build_engine(cfg)
-    policy = instantiate(cfg.agent)
+    try:
+        engine = build_engine(cfg)
+        policy = instantiate(cfg.agent)
+    except Exception as error:
+        exit_on_config_error(error)
+        raise
     total = cfg.workload.get("num_jobs")
     columns = (TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not cfg.progress) as bar:
@@ -48,12 +56,27 @@ def main(cfg: DictConfig) -> None:
         bar.update(task, completed=engine.num_jobs_done)
     metrics = engine.metrics().as_dict()
     console.print(metrics_table(metrics))
+    errors = Console(stderr=True)
     if metrics["stalled"]:
-        console.print(f"[red]run stalled:[/red] {metrics['stall_reason']}")
+        errors.print(f"[red]run stalled:[/red] {metrics['stall_reason']}", highlight=False, soft_wrap=True)
+    rejected = not metrics["complete"] and not metrics["stalled"]
+    if rejected:
+        errors.print(
+            f"[red]run rejected work:[/red] {metrics['calls_rejected']} of {metrics['calls_total']} calls "
+            f"rejected, {metrics['jobs_failed']} of {metrics['jobs_total']} trees failed, "
+            f"{metrics['jobs_unfinished']} unfinished; tree times cover the {metrics['jobs_completed']} "
+            f"finished trees only. First: {metrics['first_rejection'] or '-'}"
+            + ("" if cfg.fail_on_rejected else " (fail_on_rejected=false: exit 0)"),
+            highlight=False,
+            markup=True,
+            soft_wrap=True,
+        )
     if cfg.output == "json":
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         print(json.dumps(clean))
     sys.stdout.flush()
+    if metrics["stalled"] or (rejected and cfg.fail_on_rejected):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 tail, per-call TTFT/TPOT, throughput, KV and prefix-cache behaviour, preemption costs, fairness
 across tenants, the large model's share of calls) and, given per-tree SLOs, SLO attainment and
 goodput (``slo_metrics``). Every ``RunMetrics`` field comes from per-call and per-replica
-counters that fast-forwarding and stepping leave identical."""
+counters that fast-forwarding and stepping leave identical.
+
+Rejected work is never success: ``jobs_failed`` counts trees with a rejected call (a call that
+cannot fit any replica's KV cache is rejected with its whole tree), ``calls_rejected`` the
+calls rejected with them, ``jobs_unfinished`` trees neither done nor failed (a stalled or
+truncated run), and ``complete`` is True only when every tree of ``jobs_total`` finished.
+Tree-time statistics (``jct_*``) cover finished trees only; a failed tree has no completion
+time, so a run with failures must be read with its ``jobs_failed``."""
 
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ class RunMetrics:
     jobs_failed: int
     calls_completed: int
     calls_rejected: int
-    jct_mean_s: float  # job (tree) completion time: last call done - job arrival
+    jct_mean_s: float  # tree completion time (last call done - arrival), over finished trees only
     jct_p50_s: float
     jct_p90_s: float
     jct_p95_s: float
@@ -79,6 +86,12 @@ class RunMetrics:
     iterations: int
     stalled: bool
     stall_reason: str
+    # Added after the fields above (which keep their meaning and values):
+    jobs_total: int  # trees in the run: jobs_completed + jobs_failed + jobs_unfinished
+    jobs_unfinished: int  # trees neither finished nor failed when the run ended (stall, truncation)
+    calls_total: int  # calls of every tree: calls_completed + calls_rejected + calls not run
+    complete: bool  # every tree finished: no rejected call, no failed or unfinished tree, no stall
+    first_rejection: str  # "<job id> call <i>: <reason>" of the first rejected call, "" if none
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +164,20 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         iterations=sum(r.num_iterations for r in engine.replicas),
         stalled=engine.stall is not None,
         stall_reason=engine.stall or "",
+        jobs_total=jobs,
+        jobs_unfinished=int((~done_jobs & ~failed).sum()),
+        calls_total=int(n),
+        complete=bool(done_jobs.all()) and engine.stall is None,
+        first_rejection=_first_rejection(engine),
     )
+
+
+def _first_rejection(engine: Engine) -> str:
+    rejections = getattr(engine, "rejections", ())
+    if not rejections:
+        return ""
+    job_id, call, reason = rejections[0]
+    return f"{job_id} call {call}: {reason}"
 
 
 def kv_utilization_timeline(engine: Engine) -> np.ndarray:

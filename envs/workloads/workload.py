@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -180,12 +181,16 @@ class TraceWorkload:
     def __post_init__(self) -> None:
         if self.format not in TRACE_FORMATS:
             raise ValueError(f"TraceWorkload.format must be one of {TRACE_FORMATS}, got {self.format!r}")
+        if not Path(self.path).is_file():
+            raise ValueError(f"TraceWorkload.path: no trace file {self.path!r} (workload.path=...)")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
+            raise ValueError(f"TraceWorkload.limit must be an int >= 0 or null, got {self.limit!r}")
 
     def build(self, seed: int) -> JobSource:
         from servegym.envs.workloads import importers, traces
 
         if self.format == "jsonl":
             jobs = traces.load_jobs(self.path)
-            return FixedJobs(jobs[: self.limit] if self.limit else jobs)
+            return FixedJobs(jobs if self.limit is None else jobs[: self.limit])
         load = getattr(importers, f"import_{self.format}")
         return FixedJobs(load(self.path, group_sessions=self.group_sessions, limit=self.limit).jobs)

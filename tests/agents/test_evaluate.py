@@ -153,6 +153,9 @@ def test_load_multiplies_the_arrival_rate_on_the_same_trees(tiny_eval) -> None:
 def test_collect_merges_suites(tiny_eval, tmp_path) -> None:
     _, out = tiny_eval
     evaluate(tiny_suite(policies=["lpm"], loads=[8.0]), tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "summary.md").read_text().startswith(
+        "No tree-time ratio column: the baseline 'fcfs' is not among the policies ['lpm']"
+    )
     merged = collect(out.parent)
     assert len(merged.runs) == 8 + 2
     assert set(merged.runs.policy) == {"fcfs", "program_fcfs", "lpm"}
@@ -227,3 +230,66 @@ def test_a_workload_that_does_not_build_fails_at_start() -> None:
     config = tiny_suite(workload_overrides={"mapreduce": {"arrival_rate": -1.0}})
     with pytest.raises(SuiteConfigError, match="suite.workloads: 'mapreduce'"):
         run_suite(config, progress=False)
+
+
+def test_a_baseline_outside_the_policies_is_a_config_error() -> None:
+    with pytest.raises(SuiteConfigError, match=r"suite.baseline: unknown policy 'nosuch'"):
+        run_suite(tiny_suite(baseline="nosuch"), progress=False)
+
+
+# ---------------------------------------------------------------- rejected work
+def test_rejected_work_is_counted_in_runs_summary_and_markdown(tmp_path) -> None:
+    from servegym.agents.evaluate import compose_config, rejected_work_line
+
+    base = compose_config(["engine.num_gpu_blocks=1"])  # no call fits: every tree fails
+    result = evaluate(tiny_suite(loads=[1.0]), tmp_path, base_cfg=base, progress=False)
+    runs = result.runs
+    assert len(runs) == 4 and result.failures.empty
+    assert (runs.jobs_failed == 6).all() and (runs.calls_rejected == runs.calls_total).all()
+    assert (runs.jobs_total == 6).all() and not runs.complete.any()
+    assert runs.first_rejection.str.contains("exceeds the KV cache").all()
+    assert len(result.incomplete()) == 4
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert (summary.jobs_failed_mean == 6).all()
+    markdown = (tmp_path / "summary.md").read_text()
+    assert markdown.startswith("**Incomplete: 4 of 4 runs rejected work: 144 calls rejected, 24 trees failed")
+    assert "| failed trees |" in markdown and "over finished trees only" in markdown
+    assert rejected_work_line(runs).startswith("4 of 4 runs rejected work")
+
+
+def test_a_complete_suite_reports_zero_failed_trees(tiny_eval) -> None:
+    from servegym.agents.evaluate import incomplete_runs, rejected_work_line
+
+    runs = tiny_eval[0].runs
+    assert (runs.jobs_failed == 0).all() and runs.complete.all() and (runs.first_rejection == "").all()
+    assert incomplete_runs(runs).empty and rejected_work_line(runs) == ""
+
+
+# ---------------------------------------------------------------- one source of truth
+def test_the_default_suite_is_written_once() -> None:
+    """conf/suite/default.yaml names the default suite; SuiteConfig has no default for it, and
+    no YAML repeats a SuiteConfig default (so the two cannot drift apart)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from servegym.agents.evaluate import DEFAULT_CONF_DIR
+
+    fields = {f.name: f for f in dataclasses.fields(SuiteConfig)}
+    for name in ("policies", "workloads"):
+        assert (
+            fields[name].default is dataclasses.MISSING
+            and fields[name].default_factory is dataclasses.MISSING
+        )
+    defaults = SuiteConfig(policies=["fcfs"], workloads=["mapreduce"])
+    for path in sorted((DEFAULT_CONF_DIR / "suite").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        for key, value in node.items():
+            if key in ("defaults", "policies", "workloads"):
+                continue
+            assert key in fields, f"{path.name}: {key} is not a SuiteConfig field"
+            assert value != getattr(defaults, key), (
+                f"{path.name}: {key}={value!r} repeats SuiteConfig's default"
+            )
+    script = (DEFAULT_CONF_DIR.parent / "scripts" / "evaluate.py").read_text()
+    assert "heuristics)" not in script.split('"""')[1]  # the docstring points at the YAML, no count

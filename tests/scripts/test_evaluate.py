@@ -80,3 +80,31 @@ def test_bad_config_fails_naming_the_key(tmp_path: Path) -> None:
     typo = evaluate(tmp_path, *TINY, "suite.seed=[1]")  # the schema knows suite.seeds, not seed
     assert typo.returncode != 0 and "suite.seed" in typo.stderr
     assert not (tmp_path / "runs.csv").exists()
+
+
+def test_rejected_work_is_reported_and_fails_the_run_unless_told(tmp_path: Path) -> None:
+    done = evaluate(tmp_path / "strict", *TINY, "suite.loads=[1]", "engine.num_gpu_blocks=1", "plots=false")
+    assert done.returncode == 1, done.stderr
+    assert "0 runs complete, 4 rejected work, 0 failed" in done.stdout
+    assert "4 of 4 runs rejected work: 144 calls rejected, 24 trees failed" in done.stderr
+    assert "run rejected work: policy=fcfs" in done.stderr and "exceeds the KV cache" in done.stderr
+    assert "| failed trees |" in (tmp_path / "strict" / "summary.md").read_text()
+    lenient = evaluate(
+        tmp_path / "lenient",
+        *TINY,
+        "suite.loads=[1]",
+        "engine.num_gpu_blocks=1",
+        "plots=false",
+        "suite.fail_on_rejected=false",
+    )
+    assert lenient.returncode == 0, lenient.stderr
+    assert (
+        "4 of 4 runs rejected work" in lenient.stderr
+        and "exit 0: suite.fail_on_rejected=false" in lenient.stderr
+    )
+
+
+def test_unknown_baseline_and_bad_workload_values_are_config_errors(tmp_path: Path) -> None:
+    baseline = evaluate(tmp_path, *TINY, "suite.baseline=nosuch")
+    assert baseline.returncode == 2 and "suite.baseline: unknown policy 'nosuch'" in baseline.stderr
+    assert "Traceback" not in baseline.stderr
