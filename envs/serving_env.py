@@ -32,6 +32,7 @@ from servegym.envs.observation import (
     score_action,
     slot_scores,
 )
+from servegym.envs.render import RENDER_MODES, render_image, render_text
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
 
@@ -102,7 +103,7 @@ class EngineEnv(gym.Env):
     ``_answer`` (action -> engine scores).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
     allowed_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
     default_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
     layout: ClassVar[tuple[str, ...]] = ("candidates",)
@@ -114,7 +115,11 @@ class EngineEnv(gym.Env):
         engine: EngineConfig | None = None,
         env: EnvConfig | None = None,
         fallback: Policy | None = None,
+        render_mode: str | None = None,
     ) -> None:
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be None or one of {list(RENDER_MODES)}, got {render_mode!r}")
+        self.render_mode = render_mode
         self.workload = workload or self.default_workload()
         self.cluster = cluster or self.default_cluster()
         self.engine_config = engine or self.default_engine()
@@ -194,6 +199,16 @@ class EngineEnv(gym.Env):
             self._ended = True
             info["metrics"] = self.engine.metrics().as_dict()
         return self._observe(), float(reward), terminated, truncated, info
+
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: a text view (queue, running calls, KV use per replica, trees in flight);
+        ``"rgb_array"``: an (H, W, 3) uint8 image (KV blocks by state, trees by colour); None
+        without a render mode. Drawn by ``servegym.envs.render``."""
+        if self.render_mode == "ansi":
+            return render_text(self.engine, self._decision)
+        if self.render_mode == "rgb_array":
+            return render_image(self.engine, self._decision)
+        return None
 
     def _reward(self) -> float:
         """The one place the reward is defined: minus the tree-seconds elapsed since the last
