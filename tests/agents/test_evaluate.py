@@ -92,6 +92,7 @@ def tiny_eval(tmp_path_factory: pytest.TempPathFactory):
     return evaluate(tiny_suite(), out, progress=False), out
 
 
+@pytest.mark.slow
 def test_tiny_suite_writes_tables_markdown_and_plots(tiny_eval) -> None:
     result, out = tiny_eval
     runs = pd.read_csv(out / "runs.csv")
@@ -130,6 +131,7 @@ def test_tiny_suite_writes_tables_markdown_and_plots(tiny_eval) -> None:
     assert not (out / "failures.csv").exists()
 
 
+@pytest.mark.slow
 def test_same_config_same_metrics(tiny_eval, tmp_path) -> None:
     _, out = tiny_eval
     again = run_suite(tiny_suite(), progress=False)
@@ -141,6 +143,7 @@ def test_same_config_same_metrics(tiny_eval, tmp_path) -> None:
     assert different.jct_mean_s.iloc[0] not in set(first.jct_mean_s)
 
 
+@pytest.mark.slow
 def test_load_multiplies_the_arrival_rate_on_the_same_trees(tiny_eval) -> None:
     _, out = tiny_eval
     jobs = pd.read_csv(out / "jobs.csv")
@@ -150,6 +153,7 @@ def test_load_multiplies_the_arrival_rate_on_the_same_trees(tiny_eval) -> None:
     assert (heavy.unloaded_s == light.unloaded_s).all() and (heavy.output_tokens == light.output_tokens).all()
 
 
+@pytest.mark.slow
 def test_collect_merges_suites(tiny_eval, tmp_path) -> None:
     _, out = tiny_eval
     evaluate(tiny_suite(policies=["lpm"], loads=[8.0]), tmp_path / "b", progress=False)
@@ -177,6 +181,7 @@ class RaisingPolicy(FCFS):
         return super().scores(decision)
 
 
+@pytest.mark.slow
 def test_a_raising_policy_is_reported_and_the_rest_survive(tmp_path) -> None:
     config = tiny_suite(policies=["fcfs", "broken"], loads=[8.0])
     result = evaluate(config, tmp_path, extra_policies={"broken": RaisingPolicy}, progress=False)
@@ -195,6 +200,7 @@ def test_a_raising_policy_is_reported_and_the_rest_survive(tmp_path) -> None:
     assert len(df.attrs["failures"]) == 2
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_same_rows() -> None:
     config = tiny_suite(loads=[8.0], seeds=[0])
     serial = run_suite_full(config, progress=False).runs.drop(columns="wall_s")
@@ -257,6 +263,7 @@ def test_rejected_work_is_counted_in_runs_summary_and_markdown(tmp_path) -> None
     assert rejected_work_line(runs).startswith("4 of 4 runs rejected work")
 
 
+@pytest.mark.slow
 def test_a_complete_suite_reports_zero_failed_trees(tiny_eval) -> None:
     from servegym.agents.evaluate import incomplete_runs, rejected_work_line
 

@@ -76,6 +76,7 @@ def _permute(obs: dict[str, th.Tensor], perm: np.ndarray) -> dict[str, th.Tensor
 
 
 @given(seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_permuting_slots_permutes_scores_and_keeps_the_value(ppo_policy, seed: int) -> None:
     rng = np.random.default_rng(seed)
     obs, perm = _random_obs(rng, 4), rng.permutation(K)
@@ -93,6 +94,7 @@ def test_permuting_slots_permutes_scores_and_keeps_the_value(ppo_policy, seed: i
 
 
 @given(seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_maskable_logits_are_equivariant(maskable_policy, seed: int) -> None:
     rng = np.random.default_rng(seed)
     obs, perm = _random_obs(rng, 3), rng.permutation(K)

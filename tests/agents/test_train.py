@@ -21,6 +21,7 @@ from servegym.envs.engine.policy import DecisionKind
 from tests.agents.conftest import REPO_ROOT, TINY_TRAINING, compose_config
 
 
+@pytest.mark.slow
 def test_train_checkpoints_compares_and_saves(tiny_training_cfg, tmp_path: Path) -> None:
     result = train(tiny_training_cfg, tmp_path)
     assert result["timesteps"] >= 128
@@ -35,6 +36,7 @@ def test_train_checkpoints_compares_and_saves(tiny_training_cfg, tmp_path: Path)
     assert summary["timesteps"] == result["timesteps"]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count(tiny_training_cfg, tmp_path: Path) -> None:
     first = train(tiny_training_cfg, tmp_path / "first")
     checkpoint = sorted((tmp_path / "first" / "checkpoints").iterdir())[0]
@@ -47,6 +49,7 @@ def test_resume_continues_the_step_count(tiny_training_cfg, tmp_path: Path) -> N
     assert resumed["timesteps"] < 256 + 128
 
 
+@pytest.mark.slow
 def test_same_seed_same_training(tiny_training_cfg, tmp_path: Path) -> None:
     cfg = tiny_training_cfg.copy()
     cfg.train.eval_every = 0
@@ -56,6 +59,7 @@ def test_same_seed_same_training(tiny_training_cfg, tmp_path: Path) -> None:
         assert np.array_equal(pa.detach().numpy(), pb.detach().numpy())
 
 
+@pytest.mark.slow
 def test_behaviour_cloning_moves_the_policy_toward_the_teacher(tiny_training_cfg, tmp_path: Path) -> None:
     cfg = compose_config([*TINY_TRAINING, "workload.num_jobs=30"])  # queues of many trees to rank
     cfg.train.pretrain_teacher = "program_fcfs"
@@ -74,6 +78,7 @@ def test_rank_targets_keep_the_teacher_order() -> None:
     assert rank_targets(np.array([2.0]), DecisionKind.EVICT).tolist() == [1.0]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_writes_its_files(tmp_path: Path) -> None:
     cfg = compose_config([*TINY_TRAINING, "logger=wandb", "train.eval_every=0", "train.checkpoint_every=0"])
     result = train(cfg, tmp_path)
@@ -118,6 +123,7 @@ def test_train_config_defaults_validate() -> None:
 
 
 @pytest.mark.parametrize("experiment", ["quick", "routing"])
+@pytest.mark.slow
 def test_train_script_runs_train_export_and_prints_json(experiment: str, tmp_path: Path) -> None:
     """The entry point, end to end, as the README runs it (tiny sizes), for a score policy over
     the candidate table and a slot policy over the replica table."""

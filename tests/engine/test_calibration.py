@@ -122,6 +122,7 @@ def test_new_cost_terms_keep_the_old_model_and_scalar_array_identity() -> None:
     assert cm.decode_run_times_s(64, np.array([64 * 2000]))[0] == arr[1]
 
 
+@pytest.mark.slow
 def test_quick_cpu_calibration_end_to_end(tmp_path: Path) -> None:
     """The script as the GPU machine runs it (no gymnasium, hydra or SB3): fit, profile, fidelity."""
     out, report = tmp_path / "tiny_cpu_fitted.yaml", tmp_path / "r.json"

@@ -578,6 +578,7 @@ def test_same_seed_same_trajectory_bit_for_bit(time_limit, sc: Scenario) -> None
 
 # ---------------------------------------------------------------- fast-forward == stepping
 @given(sc=scenarios(), tight=st.booleans())
+@pytest.mark.slow
 def test_fast_forward_equals_stepping(time_limit, sc: Scenario, tight: bool) -> None:
     if not tight:
         sc = replace(sc, kv_slack=50.0)

@@ -153,6 +153,7 @@ def test_token_store_builds_prompts_from_keys_and_outputs() -> None:
         store.prompt(6, [(-1 - 4, 5)])
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_without_gymnasium() -> None:
     """The GPU machine has torch and triton but no gymnasium: the bench must not need it."""
     code = (

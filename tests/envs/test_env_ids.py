@@ -330,6 +330,7 @@ def _subproc_steps(env_id: str, start_method: str) -> None:
     assert envs.closed
 
 
+@pytest.mark.slow
 def test_sb3_subproc_vec_env_steps_and_closes() -> None:
     for env_id in ENV_IDS:
         _subproc_steps(env_id, "fork")

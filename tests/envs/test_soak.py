@@ -15,6 +15,7 @@ from collections import Counter
 
 import gymnasium as gym
 import numpy as np
+import pytest
 from engine.test_engine_invariants import Probe, check_drained, check_live
 
 from servegym.envs import ENV_IDS, serving_env
@@ -107,6 +108,7 @@ def soak_env(env_id: str, family: str, swap: bool) -> gym.Env:
     )
 
 
+@pytest.mark.slow
 def test_random_policy_soak_keeps_every_invariant(monkeypatch, time_limit) -> None:
     monkeypatch.setattr(serving_env, "Engine", ProbedEngine)
     pairs = [(env_id, family) for env_id in ENV_IDS for family in sorted(GENERATORS)]

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_on_cpu_and_writes_outputs(tmp_path: Path) -> None:
     result = subprocess.run(
         [

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="CUDA present: test_triton.py runs the kernels natively"
 )
+@pytest.mark.slow
 def test_triton_kernels_under_the_cpu_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(

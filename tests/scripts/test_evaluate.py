@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,7 @@ def evaluate(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_tiny_suite_writes_everything_and_prints_the_table(tmp_path: Path) -> None:
     done = evaluate(tmp_path, *TINY)
     assert done.returncode == 0, done.stderr
@@ -55,6 +57,7 @@ def test_tiny_suite_writes_everything_and_prints_the_table(tmp_path: Path) -> No
     ]
 
 
+@pytest.mark.slow
 def test_failed_runs_are_listed_and_the_exit_status_is_nonzero(tmp_path: Path) -> None:
     done = evaluate(
         tmp_path,
@@ -71,6 +74,7 @@ def test_failed_runs_are_listed_and_the_exit_status_is_nonzero(tmp_path: Path) -
     assert "| 8 | fcfs | 2 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_bad_config_fails_naming_the_key(tmp_path: Path) -> None:
     unknown = evaluate(tmp_path, *TINY, "suite.policies=[fcfs,no_such_policy]")
     assert unknown.returncode == 2

@@ -52,6 +52,7 @@ def test_without_the_symlink_servegym_is_not_found(tmp_path: Path) -> None:
     assert "No module named 'servegym'" in done.stderr
 
 
+@pytest.mark.slow
 def test_bench_model_runs_bare(tmp_path: Path) -> None:
     done = run_bare(tmp_path, "scripts/bench_model.py", "--quick")
     assert done.returncode == 0, done.stderr

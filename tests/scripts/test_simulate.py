@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,6 +39,7 @@ def test_simulate_prints_metrics_json_last() -> None:
     assert not metrics["stalled"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_different_seed_differs() -> None:
     runs = [simulate("workload.num_jobs=10", f"seed={seed}") for seed in (1, 1, 2)]
     lines = [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs]
@@ -44,6 +47,7 @@ def test_same_seed_same_metrics_different_seed_differs() -> None:
     assert lines[0] != lines[2]
 
 
+@pytest.mark.slow
 def test_bad_config_value_fails_naming_the_key() -> None:
     done = simulate("engine.block_size=0")
     assert done.returncode != 0
