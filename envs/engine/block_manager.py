@@ -46,6 +46,8 @@ class CacheListener(Protocol):
 class FreeQueue(Protocol):
     """Eviction order of unreferenced blocks (head = next to reuse). Pluggable: LRU is vLLM's."""
 
+    uses_levels: bool  # whether push_many reads levels (the caller may skip building them)
+
     def push_many(self, blocks: Sequence[int], levels: Sequence[int] | None = None) -> None: ...
     def pop_many(self, num: int) -> list[int]: ...
     def remove(self, block: int) -> None: ...
@@ -56,6 +58,8 @@ class FreeQueue(Protocol):
 class LRUFreeQueue:
     """Least recently freed first. Callers free a call's blocks tail first, so a sequence's
     last blocks are evicted before its shared prefix (vLLM's rule, RFC #2614)."""
+
+    uses_levels = False
 
     def __init__(self, blocks: Sequence[int]) -> None:
         self._order: OrderedDict[int, None] = OrderedDict.fromkeys(blocks)
@@ -83,6 +87,8 @@ class WorkflowFreeQueue:
     """KVFlow's eviction order: one LRU bucket per ``NextUse`` level, popped from the furthest
     next use (``EMPTY``, then ``NEVER``, ``SHARED``, ``NEXT``); least recently freed first
     within a bucket. A block pushed without a level counts as ``NEVER``."""
+
+    uses_levels = True
 
     def __init__(self, blocks: Sequence[int]) -> None:
         self._buckets: list[OrderedDict[int, None]] = [OrderedDict() for _ in NextUse]
@@ -118,6 +124,7 @@ class WorkflowFreeQueue:
 
 
 PREFIX_EVICTION_ORDERS = {"lru": LRUFreeQueue, "workflow": WorkflowFreeQueue}
+_NEVER, _EMPTY = int(NextUse.NEVER), int(NextUse.EMPTY)  # plain ints: enum lookups cost on hot paths
 """Values of ``EngineConfig.prefix_eviction``."""
 
 
@@ -243,23 +250,34 @@ class BlockManager:
         workflow order reads it, LRU ignores it). A block freed more often than taken is
         refused before anything changes."""
         ref, block_hash = self.ref_count, self.block_hash
-        counts = Counter(blocks) if len(set(blocks)) != len(blocks) else dict.fromkeys(blocks, 1)
-        for block, times in counts.items():
-            if ref[block] < times:
-                raise AssertionError(f"block {block} freed more often than taken")
+        if len(set(blocks)) == len(blocks):
+            if blocks and min(map(ref.__getitem__, blocks)) < 1:
+                bad = next(block for block in blocks if ref[block] < 1)
+                raise AssertionError(f"block {bad} freed more often than taken")
+        else:
+            for block, times in Counter(blocks).items():
+                if ref[block] < times:
+                    raise AssertionError(f"block {block} freed more often than taken")
         released = []
-        released_levels = []
+        released_at = []  # positions in ``blocks`` of the released ones
         for i in range(len(blocks) - 1, -1, -1):
             block = blocks[i]
-            ref[block] -= 1
-            if ref[block] == 0:
+            left = ref[block] - 1
+            ref[block] = left
+            if left == 0:
                 released.append(block)
-                if block_hash[block] is not None:
-                    self.num_cached_free_blocks += 1
-                    released_levels.append(NextUse.NEVER if levels is None else levels[i])
-                else:
-                    released_levels.append(NextUse.EMPTY)
-        self.free_queue.push_many(released, released_levels)
+                released_at.append(i)
+        hashed = [block_hash[block] is not None for block in released]
+        self.num_cached_free_blocks += sum(hashed)
+        if self.free_queue.uses_levels:
+            never, empty = _NEVER, _EMPTY
+            released_levels = [
+                (never if levels is None else levels[i]) if h else empty
+                for i, h in zip(released_at, hashed, strict=True)
+            ]
+            self.free_queue.push_many(released, released_levels)
+        else:
+            self.free_queue.push_many(released)
         self.num_freed_total += len(blocks)
         if released and self.listener is not None:
             self.listener.released(released)

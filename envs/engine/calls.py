@@ -95,40 +95,50 @@ class CallTable:
         self._capacity = new
 
     def hash_chain(self, call: int, num_blocks: int, block_size: int) -> list[int]:
-        """Chained hashes of the call's first ``num_blocks`` full blocks (prompt then its own
-        output), extending a memo. Equal chains mean equal token prefixes, so they key the
-        prefix cache exactly like vLLM's hash(parent hash, block tokens)."""
+        """Hashes of the call's first ``num_blocks`` full blocks (prompt then its own output),
+        extending a memo. Equal hashes mean equal token prefixes, so they key the prefix cache
+        like vLLM's hash(parent hash, block tokens).
+
+        A block's hash identifies the prefix it ends: the segments before the one it ends in
+        (chained over their keys and lengths, a few per call), that segment's key and the offset
+        of the block's end inside it. Equal prefixes give equal triples and nothing else does
+        (up to 64-bit collisions), and the per-block part is one vectorised mix, not a Python
+        hash per block."""
         chain = self.hashes[call]
         if len(chain) >= num_blocks:
             return chain
-        bs = block_size
-        segments = self.segments[call] + [(-1 - call, int(self.num_output[call]))]
-        start, stop = len(chain) * bs, num_blocks * bs
-        prev = chain[-1] if chain else 0
-        pieces: tuple[tuple[int, int, int], ...] = ()  # of the block being assembled
-        pos = 0  # token position where the current segment starts
-        for key, length in segments:
-            seg_end = pos + length
-            lo, hi_limit = max(start, pos), min(seg_end, stop)
-            while lo < hi_limit:
-                if not pieces and lo % bs == 0 and hi_limit - lo >= bs:
-                    # whole blocks inside one segment: the hot loop
-                    offset = lo - pos
-                    for _ in range((hi_limit - lo) // bs):
-                        prev = hash((prev, ((key, offset, offset + bs),)))
-                        chain.append(prev)
-                        offset += bs
-                    lo = offset + pos
-                    continue
-                block_end = lo - lo % bs + bs
-                hi = min(block_end, hi_limit)
-                pieces += ((key, lo - pos, hi - pos),)
-                if hi == block_end:
-                    prev = hash((prev, pieces))
-                    chain.append(prev)
-                    pieces = ()
-                lo = hi
-            pos = seg_end
-            if pos >= stop:
-                break
+        segments = [seg for seg in self.segments[call] if seg[1] > 0]
+        if self.num_output[call] > 0:
+            segments.append((-1 - call, int(self.num_output[call])))
+        if not segments:
+            return chain
+        keys = np.array([key for key, _ in segments], dtype=np.int64)
+        lengths = np.array([length for _, length in segments], dtype=np.int64)
+        ends = np.cumsum(lengths)
+        stop = min(num_blocks, int(ends[-1]) // block_size)
+        if stop <= len(chain):
+            return chain
+        bases = np.empty(len(segments), dtype=np.int64)
+        base = 0
+        for j, segment in enumerate(segments):  # chained over whole segments
+            bases[j] = base
+            base = hash((base, *segment))
+        block_ends = np.arange(len(chain) + 1, stop + 1, dtype=np.int64) * block_size
+        j = np.searchsorted(ends, block_ends, side="left")  # the segment each block ends in
+        offsets = block_ends - (ends[j] - lengths[j])
+        chain.extend(_block_hashes(bases[j], keys[j], offsets).tolist())
         return chain
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 (wrapping arithmetic): a bijective 64-bit mix."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _block_hashes(bases: np.ndarray, keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n,) int64 hashes of (segment base, segment key, end offset) triples."""
+    mixed = _splitmix64(bases.view(np.uint64) ^ _splitmix64(keys.view(np.uint64)))
+    return _splitmix64(mixed + offsets.view(np.uint64)).view(np.int64)

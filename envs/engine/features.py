@@ -47,11 +47,16 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
     out = calls.max_tokens[ids].astype(np.float64)
     if not engine.role_output_stats:
         return out
-    roles, tenants = calls.role[ids].tolist(), engine.job_tenant[calls.job[ids]].tolist()
-    for i, (role, tenant) in enumerate(zip(roles, tenants, strict=True)):
+    roles, tenants = calls.role[ids], engine.job_tenant[calls.job[ids]]
+    pairs, inverse = np.unique(np.stack([roles, tenants]), axis=1, return_inverse=True)
+    means = np.full(pairs.shape[1], np.nan)  # one lookup per distinct (role, tenant)
+    for j, (role, tenant) in enumerate(pairs.T.tolist()):
         stats = engine.output_stats.get((role, tenant)) or engine.role_output_stats.get(role)
         if stats is not None:
-            out[i] = stats[0] / stats[1]
+            means[j] = stats[0] / stats[1]
+    predicted = means[inverse.reshape(-1)]
+    known = ~np.isnan(predicted)
+    out[known] = predicted[known]
     return out
 
 

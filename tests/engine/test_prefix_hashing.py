@@ -25,15 +25,15 @@ def test_same_content_same_hashes_regardless_of_segment_split() -> None:
 
 
 def test_chains_extend_incrementally_to_the_same_result() -> None:
-    table = CallTable(capacity=4)
-    a, b = table.add(2)
-    for call in (a, b):
+    tables = [CallTable(capacity=4), CallTable(capacity=4)]
+    for table in tables:
+        (call,) = table.add(1)
         table.segments[call] = [(1, 100), (2, 77)]
-    table.num_output[a] = table.num_output[b] = 60
-    whole = list(table.hash_chain(a, 14, 16))
+        table.num_output[call] = 60
+    whole = list(tables[0].hash_chain(0, 14, 16))
     for n in (1, 5, 11, 14):
-        table.hash_chain(b, n, 16)
-    assert table.hashes[b] == whole
+        tables[1].hash_chain(0, n, 16)
+    assert tables[1].hashes[0] == whole
 
 
 def test_inherited_chains_equal_chains_hashed_from_scratch() -> None:
@@ -60,3 +60,19 @@ def test_inherited_chains_equal_chains_hashed_from_scratch() -> None:
             checked += n
         assert checked > 100
         assert np.isfinite(engine.metrics().jct_mean_s)
+
+
+def test_outputs_of_different_calls_never_share_hashes() -> None:
+    """Each call's output is its own content, even after identical prompts. (Calls 0 and 1
+    once shared them: CPython hashes -1 and -2, their output keys, to the same value.)"""
+    table = CallTable(capacity=4)
+    ids = table.add(3)
+    for call in ids:
+        table.segments[call] = [(0, 40)]
+        table.num_output[call] = 40
+    chains = [table.hash_chain(call, 5, 16) for call in ids]
+    assert chains[0][:2] == chains[1][:2] == chains[2][:2]  # the shared prompt's blocks
+    for i in ids:
+        for j in ids:
+            if i != j:
+                assert not set(chains[i][2:]) & set(chains[j]), f"calls {i} and {j} share output blocks"
