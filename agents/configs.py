@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from servegym.envs.configs import register_configs as register_env_configs
 
 VEC_ENVS = ("dummy", "subproc")
+"""``train.vec_env`` names: SB3's ``DummyVecEnv`` and ``SubprocVecEnv`` (``agents/train.py``)."""
 LOGGERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass
 class TrainConfig:
-    """``train:`` in conf/config.yaml."""
+    """``train:`` in conf/config.yaml: the schema, and the one place each default is written
+    (``conf/config.yaml`` and the experiments set only what differs). Hydra does not run
+    ``__post_init__`` on a structured config; ``train_config(cfg)`` does."""
 
     total_timesteps: int = 20_000
     n_envs: int = 2
@@ -37,8 +41,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.total_timesteps < 1 or self.n_envs < 1 or self.torch_threads < 1:
-            raise ValueError("train.total_timesteps, train.n_envs and train.torch_threads must be >= 1")
+        for name in ("total_timesteps", "n_envs", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.vec_env not in VEC_ENVS:
             raise ValueError(f"train.vec_env must be one of {list(VEC_ENVS)}, got {self.vec_env!r}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
@@ -66,6 +71,14 @@ class LoggerConfig:
             raise ValueError(f"logger.mode must be offline, online or disabled, got {self.mode!r}")
 
 
+def train_config(cfg: Any) -> TrainConfig:
+    """The composed ``train:`` node checked (``TrainConfig.__post_init__``): raises ValueError
+    naming the key, e.g. ``train.n_envs must be >= 1, got 0``."""
+    from omegaconf import OmegaConf
+
+    return TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+
+
 def config_error_message(error: BaseException) -> str | None:
     """The message to print for a bad config, value or input file, without a traceback; None
     for anything else (a bug keeps its traceback). A Hydra instantiation error is unwrapped to
@@ -75,11 +88,17 @@ def config_error_message(error: BaseException) -> str | None:
     if isinstance(error, InstantiationException):
         cause = error.__cause__ or error
         key = next(
-            (line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")),
+            (
+                line.split(":", 1)[1].strip()
+                for line in str(error).splitlines()
+                if line.startswith("full_key:")
+            ),
             "",
         )
         where = f"{key}: " if key else ""
-        return f"{where}{cause}" if isinstance(cause, ValueError) else f"{where}{type(cause).__name__}: {cause}"
+        return (
+            f"{where}{cause}" if isinstance(cause, ValueError) else f"{where}{type(cause).__name__}: {cause}"
+        )
     if isinstance(error, ValueError | FileNotFoundError):
         return str(error)
     return None

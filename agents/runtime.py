@@ -58,8 +58,33 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The sidecar's JSON object; a file that is not one (truncated, a list, not UTF-8) raises
+    ``SidecarError`` naming the file."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SidecarError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); a truncated "
+            "or hand-edited sidecar: re-export the policy (servegym.agents.export.export_policy)"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise SidecarError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-export the policy"
+        ) from err
+    if not isinstance(meta, dict):
+        raise SidecarError(
+            f"{path}: a sidecar is a JSON object (format, feature_schema_version, layout, ...), got a "
+            f"{type(meta).__name__}; re-export the policy"
+        )
+    return meta
+
+
 def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, Any]:
     """Validate a sidecar; every mismatch names what was expected."""
+    if not isinstance(meta, dict):
+        raise SidecarError(f"{source}: a sidecar is a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != SIDECAR_FORMAT:
         raise SidecarError(f"{source}: format {meta.get('format')!r}, this runtime reads {SIDECAR_FORMAT}")
     version = meta.get("feature_schema_version")
@@ -78,6 +103,8 @@ def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, An
     if tuple(meta.get("global_features", ())) != GLOBAL_COLUMNS:
         raise SidecarError(f"{source}: global_features differ from {list(GLOBAL_COLUMNS)}")
     action = meta.get("action", {})
+    if not isinstance(action, dict):
+        raise SidecarError(f"{source}: action must be an object, got {action!r}")
     if action.get("type") not in ACTION_TYPES:
         raise SidecarError(f"{source}: action.type {action.get('type')!r} is not one of {ACTION_TYPES}")
     kinds = action.get("kinds", [])
@@ -100,11 +127,29 @@ class ScoreRuntime:
         meta_path = sidecar_path(self.path)
         if not meta_path.exists():
             raise FileNotFoundError(f"no sidecar {meta_path} next to {self.path}; export writes both")
-        self.meta = check_sidecar(json.loads(meta_path.read_text()), str(meta_path))
+        self.meta = check_sidecar(read_sidecar(meta_path), str(meta_path))
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self._check_graph(meta_path)
+
+    def _check_graph(self, meta_path: Path) -> None:
+        """The ONNX inputs must have the widths the sidecar's layout describes: a sidecar copied
+        from another env's export would otherwise fail inside onnxruntime at the first decision."""
+        widths = {"global": len(GLOBAL_COLUMNS), "candidates": len(self.meta["slot_features"])}
+        inputs = {node.name: node.shape for node in self.session.get_inputs()}
+        if set(inputs) != set(INPUT_NAMES):
+            raise SidecarError(f"{self.path}: ONNX inputs {sorted(inputs)}, expected {list(INPUT_NAMES)}")
+        for name, width in widths.items():
+            last = inputs[name][-1]
+            if isinstance(last, int) and last != width:
+                raise SidecarError(
+                    f"{self.path}: ONNX input {name!r} has {last} columns, but {meta_path} describes "
+                    f"{width} (layout {self.meta['layout']}, env {self.meta.get('env_id') or '?'}); the "
+                    "model and its sidecar come from different exports: keep policy.onnx and the "
+                    "policy.json written with it together"
+                )
 
     @property
     def action(self) -> dict[str, Any]:
@@ -196,6 +241,7 @@ __all__ = [
     "ScoreRuntime",
     "SidecarError",
     "check_sidecar",
+    "read_sidecar",
     "slot_columns",
     "logit_scores",
     "sidecar_path",

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import torch as th
 from omegaconf import DictConfig, OmegaConf
+from stable_baselines3.common import vec_env as sb3_vec_env
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+from servegym.agents import configs
+from servegym.agents.configs import train_config
 from servegym.agents.evaluate import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
 from servegym.agents.learned import ALGORITHMS, SB3Policy
 from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
@@ -32,7 +34,16 @@ from servegym.agents.pretrain import behaviour_clone, collect
 from servegym.envs.build import build_engine, build_env
 from servegym.envs.engine.policy import Policy
 
-VEC_ENVS = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
+
+def vec_env_class(name: str) -> type:
+    """SB3's vector env for a ``train.vec_env`` name (``configs.VEC_ENVS``: dummy, subproc)."""
+    if name not in configs.VEC_ENVS:
+        raise ValueError(f"train.vec_env must be one of {list(configs.VEC_ENVS)}, got {name!r}")
+    return getattr(sb3_vec_env, f"{name.capitalize()}VecEnv")
+
+
+VEC_ENVS = {name: vec_env_class(name) for name in configs.VEC_ENVS}
+"""The SB3 class of each ``train.vec_env`` name, derived from the one list in ``configs``."""
 
 
 def mean_tree_time(cfg: DictConfig, make_policy, seeds: list[int]) -> float:
@@ -143,7 +154,9 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train, compare, checkpoint. Returns a summary (paths, timings, evaluation history)."""
+    """Train, compare, checkpoint. Returns a summary (paths, timings, evaluation history).
+    A bad ``train.*`` value raises ValueError naming the key before anything is built."""
+    train_config(cfg)
     th.set_num_threads(cfg.train.torch_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -155,7 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         lambda: build_env(cfg),
         n_envs=cfg.train.n_envs,
         seed=cfg.seed,
-        vec_env_cls=VEC_ENVS[cfg.train.vec_env],
+        vec_env_cls=vec_env_class(cfg.train.vec_env),
     )
     model = make_model(cfg, venv, tensorboard_dir)
     pretrain = None

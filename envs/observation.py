@@ -112,8 +112,8 @@ def observation_layout(keys: Any) -> tuple[str, ...]:
 
 def score_action(action: Any, size: int) -> np.ndarray:
     """A Box score action, checked (shape, NaN) and clipped to [-1, 1]."""
-    action = np.asarray(action, dtype=np.float64).reshape(-1)
-    if action.shape != (size,):
+    action = np.asarray(action, dtype=np.float64)
+    if action.shape != (size,):  # a (4, 8) or (K, 1) array is a caller's bug, not K scores
         raise ValueError(f"action must have shape ({size},), got {action.shape}")
     if np.isnan(action).any():
         raise ValueError("action contains NaN")

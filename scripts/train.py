@@ -23,12 +23,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from servegym.agents.configs import register_configs
+from servegym.agents.configs import exit_on_config_error, register_configs, train_config
 from servegym.agents.evaluate import SuiteConfig, evaluate
 from servegym.agents.export import export_policy
 from servegym.agents.learned import load_model
 from servegym.agents.runtime import OnnxPolicy
 from servegym.agents.train import train
+from servegym.envs.build import build_env
 
 register_configs()
 LEARNED = "learned"
@@ -58,6 +59,12 @@ def main(cfg: DictConfig) -> None:
     console = Console()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        train_config(cfg)  # a bad train.* value fails here, naming the key, before any env is built
+        build_env(cfg).close()  # and a bad workload, engine or env config too
+    except Exception as error:
+        exit_on_config_error(error)
+        raise
     result = train(cfg, run_dir)
     best = result["best_model"]
     checkpoint = best if best and Path(best).exists() else result["final_model"]
@@ -91,14 +98,9 @@ def main(cfg: DictConfig) -> None:
         f"\nHeld-out comparison (seeds {list(cfg.train.test_seeds)}; '{LEARNED}' is the exported ONNX policy):"
     )
     print(table)
-    if paths:
-        console.print(
-            f"exported policy: {paths['onnx']} (+ {paths['sidecar'].name}, {paths['torchscript'].name})"
-        )
-    else:
-        console.print(
-            "not exported: ONNX export speaks the candidate-table layout only (Scheduling-v0, Eviction-v0)"
-        )
+    console.print(
+        f"exported policy: {paths['onnx']} (+ {paths['sidecar'].name}, {paths['torchscript'].name})"
+    )
     console.print(f"tables and plots: {run_dir / 'eval'}")
     summary = {k: v for k, v in result.items() if k not in ("model", "wandb_run")}
     print(json.dumps({**summary, "onnx": str(paths["onnx"]), "eval_dir": str(run_dir / "eval")}, default=str))

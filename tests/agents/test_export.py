@@ -198,3 +198,44 @@ def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str
     sb3 = run(SB3Policy(model=model, kinds=kinds))
     assert any(kind == DecisionKind.ROUTE for kind, _ in sb3)
     assert run(OnnxPolicy(str(paths["onnx"]))) == sb3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"format": 2, "feature_schema_version"',
+            "not valid JSON (Expecting ':' delimiter at line 1 column 39)",
+        ),
+        ("[1, 2, 3]", "a sidecar is a JSON object (format, feature_schema_version, layout, ...), got a list"),
+        ("", "not valid JSON (Expecting value at line 1 column 1)"),
+    ],
+)
+def test_a_truncated_or_non_object_sidecar_names_the_file(exported, tmp_path, text, message) -> None:
+    onnx = tmp_path / "policy.onnx"
+    onnx.write_bytes(exported["onnx"].read_bytes())
+    sidecar_path(onnx).write_text(text)
+    with pytest.raises(SidecarError) as info:
+        ScoreRuntime(onnx)
+    assert str(info.value).startswith(f"{sidecar_path(onnx)}: ") and message in str(info.value)
+
+
+def test_a_sidecar_of_another_layout_is_refused_at_load(exported, tmp_path) -> None:
+    """A Routing-v0 sidecar next to a Scheduling-v0 model: refused when loading, with both
+    widths named, instead of failing inside onnxruntime at the first decision."""
+    from servegym.agents.runtime import slot_columns
+
+    onnx = tmp_path / "policy.onnx"
+    onnx.write_bytes(exported["onnx"].read_bytes())
+    meta = json.loads(exported["sidecar"].read_text())
+    meta.update(
+        layout=["replicas"], slot_features=list(slot_columns(["replicas"])), env_id="servegym/Routing-v0"
+    )
+    sidecar_path(onnx).write_text(json.dumps(meta))
+    width = len(json.loads(exported["sidecar"].read_text())["slot_features"])
+    with pytest.raises(SidecarError) as info:
+        ScoreRuntime(onnx)
+    assert f"ONNX input 'candidates' has {width} columns, but {sidecar_path(onnx)} describes" in str(
+        info.value
+    )
+    assert "layout ['replicas'], env servegym/Routing-v0" in str(info.value)

@@ -170,3 +170,34 @@ def test_every_env_trains_and_is_compared_through_the_engine(
     assert result["timesteps"] >= 128
     assert type(result["model"]).__name__ == algo
     assert result["eval_history"] and all(np.isfinite(r["jct_mean_s"]) for r in result["eval_history"])
+
+
+# ---------------------------------------------------------------- one source of truth
+def test_train_defaults_are_written_once() -> None:
+    """TrainConfig holds every train.* default; conf/config.yaml does not repeat them, and the
+    vector-env names live in configs.VEC_ENVS alone (train.VEC_ENVS is derived from them)."""
+    from omegaconf import OmegaConf
+
+    from servegym.agents import configs, train
+    from servegym.agents.evaluate import DEFAULT_CONF_DIR
+
+    assert "train" not in OmegaConf.load(DEFAULT_CONF_DIR / "config.yaml")
+    assert tuple(train.VEC_ENVS) == configs.VEC_ENVS
+    assert [cls.__name__ for cls in train.VEC_ENVS.values()] == ["DummyVecEnv", "SubprocVecEnv"]
+
+
+def test_train_config_checks_the_composed_node(tiny_training_cfg) -> None:
+    from omegaconf import open_dict
+
+    from servegym.agents.configs import TrainConfig, train_config
+
+    assert isinstance(train_config(tiny_training_cfg), TrainConfig)
+    for key, value, message in (
+        ("n_envs", 0, "train.n_envs must be >= 1, got 0"),
+        ("vec_env", "x", "train.vec_env"),
+    ):
+        cfg = tiny_training_cfg.copy()
+        with open_dict(cfg):
+            cfg.train[key] = value
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+            train_config(cfg)

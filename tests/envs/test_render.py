@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -95,3 +97,14 @@ def test_gymnasium_env_checker_accepts_the_render_modes() -> None:
 
     for mode in ("ansi", "rgb_array"):
         check_env(gym.make("servegym/Routing-v0", render_mode=mode).unwrapped, skip_render_check=False)
+
+
+# ---------------------------------------------------------------- action shapes (Box(K) envs)
+@pytest.mark.parametrize("env_id", ["servegym/Scheduling-v0", "servegym/Serving-v0"])
+@pytest.mark.parametrize("shape", [(4, 8), (32, 1), (1, 32), (31,), ()])
+def test_a_wrongly_shaped_score_action_raises(env_id: str, shape: tuple[int, ...]) -> None:
+    env = gym.make(env_id).unwrapped  # no wrapper reshapes it first
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=rf"action must have shape \(32,\), got {re.escape(str(shape))}"):
+        env.step(np.zeros(shape, dtype=np.float32))
+    env.step(np.zeros(32, dtype=np.float32))  # the right shape still works
