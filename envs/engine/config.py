@@ -15,6 +15,8 @@ PREFIX_EVICTIONS = ("lru", "workflow")
 PIN_TTL_RULES = ("off", "fixed", "tool_mean", "oracle")
 """Values of ``engine.pin_ttl_rule`` (see ``EngineConfig.pin_ttl_rule``)."""
 RETENTION_FIELDS = ("pin_ttl_rule", "pin_ttl_s", "prefix_eviction")
+ADMISSIONS = ("rank", "pick")
+"""Values of ``engine.admission`` (see ``EngineConfig.admission``)."""
 """The fields a policy may set through its ``retention`` hints (``Engine.apply_retention``)."""
 
 
@@ -56,6 +58,11 @@ class EngineConfig:
     vtc_lift: bool = True
     """VTC's counter lift: a tenant that becomes backlogged again gets max(its counter, the
     smallest counter among backlogged tenants), so idling banks no credit."""
+    admission: str = "rank"
+    """How an ORDER decision is answered: rank (the policy's scores order every waiting call;
+    admission stops at the first that does not fit, as in vLLM) or pick (pick-next: one call
+    among those that fit, or STOP, per decision, asked again after each admission; STOP is
+    offered once something is scheduled this iteration, so an idle replica never stops)."""
     fast_forward: bool = True
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
     backend: str = "sim"
@@ -92,6 +99,8 @@ class EngineConfig:
             raise ValueError(
                 f"engine.prefix_eviction must be one of {PREFIX_EVICTIONS}, got {self.prefix_eviction!r}"
             )
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"engine.admission must be one of {ADMISSIONS}, got {self.admission!r}")
         if self.pin_ttl_rule not in PIN_TTL_RULES:
             raise ValueError(f"engine.pin_ttl_rule must be one of {PIN_TTL_RULES}, got {self.pin_ttl_rule!r}")
         _check_number("engine.pin_ttl_s", self.pin_ttl_s)

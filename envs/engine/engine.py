@@ -446,9 +446,13 @@ class Engine:
         self._call_done(call)
 
     # ------------------------------------------------------------------ iterations
-    def _build_decision(self, replica, kind, candidates, needs, budget_left) -> Decision:
+    def _build_decision(self, replica, kind, candidates, needs, budget_left, stop: bool = False) -> Decision:
         self._sync_all()
-        return candidate_decision(self, replica, kind, candidates, needs, budget_left)
+        decision = candidate_decision(self, replica, kind, candidates, needs, budget_left)
+        if replica.config.admission == "pick" and needs is not None:
+            decision.mask = needs.fits.copy()  # pick-next: only calls that fit now may be picked
+            decision.stop = stop
+        return decision
 
     def _push_step(self, replica: Replica) -> None:
         replica.step_version += 1

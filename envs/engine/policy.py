@@ -4,9 +4,14 @@ and everything that makes scheduling decisions (heuristics, RL agents, exported 
 The engine yields a ``Decision``: what kind of choice it faces, one feature row per candidate,
 a global feature vector, and a validity mask. A policy answers with one score per candidate:
 
-* ``ORDER``: candidates are waiting calls; they are admitted in descending score order while
-  the token budget, sequence slots and free blocks allow (the first that does not fit stops
-  admission, as in vLLM).
+* ``ORDER``: candidates are waiting calls. With ``EngineConfig.admission="rank"`` they are
+  admitted in descending score order while the token budget, sequence slots and free blocks
+  allow (the first that does not fit stops admission, as in vLLM). With ``"pick"`` (pick-next)
+  each decision admits one call: the highest-scored among those that fit now (``mask``), or
+  none when the decision offers STOP (``stop``) and the policy's extra last score, STOP's, is
+  the highest (``pick``); the engine asks again after each admission until STOP, nothing fits,
+  or no slot or token budget is left. A ranking heuristic answers both by its scores and never
+  stops.
 * ``EVICT``: candidates are running calls not yet scheduled this iteration (the call that
   could not get a block included); the lowest score is preempted.
 * ``ROUTE``: candidates are replicas (rows of ``ROUTE_FEATURES``); the highest valid score
@@ -115,6 +120,7 @@ class Decision:
     mask: np.ndarray  # (K,) bool: candidates the engine may accept
     call: int = -1  # ROUTE: the call being routed
     now_s: float = 0.0
+    stop: bool = False  # pick-next ORDER: the answer may carry a STOP score (see ``pick``)
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -130,16 +136,31 @@ class Policy(Protocol):
 
 
 def check_scores(decision: Decision, scores: np.ndarray) -> np.ndarray:
-    """Validate a policy's answer; NaN is an error, not a silent tie."""
+    """Validate a policy's answer; NaN is an error, not a silent tie. A decision offering STOP
+    also takes one more score, STOP's, after the candidates'."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if scores.shape != (len(decision),):
+    n = len(decision)
+    if scores.shape != (n,) and not (decision.stop and scores.shape == (n + 1,)):
+        extra = f" (or {n + 1}: the last is STOP's)" if decision.stop else ""
         raise ValueError(
-            f"{decision.kind.name} decision has {len(decision)} candidates but the policy "
-            f"returned {scores.shape[0]} scores; return one score per candidate"
+            f"{decision.kind.name} decision has {n} candidates but the policy "
+            f"returned {scores.shape[0]} scores; return one score per candidate{extra}"
         )
     if np.isnan(scores).any():
         raise ValueError(f"{decision.kind.name} scores contain NaN: {scores}")
     return scores
+
+
+def pick(decision: Decision, scores: np.ndarray) -> int | None:
+    """A pick-next ORDER answer: the index of the highest-scored candidate the mask allows
+    (ties: the first in queue order), or None for STOP when the decision offers it and STOP's
+    score (the extra last one) is strictly the highest."""
+    n = len(decision)
+    allowed = np.flatnonzero(decision.mask)
+    best = int(allowed[np.argmax(scores[allowed])])
+    if decision.stop and len(scores) == n + 1 and scores[n] > scores[best]:
+        return None
+    return best
 
 
 def fcfs_scores(decision: Decision) -> np.ndarray:

@@ -29,7 +29,7 @@ from servegym.envs.engine.block_manager import BlockManager, NextUse
 from servegym.envs.engine.calls import CallState, CallTable
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile
-from servegym.envs.engine.policy import Decision, DecisionKind
+from servegym.envs.engine.policy import Decision, DecisionKind, pick
 from servegym.envs.engine.prefix_watch import PrefixWatch
 
 MAX_FAST_FORWARD_ITERATIONS = 4096
@@ -61,7 +61,8 @@ class QueueNeeds:
     fits: np.ndarray  # (n,) bool: a chunk is schedulable and its blocks are free
 
 
-DecisionBuilder = Callable[["Replica", DecisionKind, list[int], QueueNeeds | None, int], Decision]
+DecisionBuilder = Callable[..., Decision]
+"""(replica, kind, candidates, queue needs or None, token budget left, stop=False) -> Decision"""
 
 
 class Replica:
@@ -410,6 +411,8 @@ class Replica:
 
     def _admit_waiting(self, order: list[int], grants: list[int], budget: int):
         cfg = self.config
+        if cfg.admission == "pick":
+            return (yield from self._pick_waiting(order, grants, budget))
         needs = self.queue_needs(budget)
         while not order and self.pins and not needs.fits.any():
             # nothing runs and nothing fits: waiting for a TTL would idle the replica
@@ -446,6 +449,45 @@ class Replica:
             self.register_prefill_blocks([call], [plan.chunk_tokens])
             spent += plan.chunk_tokens
         return spent > 0, spent, swap_bytes, False
+
+    def _pick_waiting(self, order: list[int], grants: list[int], budget: int):
+        """Pick-next admission: each decision admits one call among those that fit now, or
+        STOP; asked again until STOP, nothing fits, or no slot or budget is left. Returns as
+        ``_admit_waiting``: (admitted, tokens spent, swap-in bytes, blocked: nothing fitted)."""
+        cfg = self.config
+        spent, swap_bytes, admitted = 0, 0.0, False
+        while self.waiting and len(self.running) < cfg.max_num_seqs and budget - spent > 0:
+            needs = self.queue_needs(budget - spent)
+            while not order and self.pins and not needs.fits.any():
+                # nothing runs and nothing fits: waiting for a TTL would idle the replica
+                self.unpin(next(iter(self.pins)))
+                self.num_pins_dropped += 1
+                needs = self.queue_needs(budget - spent)
+            if not needs.fits.any():
+                return admitted, spent, swap_bytes, not admitted
+            queue = needs.calls.tolist()
+            stop = bool(order)  # an idle replica may not stop: no time would pass
+            fitting = np.flatnonzero(needs.fits)
+            if len(fitting) == 1 and not stop:
+                choice: int | None = int(fitting[0])  # no choice to make
+            else:
+                decision = self.build_decision(
+                    self, DecisionKind.ORDER, queue, needs, budget - spent, stop=stop
+                )
+                scores = yield decision
+                choice = pick(decision, np.asarray(scores, dtype=np.float64))
+            if choice is None:
+                break
+            call = queue[choice]
+            plan = self.admission_plan(call, budget - spent)
+            self.dequeue(call)
+            swap_bytes += self._admit(call, plan)
+            order.append(call)
+            grants.append(plan.chunk_tokens)
+            self.register_prefill_blocks([call], [plan.chunk_tokens])
+            spent += plan.chunk_tokens
+            admitted = True
+        return admitted, spent, swap_bytes, False
 
     def register_prefill_blocks(self, order: list[int], grants: list[int]) -> None:
         """Publish prompt blocks as soon as they are scheduled (vLLM caches at allocation),

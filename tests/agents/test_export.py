@@ -166,6 +166,7 @@ def test_runtime_needs_neither_torch_nor_sb3_nor_hydra() -> None:
 
 
 @pytest.mark.parametrize("env_id", ["servegym/Routing-v0", "servegym/Serving-v0"])
+@pytest.mark.slow
 def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str, tmp_path) -> None:
     """Routing (Discrete over replicas) and Serving (both tables side by side) export with their
     layout, and the ONNX policy makes the SB3 policy's decisions in the engine, ROUTE included."""

@@ -158,6 +158,7 @@ def test_train_script_runs_train_export_and_prints_json(experiment: str, tmp_pat
         (["experiment=quick", "env=serving", "cluster=hetero"], "PPO"),
     ],
 )
+@pytest.mark.slow
 def test_every_env_trains_and_is_compared_through_the_engine(
     world: list[str], algo: str, tmp_path: Path
 ) -> None:

@@ -99,7 +99,20 @@ class Linear:
         return decision.features.astype(np.float64) @ w
 
 
-POLICIES = ("fcfs", "random", "lifo", "linear")
+class Stopper:
+    """Random scores, and a random STOP score where the decision offers STOP (pick-next)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.router = RoundRobinRouting()
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return self.router.route(decision)
+        return self.rng.random(len(decision) + int(decision.stop))
+
+
+POLICIES = ("fcfs", "random", "lifo", "linear", "stopper")
 
 
 def make_policy(name: str, seed: int) -> Policy:
@@ -109,6 +122,8 @@ def make_policy(name: str, seed: int) -> Policy:
         return RandomPolicy(seed)
     if name == "lifo":
         return LIFO()
+    if name == "stopper":
+        return Stopper(seed)
     return Linear(seed)
 
 
@@ -158,6 +173,7 @@ class Scenario:
     fast_forward: bool = True
     pin_ttl_rule: str = "off"
     prefix_eviction: str = "lru"
+    admission: str = "rank"
 
 
 @st.composite
@@ -182,6 +198,7 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         policy_seed=draw(st.integers(0, 2**16)),
         pin_ttl_rule=draw(st.sampled_from(["off", "off", "fixed", "tool_mean", "oracle"])),
         prefix_eviction=draw(st.sampled_from(["lru", "workflow"])),
+        admission=draw(st.sampled_from(["rank", "rank", "pick"])),
     )
 
 
@@ -218,6 +235,7 @@ def build(sc: Scenario) -> Engine:
         pin_ttl_rule=sc.pin_ttl_rule,
         pin_ttl_s=0.05 if sc.pin_ttl_rule != "off" else 0.0,
         prefix_eviction=sc.prefix_eviction,
+        admission=sc.admission,
     )
     if sc.replicas == "hetero":
         cluster = ClusterConfig(replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s)
@@ -311,11 +329,20 @@ def check_decision(engine: Engine, decision: Decision) -> None:
         return
     replica = engine.replicas[decision.replica]
     assert decision.features.shape == (k, len(CANDIDATE_FEATURES))
-    assert decision.features.dtype == np.float32 and decision.mask.all()
+    assert decision.features.dtype == np.float32
+    picking = replica.config.admission == "pick" and decision.kind == DecisionKind.ORDER
+    if picking:  # pick-next: the mask is what fits now; a choice exists (STOP or two that fit)
+        assert decision.mask.any() and (decision.stop or decision.mask.sum() >= 2)
+        needs = replica.queue_needs(
+            int(round(decision.global_features[-1] * replica.config.max_num_batched_tokens))
+        )
+        assert (decision.mask == needs.fits).all()
+    else:
+        assert decision.mask.all() and not decision.stop
     assert decision.global_features.shape == (len(GLOBAL_FEATURES),)
     candidates = decision.candidates.tolist()
     if decision.kind == DecisionKind.ORDER:
-        assert k >= 2 and sorted(candidates) == sorted(replica.waiting)
+        assert (k >= 1 if picking else k >= 2) and sorted(candidates) == sorted(replica.waiting)
     else:
         assert k >= 2 and set(candidates) <= set(replica.running)
         assert (decision.features[:, column("is_running")] == 1).all()
@@ -563,6 +590,7 @@ def same_metrics(a: dict, b: dict, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 @given(sc=scenarios())
+@pytest.mark.slow
 def test_same_seed_same_trajectory_bit_for_bit(time_limit, sc: Scenario) -> None:
     with time_limit(RUN_LIMIT_S):
         engine_a, metrics_a, rec_a = run_recorded(sc)

@@ -350,6 +350,7 @@ def one_torch_thread():
 
 
 @pytest.mark.parametrize("env_id", DISCRETE_IDS)
+@pytest.mark.slow
 def test_maskable_ppo_learns_a_few_hundred_steps(env_id: str, one_torch_thread) -> None:
     envs = DummyVecEnv([partial(gym.make, env_id, **small_kwargs(env_id))] * 2)
     model = MaskablePPO("MultiInputPolicy", envs, n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu")

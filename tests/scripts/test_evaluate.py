@@ -86,6 +86,7 @@ def test_bad_config_fails_naming_the_key(tmp_path: Path) -> None:
     assert not (tmp_path / "runs.csv").exists()
 
 
+@pytest.mark.slow
 def test_rejected_work_is_reported_and_fails_the_run_unless_told(tmp_path: Path) -> None:
     done = evaluate(tmp_path / "strict", *TINY, "suite.loads=[1]", "engine.num_gpu_blocks=1", "plots=false")
     assert done.returncode == 1, done.stderr
@@ -108,6 +109,7 @@ def test_rejected_work_is_reported_and_fails_the_run_unless_told(tmp_path: Path)
     )
 
 
+@pytest.mark.slow
 def test_unknown_baseline_and_bad_workload_values_are_config_errors(tmp_path: Path) -> None:
     baseline = evaluate(tmp_path, *TINY, "suite.baseline=nosuch")
     assert baseline.returncode == 2 and "suite.baseline: unknown policy 'nosuch'" in baseline.stderr

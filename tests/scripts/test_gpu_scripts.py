@@ -45,6 +45,7 @@ def run_bare(tmp_path: Path, script: str, *args: str, shim: bool = True) -> subp
     )
 
 
+@pytest.mark.slow
 def test_without_the_symlink_servegym_is_not_found(tmp_path: Path) -> None:
     """The bare world really is bare: the scripts below find servegym only through the symlink."""
     done = run_bare(tmp_path, "scripts/bench_model.py", "--quick", shim=False)

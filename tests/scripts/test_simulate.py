@@ -29,6 +29,7 @@ def simulate(*overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_simulate_prints_metrics_json_last() -> None:
     done = simulate("workload=mapreduce", "workload.num_jobs=20", "workload.arrival_rate=4", "seed=3")
     assert done.returncode == 0, done.stderr
@@ -57,6 +58,7 @@ def test_bad_config_value_fails_naming_the_key() -> None:
     assert "blok_size" in typo.stderr
 
 
+@pytest.mark.slow
 def test_rejected_work_fails_the_run_unless_told() -> None:
     done = simulate("engine.num_gpu_blocks=1", "workload.num_jobs=5")
     assert done.returncode == 1
@@ -68,6 +70,7 @@ def test_rejected_work_fails_the_run_unless_told() -> None:
     assert lenient.returncode == 0 and "fail_on_rejected=false: exit 0" in lenient.stderr
 
 
+@pytest.mark.slow
 def test_config_errors_print_the_message_without_a_traceback(tmp_path: Path) -> None:
     for override, expected in (
         ("workload.arrival_rate=1e-300", "workload: Workload.arrival_rate=1e-300/s spreads"),

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ("workload.arrival_rate=1e-300", "bad config: workload: Workload.arrival_rate=1e-300/s spreads"),
     ],
 )
+@pytest.mark.slow
 def test_bad_train_config_is_one_clear_line(tmp_path: Path, override: str, message: str) -> None:
     done = subprocess.run(
         [sys.executable, "scripts/train.py", override, f"hydra.run.dir={tmp_path}"],
