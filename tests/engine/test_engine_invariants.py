@@ -431,6 +431,7 @@ def test_random_workloads_drain_without_leaks(time_limit, sc: Scenario) -> None:
 
 
 @given(sc=scenarios())
+@pytest.mark.slow
 def test_invariants_hold_between_decisions(time_limit, sc: Scenario) -> None:
     engine = build(sc)
     probe = Probe(engine)
