@@ -36,6 +36,7 @@ class AlwaysStop:
         return np.append(fcfs, np.inf) if decision.stop else fcfs
 
 
+@pytest.mark.slow
 def test_always_stop_admits_one_call_per_iteration_and_still_drains() -> None:
     eng, policy = engine("pick"), AlwaysStop()
     admitted = []
