@@ -157,8 +157,10 @@ def test_load_multiplies_the_arrival_rate_on_the_same_trees(tiny_eval) -> None:
 def test_collect_merges_suites(tiny_eval, tmp_path) -> None:
     _, out = tiny_eval
     evaluate(tiny_suite(policies=["lpm"], loads=[8.0]), tmp_path / "b", progress=False)
-    assert (tmp_path / "b" / "summary.md").read_text().startswith(
-        "No tree-time ratio column: the baseline 'fcfs' is not among the policies ['lpm']"
+    assert (
+        (tmp_path / "b" / "summary.md")
+        .read_text()
+        .startswith("No tree-time ratio column: the baseline 'fcfs' is not among the policies ['lpm']")
     )
     merged = collect(out.parent)
     assert len(merged.runs) == 8 + 2

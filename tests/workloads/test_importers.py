@@ -324,9 +324,7 @@ def test_non_utf8_rows_are_named(tmp_path: Path) -> None:
         b"Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
         b"5.0,ChatGPT,4,5,9,API log\n6.0,Chat\xff,4,5,9,API log\n"
     )
-    with pytest.raises(
-        TraceFormatError, match=r"burst.csv line 3: not UTF-8 text \(byte 0xff at column 9\)"
-    ):
+    with pytest.raises(TraceFormatError, match=r"burst.csv line 3: not UTF-8 text \(byte 0xff at column 9\)"):
         import_burstgpt(path)
     path = tmp_path / "moon.jsonl"
     path.write_bytes(
