@@ -360,3 +360,15 @@ def test_random_valid_jobs_round_trip(generated: list[Job]) -> None:
     if generated and min(job.arrival_s for job in generated) == 0:
         assert loaded == generated
     assert [job.meta for job in loaded] == [job.meta for job in generated]
+
+
+def test_every_trace_option_is_reachable_from_the_config(tmp_path: Path) -> None:
+    from servegym.agents.evaluate import compose_config
+
+    path = save_jobs(sample_jobs(), tmp_path / "t.jsonl")
+    cfg = compose_config(
+        ["workload=trace", f"workload.path={path}", "workload.limit=1", "workload.group_sessions=false"]
+    )
+    from hydra.utils import instantiate
+
+    assert [job.job_id for job in instantiate(cfg.workload).build(0).jobs] == ["a"]
