@@ -57,11 +57,13 @@ def export_policy(
     network = ScoreNetwork(model.policy).cpu().eval()
     k = int(model.observation_space[layout[0]].shape[0])
     example = (th.zeros(1, len(GLOBAL_COLUMNS)), th.randn(1, k, len(columns)), th.ones(1, k))
+    action = action_semantics(model, kinds)
+    outputs = "num_candidates_and_stop" if action.get("stop") else "num_candidates"  # STOP last
     dynamic = {
         "global": {0: "batch"},
         "candidates": {0: "batch", 1: "num_candidates"},
         "mask": {0: "batch", 1: "num_candidates"},
-        "scores": {0: "batch", 1: "num_candidates"},
+        "scores": {0: "batch", 1: outputs},
     }
     with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated but needs no onnxscript
         warnings.simplefilter("ignore")
@@ -83,13 +85,13 @@ def export_policy(
         "candidate_features": list(CANDIDATE_FEATURES),
         "global_features": list(GLOBAL_COLUMNS),
         "normalisation": "none: features are scaled by construction (servegym.envs.engine.policy)",
-        "action": action_semantics(model, kinds),
+        "action": action,
         "inputs": {
             "global": ["batch", "global_features"],
             "candidates": ["batch", "num_candidates", "slot_features"],
             "mask": ["batch", "num_candidates"],
         },
-        "outputs": {"scores": ["batch", "num_candidates"]},
+        "outputs": {"scores": ["batch", outputs]},
         "opset": OPSET,
         "env_id": env_id,
         "config_sha256": config_sha256(config),
@@ -115,4 +117,6 @@ def max_abs_difference(model, onnx_path: str | Path, observations: dict[str, np.
         expected = network(*(th.as_tensor(observations[key]) for key in INPUT_NAMES)).numpy()
     got = runtime.scores(*(observations[key] for key in INPUT_NAMES))
     mask = observations["mask"] > 0.5
+    if got.shape[-1] == mask.shape[-1] + 1:  # pick-next: STOP's logit is always real
+        mask = np.concatenate([mask, np.ones_like(mask[..., :1])], axis=-1)
     return float(np.abs(got - expected)[mask].max()) if mask.any() else 0.0

@@ -48,7 +48,10 @@ def action_semantics(model, kinds: tuple[str, ...]) -> dict[str, Any]:
     action_type = "scores" if isinstance(space, spaces.Box) else "logits"
     table = observation_layout(model.observation_space.spaces)[0]
     num_slots = int(model.observation_space[table].shape[0])
-    return {"type": action_type, "kinds": [k.upper() for k in kinds], "max_candidates": num_slots}
+    action = {"type": action_type, "kinds": [k.upper() for k in kinds], "max_candidates": num_slots}
+    if isinstance(space, spaces.Discrete) and int(space.n) == num_slots + 1:
+        action["stop"] = True  # pick-next (Scheduling-v1): the last logit is STOP's
+    return action
 
 
 class SB3Policy(LearnedPolicy):

@@ -74,16 +74,20 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class SetTrunk(nn.Module):
-    """Shared candidate encoder + pooled context; works for any number of slots."""
+    """Shared candidate encoder + pooled context; works for any number of slots. With
+    ``with_context`` the policy latent ends with the pooled context (a STOP logit reads it)."""
 
-    def __init__(self, num_global: int, num_slots: int, num_features: int, hidden: int = 64) -> None:
+    def __init__(
+        self, num_global: int, num_slots: int, num_features: int, hidden: int = 64, with_context: bool = False
+    ) -> None:
         super().__init__()
         self.num_global, self.num_slots, self.num_features = num_global, num_slots, num_features
-        self.hidden = hidden
+        self.hidden, self.with_context = hidden, with_context
         self.encode = _mlp([num_features + num_global, hidden, hidden])
         self.pool = _mlp([2 * hidden + num_global, hidden])
         self.join = _mlp([2 * hidden, hidden])
-        self.latent_dim_pi = num_slots * (hidden + 1)  # per slot: latent + its mask bit
+        # per slot: latent + its mask bit; then the context when a STOP logit needs it
+        self.latent_dim_pi = num_slots * (hidden + 1) + (hidden if with_context else 0)
         self.latent_dim_vf = hidden
 
     def encode_set(
@@ -114,6 +118,8 @@ class SetTrunk(nn.Module):
         global_, candidates, mask = self.split(features)
         slots, context = self.encode_set(global_, candidates, mask)
         latent_pi = th.cat([slots, mask.unsqueeze(2)], dim=2).flatten(1)
+        if self.with_context:
+            latent_pi = th.cat([latent_pi, context], dim=1)
         return latent_pi, context
 
     def forward_actor(self, features: th.Tensor) -> th.Tensor:
@@ -143,6 +149,23 @@ class SlotHead(nn.Module):
 
     def forward(self, latent_pi: th.Tensor) -> th.Tensor:
         return self.score(latent_pi.reshape(latent_pi.shape[0], -1, self.hidden + 1)[..., : self.hidden])
+
+
+class StopSlotHead(SlotHead):
+    """Slot logits plus a STOP logit (the last action) read from the pooled context: the
+    pick-next action space ``Discrete(K + 1)`` (Scheduling-v1)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden)
+        self.stop = nn.Linear(hidden, 1)
+
+    def stop_logit(self, context: th.Tensor) -> th.Tensor:
+        return self.stop(context)  # (B, 1)
+
+    def forward(self, latent_pi: th.Tensor) -> th.Tensor:
+        h = self.hidden
+        slots, context = latent_pi[:, :-h], latent_pi[:, -h:]
+        return th.cat([super().forward(slots), self.stop_logit(context)], dim=1)
 
 
 def slot_mask(latent_pi: th.Tensor, hidden: int) -> th.Tensor:
@@ -185,7 +208,14 @@ class _SetPolicy:
         return {**super()._get_constructor_parameters(), "hidden": self.hidden}
 
     def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = SetTrunk(*_table_shape(self.observation_space), hidden=self.hidden)
+        self.mlp_extractor = SetTrunk(
+            *_table_shape(self.observation_space), hidden=self.hidden, with_context=self._has_stop()
+        )
+
+    def _has_stop(self) -> bool:
+        """Discrete(K + 1) over K slots: the last action is STOP (pick-next)."""
+        num_slots = _table_shape(self.observation_space)[1]
+        return isinstance(self.action_space, spaces.Discrete) and int(self.action_space.n) == num_slots + 1
 
     def _build_action_head(self) -> None:
         raise NotImplementedError
@@ -216,10 +246,11 @@ class SetActorCriticPolicy(_SetPolicy, ActorCriticPolicy):
 
 
 class MaskableSetActorCriticPolicy(_SetPolicy, MaskableActorCriticPolicy):
-    """MaskablePPO policy over Discrete(K): one logit per slot from the shared head."""
+    """MaskablePPO policy over Discrete(K): one logit per slot from the shared head; over
+    Discrete(K + 1) (pick-next) a learned STOP logit from the pooled context follows them."""
 
     def _build_action_head(self) -> None:
-        self.action_net = SlotHead(self.hidden)
+        self.action_net = StopSlotHead(self.hidden) if self._has_stop() else SlotHead(self.hidden)
 
 
 class ScoreNetwork(nn.Module):
@@ -232,8 +263,11 @@ class ScoreNetwork(nn.Module):
         self.head: SlotHead = policy.action_net
 
     def forward(self, global_: th.Tensor, candidates: th.Tensor, mask: th.Tensor) -> th.Tensor:
-        slots, _ = self.trunk.encode_set(global_, candidates, mask)
-        return self.head.score(slots)
+        slots, context = self.trunk.encode_set(global_, candidates, mask)
+        scores = self.head.score(slots)
+        if isinstance(self.head, StopSlotHead):  # (B, K + 1): STOP's score last
+            scores = th.cat([scores, self.head.stop_logit(context)], dim=1)
+        return scores
 
 
 __all__ = [
@@ -243,4 +277,5 @@ __all__ = [
     "SetActorCriticPolicy",
     "SetTrunk",
     "SlotFlatten",
+    "StopSlotHead",
 ]

@@ -15,7 +15,9 @@ side by side, replica columns prefixed ``replica.``), ``candidate_features`` and
 ``global_features`` (names, in column order), ``normalisation``, ``action`` (``type``: ``scores`` — Box scores,
 clipped to [-1, 1], admission in descending order and eviction of the lowest — or ``logits``
 — Discrete(K) over slots, the argmax is the victim or the replica), ``kinds`` (decision kinds
-it answers; others go to the fallback), ``max_candidates`` (K it was trained with)),
+it answers; others go to the fallback), ``max_candidates`` (K it was trained with), ``stop``
+(optional, pick-next: the network emits K + 1 logits, the last STOP's, over the presorted
+candidate table of Scheduling-v1)),
 ``inputs``/``outputs`` (tensor names), ``env_id``, ``config_sha256``.
 """
 
@@ -36,7 +38,16 @@ from servegym.envs.engine.policy import (
     DefaultPolicy,
     Policy,
 )
-from servegym.envs.observation import LAYOUTS, TABLE_FEATURES, score_action, slot_scores
+from servegym.envs.observation import (
+    LAYOUTS,
+    TABLE_FEATURES,
+    pick_scores,
+    pick_valid,
+    presort_rows,
+    score_action,
+    slot_scores,
+    subset,
+)
 
 SIDECAR_FORMAT = 2
 ACTION_TYPES = ("scores", "logits")
@@ -114,6 +125,8 @@ def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, An
         )
     if not isinstance(action.get("max_candidates"), int) or action["max_candidates"] < 1:
         raise SidecarError(f"{source}: action.max_candidates must be a positive int")
+    if not isinstance(action.get("stop", False), bool) or (action.get("stop") and action["type"] != "logits"):
+        raise SidecarError(f"{source}: action.stop must be a bool, and true only for logits")
     return meta
 
 
@@ -184,6 +197,7 @@ class LearnedPolicy:
         self.action_type = action["type"]
         self.kinds = {DecisionKind[name] for name in action["kinds"]}
         self.max_candidates = int(action["max_candidates"])
+        self.stop = bool(action.get("stop", False))  # pick-next: K + 1 logits, STOP last
         self.fallback = fallback or DefaultPolicy()
         self.layout = layout  # the slot tables of the env it was trained on (envs/observation.py)
         self._observe = LAYOUTS[layout]
@@ -200,6 +214,14 @@ class LearnedPolicy:
         if decision.kind not in self.kinds:
             return self.fallback.scores(decision)
         k = self.max_candidates
+        if self.stop:  # Scheduling-v1: the env's presorted table and pick-next semantics
+            rows = presort_rows(decision)
+            raw = np.asarray(self.slot_outputs(self._observe(subset(decision, rows), k)), dtype=np.float64)
+            valid = pick_valid(decision, rows, k)
+            if not valid.any():  # every call that fits sits past slot K: not this policy's to pick
+                return self.fallback.scores(decision)
+            slot = int(np.argmax(np.where(valid, raw[: k + 1], -np.inf)))
+            return pick_scores(decision, rows, slot, k)
         raw = np.asarray(self.slot_outputs(self._observe(decision, k)), dtype=np.float64)
         if self.action_type == "logits":
             return logit_scores(decision, raw, k)

@@ -134,7 +134,37 @@ def slot_scores(decision: Decision, action: Any, max_candidates: int, fallback: 
     return scores
 
 
-def subset(decision: Decision, rows: slice) -> Decision:
+def presort_rows(decision: Decision) -> np.ndarray:
+    """Row order of a pick-next candidate table (Scheduling-v1): oldest tree first
+    (``tree_age_s`` descending), then the longest-waiting call (``wait_s`` descending), then
+    queue order. When more than K calls wait, the K oldest trees' calls are the ones shown."""
+    tree_age = decision.features[:, CANDIDATE_FEATURES.index("tree_age_s")]
+    wait = decision.features[:, CANDIDATE_FEATURES.index("wait_s")]
+    return np.lexsort((np.arange(len(decision)), -wait, -tree_age))
+
+
+def pick_valid(decision: Decision, rows: np.ndarray, k: int) -> np.ndarray:
+    """(K + 1,) valid pick-next actions: shown slots whose call fits now, then STOP (offered
+    by the decision). For EVICT every shown slot is valid and STOP is not."""
+    valid = np.zeros(k + 1, dtype=bool)
+    shown = rows[:k]
+    valid[: len(shown)] = decision.mask[shown]
+    valid[k] = decision.kind == DecisionKind.ORDER and decision.stop
+    return valid
+
+
+def pick_scores(decision: Decision, rows: np.ndarray, slot: int, k: int) -> np.ndarray:
+    """Engine scores that make the engine take pick-next action ``slot`` (``k`` is STOP)."""
+    if slot == k:  # STOP: its score, the extra last one, is the highest
+        scores = np.zeros(len(decision) + 1)
+        scores[-1] = 1.0
+        return scores
+    scores = np.zeros(len(decision))
+    scores[rows[slot]] = 1.0 if decision.kind == DecisionKind.ORDER else -1.0
+    return scores
+
+
+def subset(decision: Decision, rows: slice | np.ndarray) -> Decision:
     return Decision(
         kind=decision.kind,
         replica=decision.replica,
@@ -159,6 +189,9 @@ __all__ = [
     "observe",
     "observe_replicas",
     "observe_serving",
+    "pick_scores",
+    "pick_valid",
+    "presort_rows",
     "replica_table",
     "score_action",
     "slot_scores",

@@ -247,7 +247,10 @@ class EngineEnv(gym.Env):
         return spaces.Box(-1.0, 1.0, (num_slots,), np.float32)
 
     def _observe(self) -> dict[str, np.ndarray]:
-        return LAYOUTS[self.layout](self._decision, self.num_slots)
+        return self._observe_decision(self._decision)
+
+    def _observe_decision(self, decision: Decision | None) -> dict[str, np.ndarray]:
+        return LAYOUTS[self.layout](decision, self.num_slots)
 
     # ------------------------------------------------------------------ internals
     def _advance(self) -> Decision | None:
