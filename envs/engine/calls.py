@@ -123,11 +123,40 @@ class CallTable:
         for j, segment in enumerate(segments):  # chained over whole segments
             bases[j] = base
             base = hash((base, *segment))
+        if stop - len(chain) <= _SCALAR_BLOCKS:  # a few blocks (a decode's): numpy costs more
+            ends_list, bases_list = ends.tolist(), bases.tolist()
+            j = 0
+            for block in range(len(chain) + 1, stop + 1):
+                end = block * block_size
+                while ends_list[j] < end:
+                    j += 1
+                key, length = segments[j]
+                chain.append(_block_hash(bases_list[j], key, end - (ends_list[j] - length)))
+            return chain
         block_ends = np.arange(len(chain) + 1, stop + 1, dtype=np.int64) * block_size
         j = np.searchsorted(ends, block_ends, side="left")  # the segment each block ends in
         offsets = block_ends - (ends[j] - lengths[j])
         chain.extend(_block_hashes(bases[j], keys[j], offsets).tolist())
         return chain
+
+
+_SCALAR_BLOCKS = 8
+"""Extensions of at most this many blocks hash in Python (the same values as numpy's)."""
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64_int(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _block_hash(base: int, key: int, offset: int) -> int:
+    """``_block_hashes`` for one block, on Python ints."""
+    mixed = _splitmix64_int((base & _MASK) ^ _splitmix64_int(key & _MASK))
+    out = _splitmix64_int((mixed + offset) & _MASK)
+    return out - (1 << 64) if out >= 1 << 63 else out
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -32,6 +32,9 @@ from servegym.envs.engine.cost_model import ModelProfile
 from servegym.envs.engine.policy import Decision, DecisionKind, pick
 from servegym.envs.engine.prefix_watch import PrefixWatch
 
+_SCALAR_QUEUE = 4
+"""Queues at most this long are planned in plain Python (``Replica._queue_needs_scalar``)."""
+
 MAX_FAST_FORWARD_ITERATIONS = 4096
 """Longest decode run folded at once (bounds the size of the vectorised arrays)."""
 
@@ -172,6 +175,8 @@ class Replica:
         """``admission_plan`` of every waiting call, vectorised over the watch's columns: equal
         to planning each one (a test checks it), without walking any hash chain."""
         calls, bs = self.calls, self.config.block_size
+        if len(self.waiting) <= _SCALAR_QUEUE:
+            return self._queue_needs_scalar(budget_tokens)
         q = np.fromiter(self.waiting, dtype=np.int64, count=len(self.waiting))
         hits = calls.prefix_hits[q]
         total = calls.prompt_tokens[q] + calls.num_output[q]
@@ -182,6 +187,30 @@ class Replica:
         needed = -(-(computed + chunk) // bs) - hits + calls.prefix_free_hits[q]
         fits = (chunk > 0) & (needed <= self.blocks.num_free_blocks)
         return QueueNeeds(q, hits, needed, fits)
+
+    def _queue_needs_scalar(self, budget_tokens: int) -> QueueNeeds:
+        """``queue_needs`` for a short queue in plain Python (a dozen numpy calls cost more)."""
+        calls, bs, cfg = self.calls, self.config.block_size, self.config
+        threshold, free = cfg.long_prefill_token_threshold, self.blocks.num_free_blocks
+        queue = list(self.waiting)
+        hits, needed, fits = [], [], []
+        for call in queue:
+            m = int(calls.prefix_hits[call])
+            swapped = calls.state[call] == CallState.SWAPPED
+            computed = int(calls.num_computed[call]) if swapped else m * bs
+            chunk = min(int(calls.prompt_tokens[call] + calls.num_output[call]) - computed, budget_tokens)
+            if threshold:
+                chunk = min(chunk, threshold)
+            need = -(-(computed + chunk) // bs) - m + int(calls.prefix_free_hits[call])
+            hits.append(m)
+            needed.append(need)
+            fits.append(chunk > 0 and need <= free)
+        return QueueNeeds(
+            np.array(queue, dtype=np.int64),
+            np.array(hits, dtype=np.int64),
+            np.array(needed, dtype=np.int64),
+            np.array(fits, dtype=bool),
+        )
 
     def _admit(self, call: int, plan: AdmissionPlan) -> float:
         """Move a waiting call into the running set; returns the swap-in bytes it costs."""

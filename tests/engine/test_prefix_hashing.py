@@ -76,3 +76,16 @@ def test_outputs_of_different_calls_never_share_hashes() -> None:
         for j in ids:
             if i != j:
                 assert not set(chains[i][2:]) & set(chains[j]), f"calls {i} and {j} share output blocks"
+
+
+def test_short_extensions_hash_like_long_ones() -> None:
+    """A chain grown a block at a time (the scalar path) equals one hashed at once (numpy)."""
+    tables = [CallTable(capacity=2), CallTable(capacity=2)]
+    for table in tables:
+        (call,) = table.add(1)
+        table.segments[call] = [(5, 37), (-3, 250), (6, 90)]
+        table.num_output[call] = 200
+    whole = list(tables[0].hash_chain(0, 36, 16))
+    for n in range(1, 37):
+        tables[1].hash_chain(0, n, 16)
+    assert tables[1].hashes[0] == whole and len(whole) == 36
