@@ -209,7 +209,12 @@ def engine_runs() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- env rollouts
 ENV_STEPS = 400
-GOLDEN_ENV_IDS = ("servegym/Scheduling-v0", "servegym/Eviction-v0", "servegym/Routing-v0", "servegym/Serving-v0")
+GOLDEN_ENV_IDS = (
+    "servegym/Scheduling-v0",
+    "servegym/Eviction-v0",
+    "servegym/Routing-v0",
+    "servegym/Serving-v0",
+)
 """The ids recorded (a later version is a new id and joins in its own commit)."""
 
 
