@@ -163,8 +163,16 @@ class EngineEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """``options={"workload_seed": s}`` replays workload ``s`` (copies of an env given the
+        same one see the same trees and arrivals: the input a variance-reduced baseline needs);
+        otherwise each episode draws its workload from the env's seeded generator."""
         super().reset(seed=seed)
-        workload_seed = int(self.np_random.integers(2**31 - 1))
+        workload_seed = int(self.np_random.integers(2**31 - 1))  # drawn either way: same stream
+        unknown = set(options or ()) - {"workload_seed"}
+        if unknown:
+            raise ValueError(f"reset options {sorted(unknown)} unknown; the only option is workload_seed")
+        if options and options.get("workload_seed") is not None:
+            workload_seed = int(options["workload_seed"])
         self.engine = Engine(
             self.workload.build(workload_seed),
             cluster=self.cluster,

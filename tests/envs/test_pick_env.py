@@ -139,3 +139,14 @@ def test_learned_policy_reproduces_the_env_and_exports(tmp_path) -> None:
         obs, _, terminated, truncated, _ = env.step(int(np.flatnonzero(env.action_masks())[0]))
         if terminated or truncated:
             break
+
+
+def test_reset_with_a_workload_seed_replays_that_workload() -> None:
+    a, b = make(), make()
+    a.reset(seed=10, options={"workload_seed": 77})
+    b.reset(seed=99, options={"workload_seed": 77})
+    assert [j.arrival_s for j in a.engine.jobs] == [j.arrival_s for j in b.engine.jobs]
+    b.reset(seed=99)
+    assert [j.arrival_s for j in a.engine.jobs] != [j.arrival_s for j in b.engine.jobs]
+    with pytest.raises(ValueError, match="workload_seed"):
+        a.reset(options={"seed_of_workload": 1})
