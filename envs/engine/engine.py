@@ -343,11 +343,7 @@ class Engine:
             allowed = np.flatnonzero(eligible)
             target = int(allowed[np.argmax(scores[allowed])])  # ties and -inf: first eligible
         replica = self.replicas[target]
-        if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
-            # the new call must be scheduled when stepping would: after the iteration in flight
-            in_flight = self._sync(replica)
-            replica.truncate(replica.in_flight, in_flight + 1)
-            self._push_step(replica)
+        self._cut_run(replica)  # the new call is scheduled when stepping would schedule it
         self._observe_tools(call)
         self._backlog(call, +1)
         calls.replica[call] = target
@@ -357,9 +353,7 @@ class Engine:
         self.job_replicas[int(calls.job[call])].add(target)
         replica.enqueue(call)
         if replica.in_flight is None:  # idle: wake it now
-            replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
-            replica.in_flight.starts = np.array([self.now_s, self.now_s])
-            self._push_step(replica)
+            self._wake(replica)
 
     def _observe_tools(self, call: int) -> None:
         """The parents' tools have returned by now: their pauses join the per-role means that
@@ -570,15 +564,24 @@ class Engine:
     def _expire_pin(self, replica: Replica, call: int) -> None:
         """A TTL ran out: the pinned blocks join the prefix cache, and the replica sees them at
         its next iteration exactly as stepping would (a folded run is cut there)."""
+        self._cut_run(replica)
+        replica.unpin(call)
+        if replica.in_flight is None and replica.waiting:  # idle behind the pin: wake it now
+            self._wake(replica)
+
+    def _cut_run(self, replica: Replica) -> None:
+        """Something changed on a replica in the middle of a folded decode run: end the run
+        after the iteration in flight, where stepping would next schedule."""
         if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
             in_flight = self._sync(replica)
             replica.truncate(replica.in_flight, in_flight + 1)
             self._push_step(replica)
-        replica.unpin(call)
-        if replica.in_flight is None and replica.waiting:  # idle behind the pin: wake it now
-            replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
-            replica.in_flight.starts = np.array([self.now_s, self.now_s])
-            self._push_step(replica)
+
+    def _wake(self, replica: Replica) -> None:
+        """An idle replica schedules now: an empty batch that ends at this instant."""
+        replica.in_flight = Batch(*(np.zeros(0, np.int64),) * 3, 0, 0, 0.0, 0)
+        replica.in_flight.starts = np.array([self.now_s, self.now_s])
+        self._push_step(replica)
 
 
 def assert_all_terminal(engine: Engine) -> None:

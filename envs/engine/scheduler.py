@@ -307,8 +307,12 @@ class Replica:
     def unpin_oldest(self, need_free_blocks: int) -> None:
         """Drop pins, oldest first, until ``need_free_blocks`` are allocatable or none is left."""
         while self.pins and self.blocks.num_free_blocks < need_free_blocks:
-            self.unpin(next(iter(self.pins)))
-            self.num_pins_dropped += 1
+            self.drop_oldest_pin()
+
+    def drop_oldest_pin(self) -> None:
+        """Release the oldest pin early (memory is short): counted in ``num_pins_dropped``."""
+        self.unpin(next(iter(self.pins)))
+        self.num_pins_dropped += 1
 
     @property
     def num_pinned_blocks(self) -> int:
@@ -445,8 +449,7 @@ class Replica:
         needs = self.queue_needs(budget)
         while not order and self.pins and not needs.fits.any():
             # nothing runs and nothing fits: waiting for a TTL would idle the replica
-            self.unpin(next(iter(self.pins)))
-            self.num_pins_dropped += 1
+            self.drop_oldest_pin()
             needs = self.queue_needs(budget)
         if not needs.fits.any():
             return False, 0, 0.0, True
@@ -466,8 +469,7 @@ class Replica:
             plan = self.admission_plan(call, budget - spent)
             while rank == 0 and not order and self.pins and not self.fits(plan):
                 # nothing runs and the policy's first choice waits on pinned blocks: drop pins
-                self.unpin(next(iter(self.pins)))
-                self.num_pins_dropped += 1
+                self.drop_oldest_pin()
                 plan = self.admission_plan(call, budget)
             if not self.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
@@ -489,8 +491,7 @@ class Replica:
             needs = self.queue_needs(budget - spent)
             while not order and self.pins and not needs.fits.any():
                 # nothing runs and nothing fits: waiting for a TTL would idle the replica
-                self.unpin(next(iter(self.pins)))
-                self.num_pins_dropped += 1
+                self.drop_oldest_pin()
                 needs = self.queue_needs(budget - spent)
             if not needs.fits.any():
                 return admitted, spent, swap_bytes, not admitted
