@@ -28,8 +28,9 @@ Definitions
   of the call's whole tree), each at its own best cap (the same grid, chosen on the training
   seeds); the column shows the oracle with the better training mean.
 * **Rollout-improved**: the best tuned heuristic at its config, except at up to
-  ``decision_budget`` ORDER decisions per run, spread evenly over the decisions with at least
-  two candidates that fit (counted in the base policy's own run of that seed): there each of
+  ``decision_budget`` ORDER decisions per run, spread evenly over the decisions where the
+  queue does not all fit this iteration (``contended``) and at least two candidates fit
+  (counted in the base policy's own run of that seed): there each of
   the base policy's top-``k`` fitting candidates is tried as the first admitted call (the rest
   in the base order) in a forked copy of the engine that then runs the base policy until the
   workload drains (``horizon_s: null``) or for ``horizon_s`` virtual seconds; the parent keeps
