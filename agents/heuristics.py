@@ -57,7 +57,22 @@ class FCFS(DefaultPolicy):
     back to the front, as vLLM re-queues it). EVICT: the newest running call is preempted.
     ROUTE: round-robin. Faithful to vLLM's ``fcfs`` policy at the call level; it knows nothing
     of trees.
+
+    The base of every heuristic here: a subclass overrides ``call_scores`` (ORDER and EVICT,
+    candidates are calls) or ``route_scores`` (ROUTE, candidates are replicas) and inherits
+    FCFS's answer to the other kind.
     """
+
+    def scores(self, decision: Decision) -> np.ndarray:
+        if decision.kind == DecisionKind.ROUTE:
+            return self.route_scores(decision)
+        return self.call_scores(decision)
+
+    def call_scores(self, decision: Decision) -> np.ndarray:
+        return fcfs_scores(decision)
+
+    def route_scores(self, decision: Decision) -> np.ndarray:
+        return self.router.route(decision)
 
 
 class SGLangLPM(FCFS):
@@ -74,18 +89,16 @@ class SGLangLPM(FCFS):
         super().__init__()
         self.fcfs_queue_len = fcfs_queue_len
 
-    def scores(self, decision: Decision) -> np.ndarray:
+    def call_scores(self, decision: Decision) -> np.ndarray:
         features = decision.features.astype(np.float64)
         if decision.kind == DecisionKind.ORDER:
             if len(decision) > self.fcfs_queue_len:
                 return fcfs_scores(decision)
             cached_tokens = np.round(features[:, _CACHED] * np.expm1(features[:, _PROMPT]))
             return _then_fcfs(cached_tokens, decision)
-        if decision.kind == DecisionKind.EVICT:
-            output = np.round(np.expm1(features[:, _OUTPUT]))
-            prompt = features[:, _PROMPT] / (1.0 + features[:, _PROMPT].max())
-            return output - 0.5 * prompt  # fewest outputs lowest; longer prompt lower among equals
-        return super().scores(decision)
+        output = np.round(np.expm1(features[:, _OUTPUT]))
+        prompt = features[:, _PROMPT] / (1.0 + features[:, _PROMPT].max())
+        return output - 0.5 * prompt  # EVICT: fewest outputs lowest; longer prompt lower among equals
 
 
 class VTC(FCFS):
@@ -98,9 +111,7 @@ class VTC(FCFS):
     Simplified: counters are charged per token as processed, not all at admission.
     """
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind == DecisionKind.ROUTE:
-            return super().scores(decision)
+    def call_scores(self, decision: Decision) -> np.ndarray:
         return _then_fcfs(-decision.features[:, _VTC].astype(np.float64), decision)
 
 
@@ -118,9 +129,7 @@ class OracleSJF(FCFS):
         super().__init__()
         self.starvation = starvation_s / time_scale_s  # in the table's time units
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind == DecisionKind.ROUTE:
-            return super().scores(decision)
+    def call_scores(self, decision: Decision) -> np.ndarray:
         remaining = decision.privileged[:, _REMAINING].astype(np.float64)
         if decision.kind == DecisionKind.EVICT:
             return -remaining
@@ -161,9 +170,7 @@ class LTRSJF(FCFS):
         f = decision.features.astype(np.float64)
         return np.maximum(np.expm1(f[:, _PREDICTED]) - np.expm1(f[:, _OUTPUT]), 1.0)
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind == DecisionKind.ROUTE:
-            return super().scores(decision)
+    def call_scores(self, decision: Decision) -> np.ndarray:
         remaining = self.remaining(decision)
         if decision.kind == DecisionKind.EVICT:
             return -remaining
@@ -208,9 +215,7 @@ class AutellixPLAS(FCFS):
         starved = wait_tokens > self.beta * np.maximum(service, 1.0)
         return np.where(starved, 0, level)
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind == DecisionKind.ROUTE:
-            return super().scores(decision)
+    def call_scores(self, decision: Decision) -> np.ndarray:
         return _then_fcfs(-self.queue(decision).astype(np.float64), decision)
 
 
@@ -219,9 +224,7 @@ class ProgramFCFS(FCFS):
     2511.02230): calls of the earliest-arrived tree first, FCFS within a tree. EVICT: the
     call of the youngest tree. The TTL pinning itself needs KV retention in the engine."""
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind == DecisionKind.ROUTE:
-            return super().scores(decision)
+    def call_scores(self, decision: Decision) -> np.ndarray:
         return _then_fcfs(decision.features[:, _TREE_AGE].astype(np.float64), decision)
 
 
@@ -279,9 +282,7 @@ class LlumnixRouting(FCFS):
         super().__init__()
         self.capacity_tokens = capacity_tokens
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind != DecisionKind.ROUTE:
-            return super().scores(decision)
+    def route_scores(self, decision: Decision) -> np.ndarray:
         f = decision.features.astype(np.float64)
         demand = np.expm1(f[:, _R_QUEUED]) / self.capacity_tokens
         return (f[:, _R_FREE] - demand) / (np.expm1(f[:, _R_RUNNING]) + 1.0)
@@ -297,9 +298,7 @@ class AutellixRouting(FCFS):
         super().__init__()
         self.short = np.log1p(short_prompt_tokens)
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind != DecisionKind.ROUTE:
-            return super().scores(decision)
+    def route_scores(self, decision: Decision) -> np.ndarray:
         f = decision.features.astype(np.float64)
         least_loaded = -f[:, _R_RUNNING] + 0.01 * f[:, _R_FREE]
         if f[0, _R_PROMPT] <= self.short:
@@ -319,9 +318,7 @@ class ThresholdModelRouting(FCFS):
         self.threshold = np.log1p(threshold_tokens)
         self.freeness = LlumnixRouting()
 
-    def scores(self, decision: Decision) -> np.ndarray:
-        if decision.kind != DecisionKind.ROUTE:
-            return super().scores(decision)
+    def route_scores(self, decision: Decision) -> np.ndarray:
         f = decision.features.astype(np.float64)
         params = f[:, _R_PARAMS]
         want_large = f[0, _R_PROMPT] >= self.threshold
