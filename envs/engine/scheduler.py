@@ -446,11 +446,7 @@ class Replica:
         cfg = self.config
         if cfg.admission == "pick":
             return (yield from self._pick_waiting(order, grants, budget))
-        needs = self.queue_needs(budget)
-        while not order and self.pins and not needs.fits.any():
-            # nothing runs and nothing fits: waiting for a TTL would idle the replica
-            self.drop_oldest_pin()
-            needs = self.queue_needs(budget)
+        needs = self._needs_dropping_pins(order, budget)
         if not needs.fits.any():
             return False, 0, 0.0, True
         queue = needs.calls.tolist()
@@ -473,13 +469,27 @@ class Replica:
                 plan = self.admission_plan(call, budget)
             if not self.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
-            self.dequeue(call)
-            swap_bytes += self._admit(call, plan)
-            order.append(call)
-            grants.append(plan.chunk_tokens)
-            self.register_prefill_blocks([call], [plan.chunk_tokens])
+            swap_bytes += self._admit_into(order, grants, call, plan)
             spent += plan.chunk_tokens
         return spent > 0, spent, swap_bytes, False
+
+    def _admit_into(self, order: list[int], grants: list[int], call: int, plan: AdmissionPlan) -> float:
+        """Admit a waiting call into this iteration's batch; returns its swap-in bytes."""
+        self.dequeue(call)
+        swap_bytes = self._admit(call, plan)
+        order.append(call)
+        grants.append(plan.chunk_tokens)
+        self.register_prefill_blocks([call], [plan.chunk_tokens])
+        return swap_bytes
+
+    def _needs_dropping_pins(self, order: list[int], budget: int) -> QueueNeeds:
+        """``queue_needs``; when nothing runs and nothing fits, pins are dropped oldest first
+        until something does or none is left (waiting for a TTL would idle the replica)."""
+        needs = self.queue_needs(budget)
+        while not order and self.pins and not needs.fits.any():
+            self.drop_oldest_pin()
+            needs = self.queue_needs(budget)
+        return needs
 
     def _pick_waiting(self, order: list[int], grants: list[int], budget: int):
         """Pick-next admission: each decision admits one call among those that fit now, or
@@ -488,11 +498,7 @@ class Replica:
         cfg = self.config
         spent, swap_bytes, admitted = 0, 0.0, False
         while self.waiting and len(self.running) < cfg.max_num_seqs and budget - spent > 0:
-            needs = self.queue_needs(budget - spent)
-            while not order and self.pins and not needs.fits.any():
-                # nothing runs and nothing fits: waiting for a TTL would idle the replica
-                self.drop_oldest_pin()
-                needs = self.queue_needs(budget - spent)
+            needs = self._needs_dropping_pins(order, budget - spent)
             if not needs.fits.any():
                 return admitted, spent, swap_bytes, not admitted
             queue = needs.calls.tolist()
@@ -510,11 +516,7 @@ class Replica:
                 break
             call = queue[choice]
             plan = self.admission_plan(call, budget - spent)
-            self.dequeue(call)
-            swap_bytes += self._admit(call, plan)
-            order.append(call)
-            grants.append(plan.chunk_tokens)
-            self.register_prefill_blocks([call], [plan.chunk_tokens])
+            swap_bytes += self._admit_into(order, grants, call, plan)
             spent += plan.chunk_tokens
             admitted = True
         return admitted, spent, swap_bytes, False
