@@ -247,10 +247,29 @@ class SetActorCriticPolicy(_SetPolicy, ActorCriticPolicy):
 
 class MaskableSetActorCriticPolicy(_SetPolicy, MaskableActorCriticPolicy):
     """MaskablePPO policy over Discrete(K): one logit per slot from the shared head; over
-    Discrete(K + 1) (pick-next) a learned STOP logit from the pooled context follows them."""
+    Discrete(K + 1) (pick-next) a learned STOP logit from the pooled context follows them.
+
+    ``stop_bias`` initialises the STOP logit's bias. At 0 a fresh policy stops about as often as
+    it admits any one call, and since a STOP ends the iteration's admissions, it serialises the
+    engine (seen: 15-17x program-FCFS's tree time after 40k PPO steps from scratch). Starting
+    well below the slot logits makes a fresh policy work-conserving, like every heuristic, and
+    leaves PPO to learn where holding back pays."""
+
+    def __init__(self, *args, stop_bias: float = -4.0, **kwargs) -> None:
+        self.stop_bias = stop_bias
+        super().__init__(*args, **kwargs)
+
+    def _get_constructor_parameters(self) -> dict:
+        return {**super()._get_constructor_parameters(), "stop_bias": self.stop_bias}
 
     def _build_action_head(self) -> None:
         self.action_net = StopSlotHead(self.hidden) if self._has_stop() else SlotHead(self.hidden)
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)
+        if isinstance(self.action_net, StopSlotHead):
+            with th.no_grad():
+                self.action_net.stop.bias.fill_(self.stop_bias)
 
 
 class ScoreNetwork(nn.Module):
