@@ -158,6 +158,7 @@ class BlockManager:
         self.num_evictions = 0
         self.num_allocated_total = 0
         self.num_freed_total = 0
+        self.num_taken_total = 0  # prefix-hit references taken (allocated + taken - freed = held)
         self.listener: CacheListener | None = None
 
     # -- queries -------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class BlockManager:
                 self.num_cached_free_blocks -= 1  # prefix hits are always hashed blocks
                 owned.append(block)
             ref[block] += 1
+        self.num_taken_total += len(blocks)
         if owned and self.listener is not None:
             self.listener.owned(owned)
 

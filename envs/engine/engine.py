@@ -21,6 +21,7 @@ from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import candidate_decision, route_decision
+from servegym.envs.engine.invariants import check_drained, check_live
 from servegym.envs.engine.metrics import RunMetrics, collect_metrics
 from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
 from servegym.envs.engine.scheduler import Replica
@@ -174,6 +175,14 @@ class Engine:
 
     def metrics(self) -> RunMetrics:
         return collect_metrics(self)
+
+    def check_invariants(self) -> None:
+        """Check every invariant of the engine's state (``invariants.py``), and once the
+        workload has drained without a stall, that it drained cleanly. Raises
+        ``InvariantError``; O(calls + blocks), so call it every N decisions on long runs."""
+        check_live(self)
+        if self.done and self.stall is None:
+            check_drained(self)
 
     # ------------------------------------------------------------------ events
     def _push(self, time_s: float, kind: EventKind, key: int, payload: object = None) -> None:

@@ -131,7 +131,7 @@ class Replica:
     def admission_plan(self, call: int, budget_tokens: int) -> AdmissionPlan:
         calls, bs, bm = self.calls, self.config.block_size, self.blocks
         total = int(calls.prompt_tokens[call] + calls.num_output[call])
-        limit = self._hit_limit(call)
+        limit = self.hit_limit(call)
         if call in self.watch:  # waiting: its hits are kept current
             hits = self.watch.hits(call)
         else:
@@ -148,7 +148,7 @@ class Replica:
         new = -(-(computed + chunk) // bs) - len(hits)
         return AdmissionPlan(hits, chunk, new, bm.num_reclaimed_by_taking(hits), swap_in)
 
-    def _hit_limit(self, call: int) -> int:
+    def hit_limit(self, call: int) -> int:
         """Most leading blocks a prefix hit may cover: a swapped call's full computed blocks
         (the rest swaps in); otherwise all but the last token, so a token is computed and sampled."""
         calls, bs = self.calls, self.config.block_size
@@ -165,7 +165,7 @@ class Replica:
             self.waiting.appendleft(call)
         else:
             self.waiting.append(call)
-        self.watch.watch(call, self._hit_limit(call))
+        self.watch.watch(call, self.hit_limit(call))
 
     def dequeue(self, call: int) -> None:
         self.waiting.remove(call)

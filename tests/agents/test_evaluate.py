@@ -88,7 +88,9 @@ def test_summary_without_baseline_has_nan_ratio() -> None:
 # ---------------------------------------------------------------- a tiny suite end to end
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("suite")
+    # a private parent: test_collect_merges_suites collects every suite under out.parent, and
+    # pytest's base temp dir also holds other tests' tables (the headroom tests write runs.csv)
+    out = tmp_path_factory.mktemp("suites") / "suite"
     return evaluate(tiny_suite(), out, progress=False), out
 
 
@@ -154,11 +156,11 @@ def test_load_multiplies_the_arrival_rate_on_the_same_trees(tiny_eval) -> None:
 
 
 @pytest.mark.slow
-def test_collect_merges_suites(tiny_eval, tmp_path) -> None:
+def test_collect_merges_suites(tiny_eval) -> None:
     _, out = tiny_eval
-    evaluate(tiny_suite(policies=["lpm"], loads=[8.0]), tmp_path / "b", progress=False)
+    evaluate(tiny_suite(policies=["lpm"], loads=[8.0]), out.parent / "b", progress=False)
     assert (
-        (tmp_path / "b" / "summary.md")
+        (out.parent / "b" / "summary.md")
         .read_text()
         .startswith("No tree-time ratio column: the baseline 'fcfs' is not among the policies ['lpm']")
     )

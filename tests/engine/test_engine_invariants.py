@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -36,7 +35,6 @@ from servegym.envs.engine.policy import (
     Policy,
     column,
 )
-from servegym.envs.engine.scheduler import Replica
 from servegym.envs.workloads.generators import (
     Debate,
     MapReduce,
@@ -245,77 +243,12 @@ def build(sc: Scenario) -> Engine:
 
 
 # ---------------------------------------------------------------- invariant checks
-class Probe:
-    """Counts prefix-hit references taken per replica, so allocated/freed totals balance."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.taken = [0] * len(engine.replicas)
-        for replica in engine.replicas:
-            replica.blocks.take = self._counting(replica.index, replica.blocks.take)
-
-    def _counting(self, index: int, take):
-        def counted(blocks):
-            self.taken[index] += len(blocks)
-            return take(blocks)
-
-        return counted
-
-
-def check_live(engine: Engine, probe: Probe, decision: Decision | None = None) -> None:
-    """Invariants that hold at every point where the engine hands out a decision."""
-    calls, n = engine.calls, engine.calls.size
-    state = calls.state[:n]
-    for replica in engine.replicas:
-        bm, bs = replica.blocks, replica.config.block_size
-        bm.check_invariants()
-        assert bm.num_allocated_total + probe.taken[replica.index] - bm.num_freed_total == sum(bm.ref_count)
-        here = np.flatnonzero(calls.replica[:n] == replica.index).tolist()
-        owners = Counter(block for call in here for block in calls.blocks[call])
-        owners.update(block for blocks in replica.pins.values() for block in blocks)  # a pin owns
-        for pinned in replica.pins:
-            assert state[pinned] == CallState.FINISHED and not calls.blocks[pinned]
-        assert bm.ref_count == [owners[b] for b in range(bm.num_blocks)], "ref counts != block tables"
-        running, waiting = list(replica.running), list(replica.waiting)
-        assert len(set(running)) == len(running) and len(set(waiting)) == len(waiting)
-        assert set(running) == {c for c in here if state[c] == CallState.RUNNING}
-        assert set(waiting) == {c for c in here if state[c] in (CallState.WAITING, CallState.SWAPPED)}
-        assert len(running) <= replica.config.max_num_seqs
-        host_blocks = 0
-        for call in here:
-            table = calls.blocks[call]
-            assert len(table) == calls.num_held_blocks[call]
-            if state[call] == CallState.RUNNING:
-                assert len(table) * bs >= calls.num_computed[call]
-            else:
-                assert not table, f"call {call} in {CallState(state[call]).name} holds blocks {table}"
-            if state[call] == CallState.SWAPPED:
-                assert calls.host_blocks[call] > 0
-                host_blocks += int(calls.host_blocks[call])
-            else:
-                assert calls.host_blocks[call] == 0
-        assert host_blocks == bm.num_host_used_blocks <= bm.num_host_blocks
-        check_prefix_watch(replica)
+def check_live(engine: Engine, decision: Decision | None = None) -> None:
+    """Invariants that hold at every point where the engine hands out a decision: the engine's
+    own check (``Engine.check_invariants``), and the decision's table."""
+    engine.check_invariants()
     if decision is not None:
         check_decision(engine, decision)
-
-
-def check_prefix_watch(replica: Replica) -> None:
-    """The incrementally kept hits of every waiting call equal a fresh prefix match, and the
-    vectorised queue plans equal planning each call alone."""
-    calls, bm, bs = replica.calls, replica.blocks, replica.config.block_size
-    for call in replica.waiting:
-        limit = replica._hit_limit(call)
-        fresh = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
-        assert replica.watch.hits(call) == fresh, f"call {call}: watched hits drifted from the cache"
-        assert calls.prefix_hits[call] == len(fresh)
-        assert calls.prefix_free_hits[call] == bm.num_reclaimed_by_taking(fresh)
-    for budget in (1, 17, replica.config.max_num_batched_tokens):
-        needs = replica.queue_needs(budget)
-        for i, call in enumerate(needs.calls.tolist()):
-            plan = replica.admission_plan(call, budget)
-            assert needs.hit_blocks[i] == len(plan.hit_blocks)
-            assert needs.needed_blocks[i] == plan.total_blocks
-            assert needs.fits[i] == replica.fits(plan)
 
 
 def check_decision(engine: Engine, decision: Decision) -> None:
@@ -348,7 +281,7 @@ def check_decision(engine: Engine, decision: Decision) -> None:
         assert (decision.features[:, column("is_running")] == 1).all()
 
 
-def check_drained(engine: Engine, metrics: RunMetrics, probe: Probe, num_jobs: int) -> None:
+def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:
     """The run completed every call of every tree once, and gave every block back."""
     assert not metrics.stalled, metrics.stall_reason
     assert_all_terminal(engine)
@@ -388,7 +321,7 @@ def check_drained(engine: Engine, metrics: RunMetrics, probe: Probe, num_jobs: i
         assert bm.ref_count == [0] * bm.num_blocks
         assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
         assert bm.num_host_used_blocks == 0
-        assert bm.num_freed_total - bm.num_allocated_total == probe.taken[replica.index]
+        assert bm.num_freed_total - bm.num_allocated_total == bm.num_taken_total
     assert all(not table for table in calls.blocks[:n])
     assert not calls.num_held_blocks[:n].any() and not calls.host_blocks[:n].any()
     assert not calls.lost_tokens[:n].any()
@@ -400,16 +333,16 @@ def check_drained(engine: Engine, metrics: RunMetrics, probe: Probe, num_jobs: i
         assert metrics.prefix_hit_rate == 0.0
 
 
-def drive(engine: Engine, policy: Policy, probe: Probe, max_decisions: int = 200_000) -> RunMetrics:
+def drive(engine: Engine, policy: Policy, max_decisions: int = 200_000) -> RunMetrics:
     """``engine.run`` by hand, checking the live invariants at every decision."""
-    check_live(engine, probe)
+    check_live(engine)
     for _ in range(max_decisions):
         decision = engine.next_decision()
         if decision is None:
             return engine.metrics()
-        check_live(engine, probe, decision)
+        check_live(engine, decision)
         engine.decide(policy.scores(decision))
-        check_live(engine, probe)
+        check_live(engine)
     raise AssertionError(f"no end after {max_decisions} decisions")
 
 
@@ -422,10 +355,9 @@ RUN_LIMIT_S = 60
 @given(sc=scenarios())
 def test_random_workloads_drain_without_leaks(time_limit, sc: Scenario) -> None:
     engine = build(sc)
-    probe = Probe(engine)
     with time_limit(RUN_LIMIT_S):
         metrics = engine.run(make_policy(sc.policy, sc.policy_seed))
-    check_drained(engine, metrics, probe, sc.num_jobs)
+    check_drained(engine, metrics, sc.num_jobs)
     event(f"preempted: {metrics.preemptions > 0}")
     event(f"swapped: {metrics.swapped_bytes > 0}")
 
@@ -434,10 +366,9 @@ def test_random_workloads_drain_without_leaks(time_limit, sc: Scenario) -> None:
 @pytest.mark.slow
 def test_invariants_hold_between_decisions(time_limit, sc: Scenario) -> None:
     engine = build(sc)
-    probe = Probe(engine)
     with time_limit(RUN_LIMIT_S):
-        metrics = drive(engine, make_policy(sc.policy, sc.policy_seed), probe)
-    check_drained(engine, metrics, probe, sc.num_jobs)
+        metrics = drive(engine, make_policy(sc.policy, sc.policy_seed))
+    check_drained(engine, metrics, sc.num_jobs)
 
 
 def _contended_jobs() -> list[Job]:
@@ -463,9 +394,8 @@ def _contended_engine(mode: str, **overrides) -> Engine:
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_tight_kv_preempts_and_still_completes_everything(mode: str, policy: str) -> None:
     engine = _contended_engine(mode)
-    probe = Probe(engine)
-    metrics = drive(engine, make_policy(policy, 1), probe)
-    check_drained(engine, metrics, probe, 6)
+    metrics = drive(engine, make_policy(policy, 1))
+    check_drained(engine, metrics, 6)
     assert metrics.preemptions > 0
     if mode == "swap":
         assert metrics.swapped_bytes > 0 and metrics.recomputed_tokens == 0
@@ -475,9 +405,8 @@ def test_tight_kv_preempts_and_still_completes_everything(mode: str, policy: str
 
 def test_swap_falls_back_to_recompute_when_the_host_tier_is_full() -> None:
     engine = _contended_engine("swap", swap_space_bytes=0.0)
-    probe = Probe(engine)
-    metrics = drive(engine, FCFS(), probe)
-    check_drained(engine, metrics, probe, 6)
+    metrics = drive(engine, FCFS())
+    check_drained(engine, metrics, 6)
     assert metrics.preemptions > 0 and metrics.swapped_bytes == 0 and metrics.recomputed_tokens > 0
 
 
@@ -534,7 +463,6 @@ def test_privileged_columns_do_not_reach_the_features() -> None:
 
 def test_evict_decisions_appear_under_tight_kv() -> None:
     engine = _contended_engine("recompute")
-    probe = Probe(engine)
     seen: list[Decision] = []
     policy = FCFS()
 
@@ -542,11 +470,11 @@ def test_evict_decisions_appear_under_tight_kv() -> None:
         def scores(self, decision: Decision) -> np.ndarray:
             if decision.kind == DecisionKind.EVICT:
                 seen.append(decision)
-                check_live(engine, probe, decision)
+                check_live(engine, decision)
             return policy.scores(decision)
 
     metrics = engine.run(Watch())
-    check_drained(engine, metrics, probe, 6)
+    check_drained(engine, metrics, 6)
     assert seen, "a cache this tight must ask the policy for victims"
     for decision in seen:
         assert len(decision) > 1
@@ -737,3 +665,36 @@ def test_prefix_caching_serves_react_chains() -> None:
     assert cached.prefix_hit_rate > 0.5
     assert uncached.prefix_hit_rate == 0.0
     assert cached.jct_mean_s < uncached.jct_mean_s
+
+
+def test_check_invariants_names_a_broken_invariant() -> None:
+    """The public check fails loudly on a corrupted state (a check that cannot fail is no check)."""
+    from servegym.envs.engine.invariants import InvariantError
+
+    engine = Engine(
+        Workload(generator=_MAP_REDUCE, arrival_rate=100.0, num_jobs=4).build(0),
+        engine=EngineConfig(profile=PROFILE),
+    )
+    engine.check_invariants()
+    while (decision := engine.next_decision()) is not None:
+        engine.decide(FCFS().scores(decision))
+        replica = engine.replicas[0]
+        if replica.running:
+            engine.check_invariants()
+            replica.blocks.ref_count[engine.calls.blocks[replica.running[0]][0]] += 1  # a leaked reference
+            with pytest.raises(InvariantError, match="ref count"):
+                engine.check_invariants()
+            return
+    pytest.fail("nothing ran")
+
+
+def test_a_drained_engine_passes_the_drain_check() -> None:
+    engine = Engine(
+        Workload(generator=_DEBATE, arrival_rate=50.0, num_jobs=4).build(1),
+        engine=EngineConfig(profile=PROFILE),
+    )
+    engine.run(FCFS())
+    engine.check_invariants()  # live and drained
+    engine.job_calls_done[0] += 1  # a call counted twice by its tree
+    with pytest.raises(AssertionError, match="counted a call"):
+        engine.check_invariants()

@@ -1,10 +1,10 @@
 """Invariant soak: a random policy runs 10^5 env steps over every workload family and env id,
 with the engine's invariants checked between steps and the drain checks after every episode.
 
-Live checks (``check_live`` of tests/engine: block accounting, ref counts == block tables,
-queues == call states, host tier) run every ``CHECK_EVERY`` steps and at every episode end;
-``check_drained`` then asserts every call of every tree finished exactly once and the pool is
-whole. Settings are small (tiny_cpu profile, short calls, bursts of 12 jobs) so steps are
+Live checks (``Engine.check_invariants``: block accounting, ref counts == block tables,
+queues == call states, host tier, prefix hits) run every ``CHECK_EVERY`` steps and at every
+episode end; tests/engine's ``check_drained`` then asserts every call of every tree finished
+exactly once and the pool is whole. Settings are small (tiny_cpu profile, short calls, bursts of 12 jobs) so steps are
 cheap; EVICT decisions also come from Scheduling-v0 and Serving-v0. ~90 s on a loaded 2-core box.
 """
 
@@ -16,11 +16,10 @@ from collections import Counter
 import gymnasium as gym
 import numpy as np
 import pytest
-from engine.test_engine_invariants import Probe, check_drained, check_live
+from engine.test_engine_invariants import check_drained
 
-from servegym.envs import ENV_IDS, serving_env
+from servegym.envs import ENV_IDS
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
-from servegym.envs.engine.engine import Engine
 from servegym.envs.serving_env import EnvConfig
 from servegym.envs.workloads.generators import (
     Debate,
@@ -74,14 +73,6 @@ GENERATORS = generators(6.0, 12)
 GROWING = generators(12.0, 24)  # decodes outgrow what admission reserved: preemptions
 
 
-class ProbedEngine(Engine):
-    """The engine with tests/engine's take-counting probe installed before anything runs."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.probe = Probe(self)
-
-
 def soak_env(env_id: str, family: str, swap: bool) -> gym.Env:
     """Dense in agent decisions, so most of the engine's work is a step the test checks: bursts
     of jobs, few sequence slots (long queues: ORDER), for Eviction-v0 a cache that just fits the
@@ -110,8 +101,7 @@ def soak_env(env_id: str, family: str, swap: bool) -> gym.Env:
 
 
 @pytest.mark.slow
-def test_random_policy_soak_keeps_every_invariant(monkeypatch, time_limit) -> None:
-    monkeypatch.setattr(serving_env, "Engine", ProbedEngine)
+def test_random_policy_soak_keeps_every_invariant(time_limit) -> None:
     pairs = [(env_id, family) for env_id in ENV_IDS for family in sorted(GENERATORS)]
     steps, episodes, kinds, seconds = 0, 0, Counter(), Counter()
     start = time.perf_counter()
@@ -134,10 +124,10 @@ def test_random_policy_soak_keeps_every_invariant(monkeypatch, time_limit) -> No
                     done = terminated or truncated
                     kinds[info["decision"]] += 1
                     if done or taken % CHECK_EVERY == 0:
-                        check_live(engine, engine.probe)
+                        engine.check_invariants()
                 if done:
                     assert terminated and not truncated
-                    check_drained(engine, engine.metrics(), engine.probe, len(engine.jobs))
+                    check_drained(engine, engine.metrics(), len(engine.jobs))
                     episodes += 1
             steps += taken
             seconds[env_id] += time.perf_counter() - pair_start
