@@ -2,6 +2,7 @@
 
 python scripts/simulate.py workload=mapreduce workload.arrival_rate=4 engine=llama8b_h100 seed=3
 python scripts/simulate.py output=json          # last line: one JSON object of the metrics
+python scripts/simulate.py check_every=100      # Engine.check_invariants() every 100 decisions
 
 Exit status: 0 when every tree finished; 1 when the run stalled, or rejected work (a call too
 long for every replica's KV cache is rejected with its tree) and ``fail_on_rejected`` is true
@@ -50,10 +51,16 @@ def main(cfg: DictConfig) -> None:
     with Progress(*columns, console=console, disable=not cfg.progress) as bar:
         task = bar.add_task("jobs", total=total)
         engine.apply_retention(policy)  # KV pinning / workflow eviction a heuristic asks for
+        decisions = 0
         while (decision := engine.next_decision()) is not None:
             engine.decide(policy.scores(decision))
+            decisions += 1
+            if cfg.check_every and decisions % cfg.check_every == 0:
+                engine.check_invariants()  # raises InvariantError naming what broke
             bar.update(task, completed=engine.num_jobs_done)
         bar.update(task, completed=engine.num_jobs_done)
+        if cfg.check_every:
+            engine.check_invariants()
     metrics = engine.metrics().as_dict()
     console.print(metrics_table(metrics))
     errors = Console(stderr=True)

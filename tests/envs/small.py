@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
-
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.serving_env import EnvConfig
+from servegym.envs.soak import random_action  # noqa: F401  (the tests' random actions)
 from servegym.envs.workloads.generators import MapReduce, TreeOfThoughts
 from servegym.envs.workloads.workload import Workload
 
@@ -54,11 +52,4 @@ def small_kwargs(env_id: str) -> dict[str, Any]:
     raise KeyError(f"no small setting for {env_id!r}")
 
 
-def random_action(env: gym.Env, rng: np.random.Generator):
-    """Uniform over the action space; the discrete envs pick a valid slot 3 times in 4."""
-    space = env.action_space
-    if isinstance(space, gym.spaces.Discrete):
-        if rng.random() < 0.75:
-            return int(rng.choice(np.flatnonzero(env.unwrapped.action_masks())))
-        return int(rng.integers(space.n))
-    return rng.uniform(-1, 1, space.shape).astype(np.float32)
+__all__ = ["TIGHT", "TINY", "random_action", "small_kwargs"]
