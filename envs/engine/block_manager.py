@@ -38,7 +38,7 @@ class CacheListener(Protocol):
     ``prefix_watch.PrefixWatch`` keeps the waiting calls' hits current from these."""
 
     def registered(self, hashes: list[int]) -> None: ...
-    def evicted(self, block: int) -> None: ...
+    def evicted(self, blocks: list[int]) -> None: ...
     def owned(self, blocks: list[int]) -> None: ...
     def released(self, blocks: list[int]) -> None: ...
 
@@ -209,16 +209,16 @@ class BlockManager:
         if num > len(self.free_queue):
             raise OutOfBlocks(f"asked for {num} blocks, {len(self.free_queue)} free")
         blocks = self.free_queue.pop_many(num)
-        block_hash, ref, cached, listener = self.block_hash, self.ref_count, self.cached, self.listener
+        block_hash, ref, cached = self.block_hash, self.ref_count, self.cached
+        evicted = [block for block in blocks if block_hash[block] is not None]
+        for block in evicted:
+            del cached[block_hash[block]]
+            block_hash[block] = None
+        self.num_evictions += len(evicted)
+        self.num_cached_free_blocks -= len(evicted)
+        if evicted and self.listener is not None:
+            self.listener.evicted(evicted)  # while still unreferenced
         for block in blocks:
-            old = block_hash[block]
-            if old is not None:
-                del cached[old]
-                block_hash[block] = None
-                self.num_evictions += 1
-                self.num_cached_free_blocks -= 1
-                if listener is not None:
-                    listener.evicted(block)
             ref[block] = 1
         self.num_allocated_total += num
         return blocks

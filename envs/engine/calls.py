@@ -102,72 +102,27 @@ class CallTable:
         A block's hash identifies the prefix it ends: the segments before the one it ends in
         (chained over their keys and lengths, a few per call), that segment's key and the offset
         of the block's end inside it. Equal prefixes give equal triples and nothing else does
-        (up to 64-bit collisions), and the per-block part is one vectorised mix, not a Python
-        hash per block."""
+        (up to 64-bit hash collisions); a block costs one hash of a 3-tuple, with no chain
+        through the previous block. Keys enter doubled: CPython hashes -1 like -2, which once
+        made calls 0 and 1 (output keys -1 and -2) share their output blocks."""
         chain = self.hashes[call]
         if len(chain) >= num_blocks:
             return chain
+        bs = block_size
         segments = [seg for seg in self.segments[call] if seg[1] > 0]
         if self.num_output[call] > 0:
             segments.append((-1 - call, int(self.num_output[call])))
-        if not segments:
-            return chain
-        keys = np.array([key for key, _ in segments], dtype=np.int64)
-        lengths = np.array([length for _, length in segments], dtype=np.int64)
-        ends = np.cumsum(lengths)
-        stop = min(num_blocks, int(ends[-1]) // block_size)
-        if stop <= len(chain):
-            return chain
-        bases = np.empty(len(segments), dtype=np.int64)
-        base = 0
-        for j, segment in enumerate(segments):  # chained over whole segments
-            bases[j] = base
-            base = hash((base, *segment))
-        if stop - len(chain) <= _SCALAR_BLOCKS:  # a few blocks (a decode's): numpy costs more
-            ends_list, bases_list = ends.tolist(), bases.tolist()
-            j = 0
-            for block in range(len(chain) + 1, stop + 1):
-                end = block * block_size
-                while ends_list[j] < end:
-                    j += 1
-                key, length = segments[j]
-                chain.append(_block_hash(bases_list[j], key, end - (ends_list[j] - length)))
-            return chain
-        block_ends = np.arange(len(chain) + 1, stop + 1, dtype=np.int64) * block_size
-        j = np.searchsorted(ends, block_ends, side="left")  # the segment each block ends in
-        offsets = block_ends - (ends[j] - lengths[j])
-        chain.extend(_block_hashes(bases[j], keys[j], offsets).tolist())
+        stop = num_blocks * bs  # the last block end wanted
+        base, start = 0, 0
+        for key, length in segments:
+            end = start + length
+            first = max(len(chain) * bs + bs, (start // bs + 1) * bs)  # first block end past start
+            last = min(end, stop)
+            if first <= last:
+                key2 = 2 * key
+                chain.extend([hash((base, key2, e - start)) for e in range(first, last + 1, bs)])
+            if end >= stop:
+                break
+            base = hash((base, 2 * key, length))
+            start = end
         return chain
-
-
-_SCALAR_BLOCKS = 8
-"""Extensions of at most this many blocks hash in Python (the same values as numpy's)."""
-_MASK = (1 << 64) - 1
-
-
-def _splitmix64_int(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
-
-
-def _block_hash(base: int, key: int, offset: int) -> int:
-    """``_block_hashes`` for one block, on Python ints."""
-    mixed = _splitmix64_int((base & _MASK) ^ _splitmix64_int(key & _MASK))
-    out = _splitmix64_int((mixed + offset) & _MASK)
-    return out - (1 << 64) if out >= 1 << 63 else out
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 (wrapping arithmetic): a bijective 64-bit mix."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _block_hashes(bases: np.ndarray, keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(n,) int64 hashes of (segment base, segment key, end offset) triples."""
-    mixed = _splitmix64(bases.view(np.uint64) ^ _splitmix64(keys.view(np.uint64)))
-    return _splitmix64(mixed + offsets.view(np.uint64)).view(np.int64)

@@ -121,12 +121,14 @@ class PrefixWatch:
                 for call in grow:
                     self._extend(call)
 
-    def evicted(self, block: int) -> None:
-        """A cached block lost its hash (called while it is still unreferenced)."""
-        holders = self._users[block]
-        if holders:
-            for call in list(holders):
-                self._cut(call, block)
+    def evicted(self, blocks: list[int]) -> None:
+        """Cached blocks lost their hashes (called while they are still unreferenced)."""
+        users = self._users
+        for block in blocks:
+            holders = users[block]
+            if holders:
+                for call in list(holders):
+                    self._cut(call, block)
 
     def owned(self, blocks: list[int]) -> None:
         """Blocks left the free queue by a new reference (prefix hits taken)."""

@@ -79,7 +79,7 @@ def test_outputs_of_different_calls_never_share_hashes() -> None:
 
 
 def test_short_extensions_hash_like_long_ones() -> None:
-    """A chain grown a block at a time (the scalar path) equals one hashed at once (numpy)."""
+    """A chain grown a block at a time equals one hashed at once."""
     tables = [CallTable(capacity=2), CallTable(capacity=2)]
     for table in tables:
         (call,) = table.add(1)
