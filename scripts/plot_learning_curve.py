@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--labels", nargs="*")
     parser.add_argument("--title", default="learning curve")
+    parser.add_argument("--log-y", action="store_true", help="log-scale the ratio axis")
     args = parser.parse_args()
     if args.labels and len(args.labels) != len(args.runs):
         parser.error("--labels needs one label per run")
@@ -48,6 +49,8 @@ def main() -> None:
             label=label,
         )
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    if args.log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("env steps")
     ax.set_ylabel(f"mean tree time / {baseline}")
     ax.set_title(args.title)
