@@ -46,7 +46,7 @@ CASES: dict[str, list[int]] = {
     "replicas": [1, 4, 16],
     "k": [32, 128, 512],
     "evict": [1],
-    "envs": [0, 1, 2, 3],  # index into ENV_IDS
+    "envs": [0, 1, 2, 3, 4],  # index into ENV_IDS
 }
 QUICK: dict[str, list[int]] = {
     "live": [16, 64, 256],
@@ -54,7 +54,7 @@ QUICK: dict[str, list[int]] = {
     "replicas": [1, 4],
     "k": [32, 128],
     "evict": [1],
-    "envs": [0, 1, 2, 3],
+    "envs": [0, 1, 2, 3, 4],
 }
 UNITS = {
     "live": ("live calls", "iterations/s"),
@@ -278,7 +278,7 @@ def measure(root: Path, case: str, param: int, seed: int) -> dict[str, float]:
 
 def _label(case: str, param: int) -> str:
     if case == "envs":
-        names = ("Scheduling-v0", "Eviction-v0", "Routing-v0", "Serving-v0")
+        names = ("Scheduling-v0", "Eviction-v0", "Routing-v0", "Serving-v0", "Scheduling-v1")
         return names[param]
     return "" if case == "evict" else f"{param:,}"
 
@@ -306,18 +306,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
                 for repeat in range(args.repeats):  # alternate trees repeat by repeat
                     for name, root in trees.items():
-                        runs[name].append(measure(root, case, param, seed=repeat))
-                med = {name: statistics.median(r[metric] for r in rs) for name, rs in runs.items()}
+                        try:
+                            runs[name].append(measure(root, case, param, seed=repeat))
+                        except RuntimeError:
+                            if name == "current":
+                                raise
+                            runs[name] = []  # the other revision lacks this case (e.g. a newer env id)
+                            break
+                med = {name: statistics.median(r[metric] for r in rs) for name, rs in runs.items() if rs}
                 cells = [
                     f"{med[name]:,.0f} ({min(r[metric] for r in rs):,.0f}-{max(r[metric] for r in rs):,.0f})"
+                    if rs
+                    else "n/a"
                     for name, rs in runs.items()
                 ]
                 ratio = []
                 if other:
-                    base = med[args.against]
+                    base = med.get(args.against)
                     # us/iteration: lower is better, so the speed-up is base / current
-                    speedup = base / med["current"] if metric.startswith("us") else med["current"] / base
-                    ratio = [f"{speedup:.2f}x"]
+                    if base is None:
+                        speedup = None
+                    else:
+                        speedup = base / med["current"] if metric.startswith("us") else med["current"] / base
+                    ratio = [f"{speedup:.2f}x" if speedup is not None else "n/a"]
                 peak = statistics.median(r["peak_mb"] for r in runs["current"])
                 table.add_row(_label(case, param), *cells, *ratio, f"{peak:,.0f}")
                 rows.append({"param": param, "runs": runs, "median": med})
