@@ -134,8 +134,11 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
         bm, bs = replica.blocks, replica.config.block_size
         max_hit = (prompt - 1) // bs
         hits = len(bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit)) if max_hit else 0
-        waiting = np.fromiter(replica.waiting, dtype=np.int64, count=len(replica.waiting))
-        queued = int((calls.prompt_tokens[waiting] - calls.num_computed[waiting]).sum())
+        if len(replica.waiting) <= 16:  # a short queue: numpy's fixed cost exceeds the sum
+            queued = sum(int(calls.prompt_tokens[c] - calls.num_computed[c]) for c in replica.waiting)
+        else:
+            waiting = np.fromiter(replica.waiting, dtype=np.int64, count=len(replica.waiting))
+            queued = int((calls.prompt_tokens[waiting] - calls.num_computed[waiting]).sum())
         table[r] = (
             bm.num_used_blocks / bm.num_blocks,
             bm.num_free_blocks / bm.num_blocks,
