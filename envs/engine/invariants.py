@@ -103,6 +103,8 @@ def check_prefix_watch(replica: Replica) -> None:
     """Watched hits equal a fresh prefix match; vectorised queue plans equal one-by-one plans."""
     calls, bm, bs = replica.calls, replica.blocks, replica.config.block_size
     for call in replica.waiting:
+        if call not in replica.watch:  # not tracked yet (a short queue plans it afresh)
+            continue
         limit = replica.hit_limit(call)
         fresh = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
         _require(

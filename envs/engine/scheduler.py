@@ -106,6 +106,7 @@ class Replica:
             prefix_eviction=config.prefix_eviction,
         )
         self.watch = PrefixWatch(self.blocks, calls)  # prefix hits of the waiting calls
+        self._unwatched: list[int] = []  # waiting calls the watch does not track yet
         # TTL pins, oldest first: finished call -> its pinned blocks; the children each waits for
         self.pins: dict[int, list[int]] = {}
         self.pin_waiters: dict[int, set[int]] = {}  # pinned call -> children not yet admitted
@@ -160,16 +161,27 @@ class Replica:
         return plan.chunk_tokens > 0 and plan.total_blocks <= self.blocks.num_free_blocks
 
     def enqueue(self, call: int, front: bool = False) -> None:
-        """Queue a waiting (or swapped) call; its prefix hits are tracked from now on."""
+        """Queue a waiting (or swapped) call. Its prefix hits are tracked (``watch``) once the
+        queue is long enough to plan in numpy; a call admitted from a short queue never pays
+        for the tracking."""
         if front:
             self.waiting.appendleft(call)
         else:
             self.waiting.append(call)
-        self.watch.watch(call, self.hit_limit(call))
+        self._unwatched.append(call)
 
     def dequeue(self, call: int) -> None:
         self.waiting.remove(call)
-        self.watch.unwatch(call)
+        if call in self.watch:
+            self.watch.unwatch(call)
+        else:
+            self._unwatched.remove(call)
+
+    def _watch_all(self) -> None:
+        """Track every waiting call's hits (before planning the queue from the watch's columns)."""
+        for call in self._unwatched:
+            self.watch.watch(call, self.hit_limit(call))
+        self._unwatched.clear()
 
     def queue_needs(self, budget_tokens: int) -> QueueNeeds:
         """``admission_plan`` of every waiting call, vectorised over the watch's columns: equal
@@ -177,6 +189,7 @@ class Replica:
         calls, bs = self.calls, self.config.block_size
         if len(self.waiting) <= _SCALAR_QUEUE:
             return self._queue_needs_scalar(budget_tokens)
+        self._watch_all()
         q = np.fromiter(self.waiting, dtype=np.int64, count=len(self.waiting))
         hits = calls.prefix_hits[q]
         total = calls.prompt_tokens[q] + calls.num_output[q]
@@ -194,14 +207,20 @@ class Replica:
         threshold, free = cfg.long_prefill_token_threshold, self.blocks.num_free_blocks
         queue = list(self.waiting)
         hits, needed, fits = [], [], []
+        bm, watch = self.blocks, self.watch
         for call in queue:
-            m = int(calls.prefix_hits[call])
+            if call in watch:
+                m, free_hits = int(calls.prefix_hits[call]), int(calls.prefix_free_hits[call])
+            else:  # not tracked yet: match it now
+                limit = self.hit_limit(call)
+                matched = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
+                m, free_hits = len(matched), bm.num_reclaimed_by_taking(matched)
             swapped = calls.state[call] == CallState.SWAPPED
             computed = int(calls.num_computed[call]) if swapped else m * bs
             chunk = min(int(calls.prompt_tokens[call] + calls.num_output[call]) - computed, budget_tokens)
             if threshold:
                 chunk = min(chunk, threshold)
-            need = -(-(computed + chunk) // bs) - m + int(calls.prefix_free_hits[call])
+            need = -(-(computed + chunk) // bs) - m + free_hits
             hits.append(m)
             needed.append(need)
             fits.append(chunk > 0 and need <= free)
