@@ -50,7 +50,7 @@ def action_semantics(model, kinds: tuple[str, ...]) -> dict[str, Any]:
     num_slots = int(model.observation_space[table].shape[0])
     action = {"type": action_type, "kinds": [k.upper() for k in kinds], "max_candidates": num_slots}
     if isinstance(space, spaces.Discrete) and int(space.n) == num_slots + 1:
-        action["stop"] = True  # pick-next (Scheduling-v1): the last logit is STOP's
+        action["stop"] = True  # pick-next (PickNext-v0): the last logit is STOP's
     return action
 
 

@@ -153,7 +153,7 @@ class SlotHead(nn.Module):
 
 class StopSlotHead(SlotHead):
     """Slot logits plus a STOP logit (the last action) read from the pooled context: the
-    pick-next action space ``Discrete(K + 1)`` (Scheduling-v1)."""
+    pick-next action space ``Discrete(K + 1)`` (PickNext-v0)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__(hidden)

@@ -17,7 +17,7 @@ clipped to [-1, 1], admission in descending order and eviction of the lowest —
 — Discrete(K) over slots, the argmax is the victim or the replica), ``kinds`` (decision kinds
 it answers; others go to the fallback), ``max_candidates`` (K it was trained with), ``stop``
 (optional, pick-next: the network emits K + 1 logits, the last STOP's, over the presorted
-candidate table of Scheduling-v1)),
+candidate table of PickNext-v0)),
 ``inputs``/``outputs`` (tensor names), ``env_id``, ``config_sha256``.
 """
 
@@ -214,7 +214,7 @@ class LearnedPolicy:
         if decision.kind not in self.kinds:
             return self.fallback.scores(decision)
         k = self.max_candidates
-        if self.stop:  # Scheduling-v1: the env's presorted table and pick-next semantics
+        if self.stop:  # PickNext-v0: the env's presorted table and pick-next semantics
             rows = presort_rows(decision)
             raw = np.asarray(self.slot_outputs(self._observe(subset(decision, rows), k)), dtype=np.float64)
             valid = pick_valid(decision, rows, k)

@@ -135,7 +135,7 @@ def slot_scores(decision: Decision, action: Any, max_candidates: int, fallback: 
 
 
 def presort_rows(decision: Decision) -> np.ndarray:
-    """Row order of a pick-next candidate table (Scheduling-v1): oldest tree first
+    """Row order of a pick-next candidate table (PickNext-v0): oldest tree first
     (``tree_age_s`` descending), then the longest-waiting call (``wait_s`` descending), then
     queue order. When more than K calls wait, the K oldest trees' calls are the ones shown."""
     tree_age = decision.features[:, CANDIDATE_FEATURES.index("tree_age_s")]

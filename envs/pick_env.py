@@ -1,4 +1,4 @@
-"""Scheduling-v1: pick-next admission with STOP, the batching lever, as a masked discrete choice."""
+"""PickNext-v0: pick-next admission with STOP, the batching lever, as a masked discrete choice."""
 
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ class PickNextEnv(MaskedChoiceEnv):
     of order, evict (default order).
 
     ## Version history
-    v1: pick-next ORDER with STOP as a masked ``Discrete(K + 1)``, presorted candidates
-    (Scheduling-v0, a score per candidate, is unchanged).
+    v0: pick-next ORDER with STOP as a masked ``Discrete(K + 1)``, presorted candidates. A new
+    id rather than Scheduling-v1: the decision protocol differs (one pick per decision, not a
+    score per candidate), Scheduling-v0 stays as it is, and Gymnasium would otherwise call
+    every Scheduling-v0 out of date.
     """
 
     allowed_decisions = ("order", "evict")

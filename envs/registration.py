@@ -25,7 +25,7 @@ ENTRY_POINTS: dict[str, str] = {
     "servegym/Eviction-v0": "servegym.envs.eviction_env:EvictionEnv",
     "servegym/Routing-v0": "servegym.envs.routing_env:RoutingEnv",
     "servegym/Serving-v0": "servegym.envs.serving_env:ServingEnv",
-    "servegym/Scheduling-v1": "servegym.envs.pick_env:PickNextEnv",
+    "servegym/PickNext-v0": "servegym.envs.pick_env:PickNextEnv",
 }
 """Each env id and the ``module:Class`` gymnasium imports when the id is first made."""
 ENV_IDS = tuple(ENTRY_POINTS)

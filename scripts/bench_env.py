@@ -278,7 +278,7 @@ def measure(root: Path, case: str, param: int, seed: int) -> dict[str, float]:
 
 def _label(case: str, param: int) -> str:
     if case == "envs":
-        names = ("Scheduling-v0", "Eviction-v0", "Routing-v0", "Serving-v0", "Scheduling-v1")
+        names = ("Scheduling-v0", "Eviction-v0", "Routing-v0", "Serving-v0", "PickNext-v0")
         return names[param]
     return "" if case == "evict" else f"{param:,}"
 

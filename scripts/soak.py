@@ -24,7 +24,7 @@ from servegym.envs.soak import soak  # noqa: E402
 
 SHARE = {  # of the steps, per env id: Eviction-v0's steps are slow (a few EVICT per episode)
     "servegym/Scheduling-v0": 0.16,
-    "servegym/Scheduling-v1": 0.14,
+    "servegym/PickNext-v0": 0.14,
     "servegym/Eviction-v0": 0.02,
     "servegym/Routing-v0": 0.34,
     "servegym/Serving-v0": 0.34,

@@ -214,7 +214,7 @@ GOLDEN_ENV_IDS = (
     "servegym/Eviction-v0",
     "servegym/Routing-v0",
     "servegym/Serving-v0",
-    "servegym/Scheduling-v1",
+    "servegym/PickNext-v0",
 )
 """The ids recorded (a later version is a new id and joins in its own commit)."""
 

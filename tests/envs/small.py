@@ -24,7 +24,7 @@ TIGHT = EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=192, max_n
 
 def small_kwargs(env_id: str) -> dict[str, Any]:
     name = env_id.split("/")[-1]
-    if name in ("Scheduling-v0", "Scheduling-v1"):
+    if name in ("Scheduling-v0", "PickNext-v0"):
         return dict(
             workload=Workload(generator=MapReduce(fan_out=6, max_tokens=256), arrival_rate=6.0, num_jobs=8),
             engine=EngineConfig(num_gpu_blocks=600, max_num_seqs=8),

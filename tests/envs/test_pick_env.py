@@ -1,4 +1,4 @@
-"""Scheduling-v1 (pick-next with STOP): masks, STOP, the presorted table, and the learned
+"""PickNext-v0 (pick-next with STOP): masks, STOP, the presorted table, and the learned
 policy path (SB3 wrapper and the ONNX runtime) making the env's choices."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from servegym.envs.engine.policy import CANDIDATE_FEATURES, DecisionKind
 from servegym.envs.observation import presort_rows
 from tests.envs.small import small_kwargs
 
-ID = "servegym/Scheduling-v1"
+ID = "servegym/PickNext-v0"
 
 
 def make(**overrides):

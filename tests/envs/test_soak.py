@@ -18,7 +18,7 @@ from servegym.envs.soak import soak
 SOAK_STEPS = 100_000
 STEPS = {  # env steps per env id, split evenly over the families
     "servegym/Scheduling-v0": 14_000,  # ~800 steps/s (react and plan-execute chains: ~300)
-    "servegym/Scheduling-v1": 10_000,  # pick-next with STOP: a decision per admitted call
+    "servegym/PickNext-v0": 10_000,  # pick-next with STOP: a decision per admitted call
     "servegym/Eviction-v0": 1_800,  # EVICT decisions are rare per iteration: ~150 steps/s
     "servegym/Routing-v0": 36_000,  # ~1,500-2,000 steps/s
     "servegym/Serving-v0": 38_200,
