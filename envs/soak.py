@@ -33,15 +33,18 @@ from servegym.envs.workloads.workload import Workload
 MAX_CONTEXT_TOKENS = 256
 
 
-def generators(output_tokens_mean: float, max_tokens: int) -> dict[str, Generator]:
-    """Every family with short calls: few iterations per call, many decisions per iteration."""
+def generators(
+    output_tokens_mean: float, max_tokens: int, max_context_tokens: int = MAX_CONTEXT_TOKENS
+) -> dict[str, Generator]:
+    """Every family with short calls: few iterations per call, many decisions per iteration.
+    (The engine's property tests use the same families with longer outputs.)"""
     short = dict(
         system_tokens=16,
         input_tokens_mean=24.0,
         tool_tokens_mean=16.0,
         output_tokens_mean=output_tokens_mean,
         max_tokens=max_tokens,
-        max_context_tokens=MAX_CONTEXT_TOKENS,
+        max_context_tokens=max_context_tokens,
     )
     react = ReactChain(turns_mean=3.0, max_turns=6, **short)
     map_reduce = MapReduce(fan_out=3, **short)

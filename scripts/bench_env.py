@@ -35,7 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trees = {"current": REPO}
     results: dict[str, Any] = {"cases": {}, "against": args.against}
     console = Console()
-    with checkout(args.against) if args.against else _nothing() as other:
+    with checkout(args.against) if args.against else nullcontext() as other:
         if other is not None:
             trees[args.against] = other
         for case in args.cases:
@@ -335,11 +335,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             console.print(table)
             results["cases"][case] = {"metric": metric, "xlabel": xlabel, "rows": rows}
     return results
-
-
-@contextmanager
-def _nothing():
-    yield None
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -132,18 +132,17 @@ class PrefixWatch:
 
     def owned(self, blocks: list[int]) -> None:
         """Blocks left the free queue by a new reference (prefix hits taken)."""
-        users, free_hits = self._users, self.calls.prefix_free_hits
-        for block in blocks:
-            holders = users[block]
-            if holders:
-                for call in holders:
-                    free_hits[call] -= 1
+        self._count_free(blocks, -1)
 
     def released(self, blocks: list[int]) -> None:
         """Blocks lost their last reference and joined the free queue."""
+        self._count_free(blocks, +1)
+
+    def _count_free(self, blocks: list[int], delta: int) -> None:
+        """Move the free-hit count of every call hitting one of ``blocks`` by ``delta``."""
         users, free_hits = self._users, self.calls.prefix_free_hits
         for block in blocks:
             holders = users[block]
             if holders:
                 for call in holders:
-                    free_hits[call] += 1
+                    free_hits[call] += delta

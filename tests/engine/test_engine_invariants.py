@@ -35,13 +35,10 @@ from servegym.envs.engine.policy import (
     Policy,
     column,
 )
+from servegym.envs.soak import generators
 from servegym.envs.workloads.generators import (
     Debate,
-    MapReduce,
-    Mixed,
-    PlanExecuteCritique,
     ReactChain,
-    TreeOfThoughts,
 )
 from servegym.envs.workloads.job import Call, Job, Output, Text
 from servegym.envs.workloads.source import FixedJobs, JobSource
@@ -49,25 +46,9 @@ from servegym.envs.workloads.workload import Workload
 
 PROFILE = "tiny_cpu"  # a cheap cost model; the scheduling logic is the same for every profile
 MAX_CONTEXT_TOKENS = 512  # no generated call exceeds this (prompt + max_tokens)
-SMALL = dict(  # outputs long next to prompts, so decodes outgrow what admission reserved
-    system_tokens=16,
-    input_tokens_mean=24.0,
-    tool_tokens_mean=16.0,
-    output_tokens_mean=40.0,
-    max_tokens=64,
-    max_context_tokens=MAX_CONTEXT_TOKENS,
-)
-_REACT = ReactChain(turns_mean=3.0, max_turns=6, **SMALL)
-_MAP_REDUCE = MapReduce(fan_out=3, **SMALL)
-_DEBATE = Debate(num_agents=2, num_rounds=2, **SMALL)
-GENERATORS = {
-    "react": _REACT,
-    "map_reduce": _MAP_REDUCE,
-    "plan_execute_critique": PlanExecuteCritique(reject_prob=0.5, **SMALL),
-    "debate": _DEBATE,
-    "tree_of_thoughts": TreeOfThoughts(branching=2, depth=2, keep=1, **SMALL),
-    "mixed": Mixed(entries=[(_REACT, 1.0, "a"), (_MAP_REDUCE, 1.0, "b"), (_DEBATE, 1.0, "c")]),
-}
+# outputs long next to prompts, so decodes outgrow what admission reserved
+GENERATORS = generators(40.0, 64, max_context_tokens=MAX_CONTEXT_TOKENS)
+_REACT, _MAP_REDUCE, _DEBATE = GENERATORS["react"], GENERATORS["map_reduce"], GENERATORS["debate"]
 
 
 # ---------------------------------------------------------------- policies
