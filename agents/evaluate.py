@@ -38,14 +38,41 @@ Definitions
   SLO attainment = trees done within their SLO / all trees; goodput = those trees / makespan
   (trees per second). Slowdown = tree time / unloaded time.
 * **Confidence intervals**: 95% Student-t intervals over seeds (n - 1 degrees of freedom) of the
-  per-run values. "JCT / FCFS" is the ratio of a policy's mean tree time to the baseline's in
-  the same (workload, load) cell; its interval is the t-interval of the per-seed ratios (paired:
-  a seed gives both policies the same trees and arrivals).
+  per-run values, cut to the metric's range: every suite metric is a time, count, rate or
+  fraction, so an interval never goes below 0 (and a fraction's never above 1); ``summary.csv``
+  holds the symmetric half-width (``<m>_ci``) and the cut interval (``<m>_lo``, ``<m>_hi``).
+  "JCT / FCFS" is the ratio of a policy's mean tree time to the baseline's in the same
+  (workload, load) cell; its interval is a t-interval on the log scale of the per-seed ratios
+  (paired: a seed gives both policies the same trees and arrivals), exponentiated back, so it is
+  always > 0 and as wide below 1 as above (x/2 and x2 are equally far).
+* **Traces** are suite members like generated workloads: ``suite.traces`` lists trace files (or
+  mappings of ``TraceWorkload`` fields), each named after its file (its stem) or its ``name:``,
+  so several traces share a suite; ``suite.workloads=[trace]`` with
+  ``suite.workload_overrides.trace.path=...`` works too and is named after its file the same way.
+  A trace that ignores the seed (no resampling: ``resample`` missing or ``none``) replays the
+  same trees for every seed, so the suite runs it once per (policy, load), with the first seed:
+  its cells have n = 1 and no interval (shown as —, and summary.md says why), rather than n
+  identical runs and a zero-width interval that would look like certainty.
 
-Outputs (``evaluate`` / the script, into the Hydra run dir or ``output_dir=``): ``runs.csv`` (one
-row per run: policy, workload, load, seed, every metric), ``jobs.csv`` (one row per tree),
-``kv_timeline.csv`` (KV use over time, binned), ``summary.csv`` and ``summary.md`` (mean and CI
-per cell), ``failures.csv`` / ``failures.log`` when a run raised or stalled, ``plots/*.png``.
+Outputs (``evaluate`` / the script, into the Hydra run dir or ``output_dir=``, the only place
+anything is written): ``runs.csv`` (one row per run: policy, workload, load, seed, every
+metric), ``jobs.csv`` (one row per tree), ``kv_timeline.csv`` (KV use over time, binned),
+``summary.csv`` and ``summary.md`` (mean and CI per cell), ``failures.csv`` / ``failures.log`` when a run raised, stalled or ran past
+``suite.run_timeout_s``, ``plots/*.png``.
+
+Interruption and resuming
+-------------------------
+A suite's folder holds one suite (``servegym.agents.suite_io`` describes the files). Each run is
+appended to ``runs.jsonl`` (with its trees and KV bins) and fsynced as it finishes, so Ctrl-C,
+a crash or a killed job loses only the runs in flight; Ctrl-C prints one line (how many runs
+were kept, where, how to continue) and the script exits 130. ``suite.resume=true`` with the same
+``output_dir`` continues: runs already recorded are skipped, failed ones are run again, and a
+suite config that differs from the recorded one is refused, naming the first differing key.
+Tables and plots are written when the suite ends, each by temporary file and rename;
+``report.json`` is removed first and written last, so a folder without it holds no complete
+report. The folder must be empty (or absent) for a new suite: a folder with other files, or
+another suite's, is refused (exit 2) rather than overwritten file by file, so old and new
+tables never mix.
 
 Scale
 -----
@@ -62,11 +89,15 @@ merge the folders afterwards::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +113,10 @@ from servegym.envs.engine.metrics import job_completion_s, kv_utilization_timeli
 from servegym.envs.engine.policy import Policy
 from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import FixedJobs, JobSource
-from servegym.envs.workloads.workload import Workload
+from servegym.envs.workloads.workload import TraceWorkload, Workload
+
+from . import suite_io
+from .suite_io import OutputFolderError
 
 DEFAULT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The repository's ``conf/`` (editable installs); pass ``conf_dir`` when installed elsewhere."""
@@ -104,7 +138,19 @@ HEADLINE_METRICS: dict[str, str] = {
 }
 """Metrics shown in ``summary.md`` (``summary.csv`` holds every metric)."""
 
-_NOT_METRICS = ("stalled", "stall_reason", "wall_s", "complete", "first_rejection")
+_NOT_METRICS = ("stalled", "stall_reason", "wall_s", "complete", "first_rejection", "workload_seeded")
+
+FRACTION_METRICS = frozenset(
+    {
+        "slo_attainment",
+        "prefix_hit_rate",
+        "kv_utilization_mean",
+        "jain_tenant_jct",
+        "jain_job_speed",
+        "large_model_call_share",
+    }
+)
+"""Metrics in [0, 1]; every other metric is >= 0 (a time, count or rate): intervals are cut there."""
 
 INCOMPLETE_COLUMNS = ("calls_rejected", "jobs_failed", "jobs_unfinished")
 """A run with any of these > 0 did not finish its work: its tree times cover finished trees only."""
@@ -112,6 +158,21 @@ INCOMPLETE_COLUMNS = ("calls_rejected", "jobs_failed", "jobs_unfinished")
 
 class SuiteConfigError(ValueError):
     """A suite setting is wrong; the message names the key and what to do."""
+
+
+class SuiteInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a suite; ``str()`` is one line saying what was kept and how to continue."""
+
+    def __init__(self, message: str, kept: int = 0) -> None:
+        super().__init__(message)
+        self.message, self.kept = message, kept
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunTimeout(Exception):
+    """A run took longer than ``suite.run_timeout_s``."""
 
 
 @dataclass
@@ -128,7 +189,14 @@ class SuiteConfig:
     policies: list[str]
     """Names of ``conf/agent/*.yaml`` (or of ``extra_policies``), in table order."""
     workloads: list[str]
-    """Names of ``conf/workload/*.yaml``."""
+    """Names of ``conf/workload/*.yaml`` (may be empty when ``traces`` lists some)."""
+    traces: list[Any] = field(default_factory=list)
+    """Trace files run as workloads after ``workloads``: each a path (``data/a.jsonl``, our JSONL
+    format) or a mapping of ``TraceWorkload`` fields (``{path: m.jsonl, format: mooncake, limit:
+    500, name: m500}``) on top of ``conf/workload/trace.yaml``. Each is named after its file's stem,
+    or its ``name``; names must differ (two ``a.jsonl`` in different folders need a ``name``).
+    ``workload_overrides.<name>`` applies to a trace too. On the command line:
+    ``suite.workloads=[] suite.traces=[runs/a.jsonl,runs/b.jsonl]``."""
     loads: list[float] = field(default_factory=lambda: [1.0])
     """Multipliers of each workload's offered load (see the module docstring), each > 0."""
     seeds: list[int] = field(default_factory=lambda: [10000, 10001, 10002])
@@ -153,6 +221,15 @@ class SuiteConfig:
     fail_on_rejected: bool = True
     """A run with rejected calls or failed trees makes ``scripts/evaluate.py`` exit 1 (false:
     report it and exit 0). Either way it is counted in runs.csv, summary.md and the last line."""
+    run_timeout_s: float | None = None
+    """Wall-clock seconds one run may take (its unloaded replay included); a run past it is
+    recorded as failed (error ``RunTimeout`` in failures.csv, exit 1) and the suite goes on.
+    None: no limit. Enforced by SIGALRM in the process that runs it (this one with ``jobs=1``,
+    each worker otherwise); a run stuck inside one C call is stopped when that call returns."""
+    resume: bool = False
+    """Continue the suite recorded in ``output_dir`` (its ``runs.jsonl``): recorded runs are
+    skipped, failed ones run again; refused when the recorded suite config differs (the
+    message names the key). False: the output folder must be empty."""
 
     def check(self, conf_dir: Path, extra_policies: Iterable[str] = ()) -> None:
         """Fail with the offending key named; called by ``run_suite`` before anything runs."""
@@ -163,7 +240,7 @@ class SuiteConfig:
             ("suite.policies", "agent", self.policies, agents | extra),
             ("suite.workloads", "workload", self.workloads, workloads),
         ):
-            if not values:
+            if not values and not (key == "suite.workloads" and self.traces):
                 raise SuiteConfigError(f"{key} is empty; list at least one of {sorted(known)}")
             for value in values:
                 if value not in known:
@@ -213,17 +290,57 @@ class SuiteConfig:
             raise SuiteConfigError(f"suite.slo_scale must be a finite number > 0, got {self.slo_scale!r}")
         if self.slo_fixed_s is not None and not (math.isfinite(self.slo_fixed_s) and self.slo_fixed_s > 0):
             raise SuiteConfigError(f"suite.slo_fixed_s must be > 0 seconds or null, got {self.slo_fixed_s!r}")
+        if self.run_timeout_s is not None and (
+            isinstance(self.run_timeout_s, bool)
+            or not isinstance(self.run_timeout_s, int | float)
+            or not (math.isfinite(self.run_timeout_s) and self.run_timeout_s > 0)
+        ):
+            raise SuiteConfigError(
+                f"suite.run_timeout_s must be seconds > 0 or null (no limit), got {self.run_timeout_s!r}"
+            )
+        trace_names = self.trace_names()
+        if len(set(trace_names)) != len(trace_names) or set(trace_names) & set(self.workloads):
+            seen = [*self.workloads]
+            for name, entry in zip(trace_names, self.traces, strict=True):
+                if name in seen:
+                    raise SuiteConfigError(
+                        f"suite.traces: two workloads are named {name!r} (the second is {entry!r}); "
+                        "give one a name, e.g. {path: ..., name: other}"
+                    )
+                seen.append(name)
         if not isinstance(self.kv_timeline_bins, int) or self.kv_timeline_bins < 0:
             raise SuiteConfigError(
                 f"suite.kv_timeline_bins must be an int >= 0, got {self.kv_timeline_bins!r}"
             )
         for key, overrides, names in (
             ("suite.agent_overrides", self.agent_overrides, self.policies),
-            ("suite.workload_overrides", self.workload_overrides, self.workloads),
+            ("suite.workload_overrides", self.workload_overrides, [*self.workloads, *trace_names]),
         ):
             for name in overrides:
                 if name not in names:
                     raise SuiteConfigError(f"{key}.{name}: {name!r} is not in the suite's list {list(names)}")
+
+    def trace_names(self) -> list[str]:
+        """The suite name of each ``traces`` entry: its ``name``, else its file's stem."""
+        names = []
+        for i, entry in enumerate(self.traces):
+            if isinstance(entry, str) and entry:
+                names.append(Path(entry).stem)
+            elif isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]:
+                names.append(str(entry.get("name") or Path(entry["path"]).stem))
+            else:
+                raise SuiteConfigError(
+                    f"suite.traces[{i}]: expected a trace file path or a mapping with a path "
+                    f"(e.g. {{path: runs/a.jsonl, format: jsonl}}), got {entry!r}"
+                )
+        return names
+
+    def identity(self) -> dict:
+        """The settings that change a run's numbers (what ``suite.resume`` compares); jobs,
+        resume, run_timeout_s, fail_on_rejected and baseline only change how a suite runs or
+        reports, so a resumed suite may change them."""
+        skip = {"jobs", "resume", "run_timeout_s", "fail_on_rejected", "baseline"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -246,7 +363,51 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -
     return mean, half
 
 
+def metric_range(metric: str) -> tuple[float, float]:
+    """(low, high) a metric can take: [0, 1] for fractions, [0, inf) for every other suite metric."""
+    return (0.0, 1.0) if metric in FRACTION_METRICS else (0.0, math.inf)
+
+
+def bounded_interval(mean: float, half: float, metric: str) -> tuple[float, float]:
+    """``mean -+ half`` cut to ``metric_range(metric)`` (NaN, NaN when there is no interval)."""
+    if not (np.isfinite(mean) and np.isfinite(half)):
+        return float("nan"), float("nan")
+    low, high = metric_range(metric)
+    return max(mean - half, low), min(mean + half, high)
+
+
+def ratio_interval(ratios: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """(low, high) of a t-interval on the log scale of positive ratios, exponentiated back: always
+    > 0. Ratios that are not finite and > 0 are left out; NaN, NaN for fewer than 2."""
+    x = np.asarray(ratios, dtype=np.float64)
+    x = x[np.isfinite(x) & (x > 0)]
+    mean, half = t_interval(np.log(x), confidence)
+    if not np.isfinite(half):
+        return float("nan"), float("nan")
+    return float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
 # ---------------------------------------------------------------------------- configs
+def _or_default(value: Any, default: Any) -> Any:
+    return default if value is None or value == "" else value
+
+
+def _none_if_set(value: Any, default: Any) -> Any:
+    return default if value is None or value == "" else None
+
+
+def register_resolvers() -> None:
+    """``${servegym.or:a,b}`` (a unless null, else b) and ``${servegym.unless:a,b}`` (null when a
+    is set, else b): conf/evaluate.yaml sends Hydra's run dir to ``output_dir`` and drops its
+    ``.hydra`` record there, so ``output_dir=`` is the only place a suite writes."""
+    for name, function in (("servegym.or", _or_default), ("servegym.unless", _none_if_set)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+register_resolvers()
+
+
 def _group_options(conf_dir: Path, group: str) -> set[str]:
     folder = Path(conf_dir) / group
     if not folder.is_dir():
@@ -394,39 +555,57 @@ class RunTask:
     slo_scale: float
     slo_fixed_s: float | None
     kv_bins: int
+    seeded: bool = True  # False: the workload ignores the seed (a trace without resampling)
+    timeout_s: float | None = None
 
     @property
     def keys(self) -> dict:
         return {"policy": self.policy, "workload": self.workload, "load": self.load, "seed": self.seed}
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Raise ``RunTimeout`` in this thread after ``seconds`` (SIGALRM); a no-op for None, and
+    (with a warning, once) where SIGALRM cannot reach the code: off the main thread, Windows."""
+    if seconds is None:
+        yield
+        return
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        warnings.warn(
+            "suite.run_timeout_s is not enforced here: runs execute off the main thread (or without "
+            "SIGALRM); use suite.jobs>1 or call the suite from the main thread",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise RunTimeout(f"the run took longer than suite.run_timeout_s={seconds:g} s and was stopped")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_in_worker(task: RunTask) -> dict:
+    """``run_one`` in a worker process: Ctrl-C goes to the suite's process alone, which stops the
+    workers (so a worker does not die mid-run printing its own traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return run_one(task)
+
+
 def run_one(task: RunTask) -> dict:
-    """One run; returns {"row", "jobs", "kv"} or, if it raised or stalled, {"failure"}."""
+    """One run; returns {"row", "jobs", "kv"} or, if it raised, stalled or ran past
+    ``task.timeout_s``, {"failure"}."""
     start = time.perf_counter()
     try:
-        from hydra.utils import instantiate
-
-        root = OmegaConf.create({**task.base, "seed": task.seed, "workload": task.workload_node})
-        workload, compress = apply_load(instantiate(root.workload), task.load, task.num_jobs)
-        engine = Engine(
-            build_source(workload, task.seed, compress),
-            cluster=task.cluster,
-            engine=task.engine,
-            time_scale_s=task.time_scale_s,
-        )
-        policy = task.make_policy(task.seed) if task.takes_seed else task.make_policy()
-        metrics = engine.run(policy)
-        if metrics.stalled:
-            return {
-                "failure": {**task.keys, "error": "stalled", "message": metrics.stall_reason, "traceback": ""}
-            }
-        unloaded = unloaded_completion_s(engine.jobs, task.engine, task.cluster, task.time_scale_s)
-        slo = _job_slos(engine.jobs, unloaded, task.slo_scale, task.slo_fixed_s)
-        slo_row = slo_metrics(engine, slo, unloaded, metrics.makespan_s).as_dict()
-        row = {**task.keys, **metrics.as_dict(), **slo_row}
-        row.pop("stall_reason")  # always empty here: a stalled run is a failure
-        row["wall_s"] = time.perf_counter() - start
-        return {"row": row, "jobs": _job_rows(task, engine, unloaded, slo), "kv": _kv_rows(task, engine)}
+        with _deadline(task.timeout_s):
+            return _run(task, start)
     except Exception as error:  # a failing run is reported with its config; the suite goes on
         return {
             "failure": {
@@ -436,6 +615,34 @@ def run_one(task: RunTask) -> dict:
                 "traceback": traceback.format_exc(),
             }
         }
+
+
+def _run(task: RunTask, start: float) -> dict:
+    """The body of ``run_one`` (exceptions reach its handler)."""
+    from hydra.utils import instantiate
+
+    root = OmegaConf.create({**task.base, "seed": task.seed, "workload": task.workload_node})
+    workload, compress = apply_load(instantiate(root.workload), task.load, task.num_jobs)
+    engine = Engine(
+        build_source(workload, task.seed, compress),
+        cluster=task.cluster,
+        engine=task.engine,
+        time_scale_s=task.time_scale_s,
+    )
+    policy = task.make_policy(task.seed) if task.takes_seed else task.make_policy()
+    metrics = engine.run(policy)
+    if metrics.stalled:
+        return {
+            "failure": {**task.keys, "error": "stalled", "message": metrics.stall_reason, "traceback": ""}
+        }
+    unloaded = unloaded_completion_s(engine.jobs, task.engine, task.cluster, task.time_scale_s)
+    slo = _job_slos(engine.jobs, unloaded, task.slo_scale, task.slo_fixed_s)
+    slo_row = slo_metrics(engine, slo, unloaded, metrics.makespan_s).as_dict()
+    row = {**task.keys, **metrics.as_dict(), **slo_row}
+    row.pop("stall_reason")  # always empty here: a stalled run is a failure
+    row["workload_seeded"] = task.seeded
+    row["wall_s"] = time.perf_counter() - start
+    return {"row": row, "jobs": _job_rows(task, engine, unloaded, slo), "kv": _kv_rows(task, engine)}
 
 
 def _job_slos(jobs: Sequence[Job], unloaded: np.ndarray, scale: float, fixed_s: float | None) -> np.ndarray:
@@ -499,6 +706,8 @@ class SuiteResult:
     jobs: pd.DataFrame
     kv: pd.DataFrame
     failures: pd.DataFrame
+    markdown: str = ""
+    """summary.md's text, once ``report`` (or ``evaluate``) wrote it."""
 
     def incomplete(self) -> pd.DataFrame:
         """The runs that rejected work (rows of ``runs`` with rejected calls, failed or
@@ -568,11 +777,43 @@ def run_suite_full(
     progress: bool = True,
     console: Any = None,
 ) -> SuiteResult:
-    """``run_suite`` with every table: runs, jobs (one row per tree), kv (binned KV use), failures."""
-    from joblib import Parallel, delayed
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """``run_suite`` with every table: runs, jobs (one row per tree), kv (binned KV use), failures.
+    Nothing is written; ``evaluate`` is the same with a journal and the tables in a folder."""
+    plan = plan_suite(config, extra_policies=extra_policies, base_cfg=base_cfg, conf_dir=conf_dir)
+    records = execute(plan, plan.tasks, progress=progress, console=console)
+    return assemble(records, plan.order)
 
+
+@dataclass
+class SuitePlan:
+    """A checked suite: its runs, its workloads' names (suite order) and its identity."""
+
+    config: SuiteConfig
+    tasks: list[RunTask]
+    order: dict[str, list]
+    seedless: list[str]
+    identity: dict
+
+    def note(self) -> str:
+        """One line about workloads that ignore the seed ("" when none do)."""
+        if not self.seedless or len(self.config.seeds) < 2:
+            return ""
+        return (
+            f"{', '.join(map(repr, self.seedless))} ignore the seed (a trace without resampling): one run "
+            f"per policy and load, seed {self.config.seeds[0]}, instead of {len(self.config.seeds)} "
+            "identical ones; their cells have n=1 and no interval"
+        )
+
+
+def plan_suite(
+    config: SuiteConfig | DictConfig,
+    *,
+    extra_policies: dict[str, Callable[[], Policy]] | None = None,
+    base_cfg: DictConfig | None = None,
+    conf_dir: Path | str | None = None,
+) -> SuitePlan:
+    """Check the suite and build its runs (every workload is built once here, so a bad one
+    fails before anything runs, naming it)."""
     conf_dir = Path(conf_dir or DEFAULT_CONF_DIR)
     extra_policies = dict(extra_policies or {})
     if isinstance(config, DictConfig):
@@ -584,57 +825,138 @@ def run_suite_full(
     config.check(conf_dir, extra_policies)
     if base_cfg is None:
         base_cfg = compose_config(conf_dir=conf_dir)
-    tasks = _tasks(config, base_cfg, conf_dir, extra_policies)
+    return _plan(config, base_cfg, conf_dir, extra_policies)
+
+
+def execute(
+    plan: SuitePlan,
+    tasks: Sequence[RunTask],
+    *,
+    progress: bool = True,
+    console: Any = None,
+    journal: suite_io.RunJournal | None = None,
+    kept: int = 0,
+) -> list[dict]:
+    """Run ``tasks`` (in ``plan.config.jobs`` processes), appending each finished run to
+    ``journal``; returns one record per run ({"row", "jobs", "kv"} or {"failure"}). Ctrl-C raises
+    ``SuiteInterrupted`` (its ``kept``: ``kept`` + the runs finished here) after stopping the workers."""
+    from joblib import Parallel, delayed
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = console or Console(stderr=True)
-    rows, jobs, kv, failures = [], [], [], []
+    config = plan.config
+    if plan.note():
+        console.print(f"note: {plan.note()}", highlight=False, markup=False, soft_wrap=True)
+    records: list[dict] = []
+    failed = 0
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        track = bar.add_task("suite", total=len(tasks))
-        results = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(
-            delayed(run_one)(t) for t in tasks
-        )
-        for result in results:
-            if "failure" in result:
-                failure = result["failure"]
-                failures.append(failure)
-                bar.console.print(
-                    f"run failed: policy={failure['policy']} workload={failure['workload']} "
-                    f"load={failure['load']} seed={failure['seed']}: {failure['error']}: {failure['message']}",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
-                )
+    results: Any = None
+    try:
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            track = bar.add_task("suite", total=len(tasks))
+            if config.jobs == 1:
+                results = (run_one(t) for t in tasks)
             else:
-                row = result["row"]
-                if any(row.get(column, 0) for column in INCOMPLETE_COLUMNS):
-                    bar.console.print(
-                        f"run rejected work: policy={row['policy']} workload={row['workload']} "
-                        f"load={row['load']} seed={row['seed']}: {row['calls_rejected']} of "
-                        f"{row['calls_total']} calls rejected, {row['jobs_failed']} of {row['jobs_total']} "
-                        f"trees failed; first: {row['first_rejection'] or '-'}",
-                        highlight=False,
-                        markup=False,
-                        soft_wrap=True,
-                    )
-                rows.append(row)
-                jobs.append(result["jobs"])
-                if result["kv"] is not None:
-                    kv.append(result["kv"])
-            bar.update(
-                track, advance=1, description=f"suite ({len(failures)} failed)" if failures else "suite"
-            )
-            done = len(rows) + len(failures)
-            if (
-                progress
-                and not console.is_terminal
-                and (done % max(1, len(tasks) // 10) == 0 or done == len(tasks))
-            ):
-                console.print(  # a log line per ~10% where no live bar can render (SLURM, CI)
-                    f"suite: {done}/{len(tasks)} runs, {len(failures)} failed, {time.perf_counter() - start:.0f} s",
-                    highlight=False,
+                results = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(
+                    delayed(run_in_worker)(t) for t in tasks
                 )
-    order = _sort_key(config)
+            for result in results:
+                record = _record(result, journal is not None)
+                if journal is not None:
+                    journal.append(record)
+                records.append(record)
+                failed += "failure" in result
+                _say(bar.console, result)
+                bar.update(track, advance=1, description=f"suite ({failed} failed)" if failed else "suite")
+                done = len(records)
+                if (
+                    progress
+                    and not console.is_terminal
+                    and (done % max(1, len(tasks) // 10) == 0 or done == len(tasks))
+                ):
+                    console.print(  # a log line per ~10% where no live bar can render (SLURM, CI)
+                        f"suite: {done}/{len(tasks)} runs, {failed} failed, {time.perf_counter() - start:.0f} s",
+                        highlight=False,
+                    )
+    except KeyboardInterrupt:
+        if results is not None and hasattr(results, "close"):
+            with contextlib.suppress(BaseException):  # joblib stops and ends its workers here
+                results.close()
+        total = kept + len(records)
+        raise SuiteInterrupted(
+            f"interrupted: {total} of {kept + len(tasks)} runs finished; not saved (no output folder)",
+            kept=total,
+        ) from None
+    return records
+
+
+def _say(console: Any, result: dict) -> None:
+    """The line a failed run or a run that rejected work gets on the console."""
+    if "failure" in result:
+        failure = result["failure"]
+        console.print(
+            f"run failed: policy={failure['policy']} workload={failure['workload']} "
+            f"load={failure['load']} seed={failure['seed']}: {failure['error']}: {failure['message']}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        return
+    row = result["row"]
+    if any(row.get(column, 0) for column in INCOMPLETE_COLUMNS):
+        console.print(
+            f"run rejected work: policy={row['policy']} workload={row['workload']} "
+            f"load={row['load']} seed={row['seed']}: {row['calls_rejected']} of "
+            f"{row['calls_total']} calls rejected, {row['jobs_failed']} of {row['jobs_total']} "
+            f"trees failed; first: {row['first_rejection'] or '-'}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def _record(result: dict, plain: bool) -> dict:
+    """A run's result as a journal record (tables as column lists when ``plain``)."""
+    if "failure" in result or not plain:
+        return result
+    kv = result["kv"]
+    return {
+        "row": result["row"],
+        "jobs": result["jobs"].to_dict("list"),
+        "kv": None if kv is None else kv.to_dict("list"),
+    }
+
+
+def run_key(keys: dict) -> tuple:
+    """The identity of a run: (policy, workload, load, seed)."""
+    return (str(keys["policy"]), str(keys["workload"]), float(keys["load"]), int(keys["seed"]))
+
+
+def latest_records(records: Iterable[dict]) -> dict[tuple, dict]:
+    """One record per run key: the last one, except that a failure never replaces a success
+    (a resumed suite reruns only failed runs, so a later success replaces an earlier failure)."""
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        key = run_key(record["failure"] if "failure" in record else record["row"])
+        if "failure" in record and key in latest and "failure" not in latest[key]:
+            continue
+        latest[key] = record
+    return latest
+
+
+def assemble(records: Iterable[dict], order: dict[str, list] | None = None) -> SuiteResult:
+    """The suite's tables from run records (fresh results or a journal's lines)."""
+    rows, jobs, kv, failures = [], [], [], []
+    for record in latest_records(records).values():
+        if "failure" in record:
+            failures.append(record["failure"])
+            continue
+        rows.append(record["row"])
+        jobs.append(pd.DataFrame(record["jobs"]))
+        if record.get("kv") is not None:
+            kv.append(pd.DataFrame(record["kv"]))
     return SuiteResult(
         runs=_sorted(pd.DataFrame(rows, columns=None if rows else list(KEYS)), order),
         jobs=_sorted(pd.concat(jobs, ignore_index=True) if jobs else pd.DataFrame(columns=list(KEYS)), order),
@@ -643,11 +965,58 @@ def run_suite_full(
     )
 
 
-def _tasks(
-    config: SuiteConfig, base_cfg: DictConfig, conf_dir: Path, extra_policies: dict[str, Callable[[], Policy]]
-) -> list[RunTask]:
+def _trace_takes_name() -> bool:
+    return "name" in {f.name for f in dataclasses.fields(TraceWorkload)}
+
+
+def _is_trace_node(node: dict) -> bool:
+    return str(node.get("_target_", "")).rsplit(".", 1)[-1] == "TraceWorkload"
+
+
+def _seeded(workload: Any) -> bool:
+    """False for a workload that builds the same jobs for every seed: a trace without resampling."""
+    return not (
+        isinstance(workload, TraceWorkload) and getattr(workload, "resample", None) in (None, False, "none")
+    )
+
+
+def _suite_workloads(config: SuiteConfig, base: dict, conf_dir: Path) -> list[tuple[str, dict, bool]]:
+    """(name, workload node, seeded) per suite workload, in suite order; each built once."""
     from hydra.utils import instantiate
 
+    entries: list[tuple[str, str, dict, str | None]] = []  # key, option, overrides, trace name
+    for name in config.workloads:
+        entries.append(("suite.workloads", name, config.workload_overrides.get(name) or {}, None))
+    for name, entry in zip(config.trace_names(), config.traces, strict=True):
+        fields = {"path": entry} if isinstance(entry, str) else dict(entry)
+        merged = OmegaConf.merge(fields, config.workload_overrides.get(name) or {})
+        entries.append(("suite.traces", "trace", OmegaConf.to_container(merged), name))
+    built: list[tuple[str, dict, bool]] = []
+    for key, option, overrides, trace_name in entries:
+        node = load_option(conf_dir, "workload", option, overrides)
+        given = None
+        if _is_trace_node(node):
+            given = node.get("name") if _trace_takes_name() else node.pop("name", None)
+        label = trace_name or option
+        try:  # fail at start, naming the workload, rather than in every run
+            workload = instantiate(OmegaConf.create({**base, "workload": node}).workload)
+            apply_load(workload, 1.0, config.num_jobs)
+        except Exception as error:
+            raise SuiteConfigError(f"{key}: {label!r} does not build: {error}") from error
+        if isinstance(workload, TraceWorkload) and trace_name is None:
+            label = given or getattr(workload, "name", None) or Path(workload.path).stem
+        if label in [b[0] for b in built]:
+            raise SuiteConfigError(
+                f"{key}: two workloads of the suite are named {label!r}; traces are named after their "
+                "file: give one a name (suite.traces entry {path: ..., name: other})"
+            )
+        built.append((label, node, _seeded(workload)))
+    return built
+
+
+def _plan(
+    config: SuiteConfig, base_cfg: DictConfig, conf_dir: Path, extra_policies: dict[str, Callable[[], Policy]]
+) -> SuitePlan:
     base = OmegaConf.to_container(base_cfg, resolve=False)
     base.pop("suite", None)
     engine = _as_object(base_cfg.engine, EngineConfig)
@@ -665,16 +1034,8 @@ def _tasks(
                 f"suite.agent_overrides.{name}.{missing[0]} is required (??? in conf/agent/{name}.yaml)"
             )
         factories[name] = (HydraPolicyFactory(agent, base), True)
-    workloads = {}
-    for name in config.workloads:
-        node = load_option(conf_dir, "workload", name, config.workload_overrides.get(name))
-        root = OmegaConf.create({**base, "workload": node})
-        try:  # fail at start, naming the workload, rather than in every run
-            apply_load(instantiate(root.workload), 1.0, config.num_jobs)
-        except Exception as error:
-            raise SuiteConfigError(f"suite.workloads: {name!r} does not build: {error}") from error
-        workloads[name] = node
-    return [
+    workloads = _suite_workloads(config, base, conf_dir)
+    tasks = [
         RunTask(
             policy=policy,
             workload=workload,
@@ -682,7 +1043,7 @@ def _tasks(
             seed=int(seed),
             make_policy=factories[policy][0],
             takes_seed=factories[policy][1],
-            workload_node=workloads[workload],
+            workload_node=node,
             base=base,
             engine=engine,
             cluster=cluster,
@@ -691,13 +1052,36 @@ def _tasks(
             slo_scale=config.slo_scale,
             slo_fixed_s=config.slo_fixed_s,
             kv_bins=config.kv_timeline_bins,
+            seeded=seeded,
+            timeout_s=config.run_timeout_s,
         )
         # workload and seed outermost: a worker replays each seed's unloaded trees once
-        for workload in config.workloads
-        for seed in config.seeds
+        for workload, node, seeded in workloads
+        for seed in (config.seeds if seeded else config.seeds[:1])
         for load in config.loads
         for policy in config.policies
     ]
+    identity = suite_io.canonical(
+        {
+            "kind": "suite",
+            "suite": config.identity(),
+            "workloads": {name: node for name, node, _ in workloads},
+            "agents": {
+                name: factory.agent if isinstance(factory, HydraPolicyFactory) else "(extra_policies)"
+                for name, (factory, _) in factories.items()
+            },
+            "engine": dataclasses.asdict(engine),
+            "cluster": dataclasses.asdict(cluster),
+            "time_scale_s": time_scale_s,
+        }
+    )
+    return SuitePlan(
+        config=config,
+        tasks=tasks,
+        order={"policy": list(config.policies), "workload": [name for name, _, _ in workloads]},
+        seedless=[name for name, _, seeded in workloads if not seeded],
+        identity=identity,
+    )
 
 
 def _as_object(node: Any, kind: type) -> Any:
@@ -707,10 +1091,6 @@ def _as_object(node: Any, kind: type) -> Any:
         obj = OmegaConf.to_object(node)
         return obj if isinstance(obj, kind) else kind(**obj)
     return kind(**node)
-
-
-def _sort_key(config: SuiteConfig) -> dict[str, list]:
-    return {"policy": list(config.policies), "workload": list(config.workloads)}
 
 
 def _sorted(frame: pd.DataFrame, order: dict[str, list] | None = None) -> pd.DataFrame:
@@ -747,15 +1127,27 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
 def summarise(
     df: pd.DataFrame, metrics: Sequence[str] | None = None, baseline: str = "fcfs", confidence: float = 0.95
 ) -> pd.DataFrame:
-    """One row per (workload, load, policy): ``n`` seeds and, per metric, ``<m>_mean`` and
-    ``<m>_ci`` (the t-interval's half-width); plus ``jct_ratio`` (mean tree time / the
-    baseline's in the same cell) and ``jct_ratio_lo``/``_hi`` (t-interval of per-seed ratios)."""
+    """One row per (workload, load, policy): ``n`` runs and, per metric, ``<m>_mean``, ``<m>_ci``
+    (the t-interval's half-width) and ``<m>_lo``/``<m>_hi`` (the interval cut to the metric's
+    range, ``metric_range``); plus ``jct_ratio`` (mean tree time / the baseline's in the same
+    cell) and ``jct_ratio_lo``/``_hi`` (log-scale t-interval of the per-seed ratios, > 0).
+
+    Runs of a workload that ignores the seed (``workload_seeded`` false: a trace without
+    resampling) are identical whatever their seed, so such a cell keeps one run (its first
+    seed): n = 1 and no interval, never a zero-width one. ``workload_seeded`` is copied per row."""
+    df = _one_run_per_seedless_cell(df)
     metrics = list(metrics or metric_columns(df))
     records = []
     for (workload, load, policy), group in df.groupby(["workload", "load", "policy"], sort=False):
         record: dict[str, Any] = {"workload": workload, "load": load, "policy": policy, "n": len(group)}
+        if "workload_seeded" in group:
+            record["workload_seeded"] = bool(group["workload_seeded"].astype(bool).all())
         for metric in metrics:
-            record[f"{metric}_mean"], record[f"{metric}_ci"] = t_interval(group[metric], confidence)
+            mean, half = t_interval(group[metric], confidence)
+            low, high = bounded_interval(mean, half, metric)
+            record.update(
+                {f"{metric}_mean": mean, f"{metric}_ci": half, f"{metric}_lo": low, f"{metric}_hi": high}
+            )
         records.append(record)
     summary = pd.DataFrame(records)
     if summary.empty:
@@ -768,13 +1160,23 @@ def summarise(
         if base.empty:
             ratios.append((np.nan, np.nan, np.nan))
             continue
-        paired = (mine / base).dropna()
-        mean, half = t_interval(paired.to_numpy(), confidence)
-        ratios.append((mine.mean() / base.mean(), mean - half, mean + half))
+        ratios.append(
+            (mine.mean() / base.mean(), *ratio_interval((mine / base).dropna().to_numpy(), confidence))
+        )
     summary["jct_ratio"], summary["jct_ratio_lo"], summary["jct_ratio_hi"] = map(
         list, zip(*ratios, strict=True)
     )
     return _sorted(summary.assign(seed=0)).drop(columns="seed")
+
+
+def _one_run_per_seedless_cell(df: pd.DataFrame) -> pd.DataFrame:
+    if "workload_seeded" not in df or df.empty:
+        return df
+    seedless = ~df["workload_seeded"].fillna(True).astype(bool)
+    if not seedless.any():
+        return df
+    first = df[seedless].sort_values("seed", kind="stable").drop_duplicates(["workload", "load", "policy"])
+    return df[~seedless | df.index.isin(first.index)]
 
 
 def _fmt(value: float) -> str:
@@ -790,10 +1192,23 @@ def _fmt(value: float) -> str:
     return f"{value:.2g}" if magnitude < 0.01 else f"{value:.3f}"
 
 
+def _with_interval(record: dict, metric: str) -> str:
+    """The mean and its interval: "m ± half", "m [lo, hi]" where the range cut it, or "m"."""
+    mean, half = record[f"{metric}_mean"], record[f"{metric}_ci"]
+    text = _fmt(mean)
+    if not np.isfinite(half):
+        return text
+    low, high = record.get(f"{metric}_lo", np.nan), record.get(f"{metric}_hi", np.nan)
+    if np.isfinite(low) and (low > mean - half or high < mean + half):
+        return f"{text} [{_fmt(low)}, {_fmt(high)}]"
+    return f"{text} ± {_fmt(half)}"
+
+
 def to_markdown(summary: pd.DataFrame, metrics: dict[str, str] | None = None, baseline: str = "fcfs") -> str:
     """Markdown tables, one per workload: mean +- 95% half-width per (load, policy) for the
-    headline metrics, the tree-time ratio to ``baseline``; the lowest mean tree time of each
-    load in bold."""
+    headline metrics (the interval in brackets where the metric's range cut it), the tree-time
+    ratio to ``baseline``; the lowest mean tree time of each load in bold. A cell of one run has
+    no interval ("[—]" after its ratio); a note names the workloads that ignore the seed."""
     metrics = {m: label for m, label in (metrics or HEADLINE_METRICS).items() if f"{m}_mean" in summary}
     lines = []
     has_ratio = "jct_ratio" in summary and summary["jct_ratio"].notna().any()
@@ -812,9 +1227,7 @@ def to_markdown(summary: pd.DataFrame, metrics: dict[str, str] | None = None, ba
             for record in cell.to_dict("records"):
                 values = []
                 for metric in metrics:
-                    text = _fmt(record[f"{metric}_mean"])
-                    if np.isfinite(record[f"{metric}_ci"]):
-                        text += f" ± {_fmt(record[f'{metric}_ci'])}"
+                    text = _with_interval(record, metric)
                     if metric == "jct_mean_s" and record[f"{metric}_mean"] == best:
                         text = f"**{text}**"
                     values.append(text)
@@ -823,19 +1236,41 @@ def to_markdown(summary: pd.DataFrame, metrics: dict[str, str] | None = None, ba
                     ratio = f"{record['jct_ratio']:.3f}" if np.isfinite(record["jct_ratio"]) else "-"
                     if np.isfinite(record["jct_ratio_lo"]):
                         ratio += f" [{record['jct_ratio_lo']:.3f}, {record['jct_ratio_hi']:.3f}]"
+                    elif record["n"] == 1 and np.isfinite(record["jct_ratio"]):
+                        ratio += " [—]"
                     row.insert(3, ratio)
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines.append(
-        "Mean ± 95% Student-t half-width over seeds. Tree time = tree completion time, over "
+        "Mean ± 95% Student-t half-width over seeds; in brackets instead where the interval "
+        "reaches past the metric's range (below 0, or above 1 for a fraction) and is cut there. "
+        "Tree time = tree completion time, over "
         "finished trees only; failed trees (a call rejected, e.g. too long for the KV cache) "
         "are counted in their own column and are not in the tree times. "
         f"Tree time / {baseline}: ratio of mean tree times in the same cell; in brackets the "
-        "t-interval of the per-seed ratios (a seed gives every policy the same trees and arrivals). "
+        "log-scale t-interval of the per-seed ratios (a seed gives every policy the same trees and "
+        "arrivals). n = 1: one run, no interval (—). "
         "SLO: a multiple of each tree's unloaded time unless configured otherwise; goodput = trees "
         "within SLO per second. Bold: lowest mean tree time at that load (none when all tie)."
     )
+    seedless = seedless_workloads(summary)
+    if seedless:
+        lines += [
+            "",
+            f"**{', '.join(f'`{w}`' for w in seedless)}: the same trees for every seed** (a trace "
+            "without resampling), so each of its cells is one run (n = 1) with no interval (—): "
+            "more seeds would repeat the run exactly, and their zero-width interval would be no "
+            "measure of certainty. Set the trace's resample option to draw a different sample per seed.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def seedless_workloads(table: pd.DataFrame) -> list[str]:
+    """Workloads of a runs or summary table whose runs ignore the seed (``workload_seeded`` false)."""
+    if "workload_seeded" not in table or table.empty:
+        return []
+    flags = table["workload_seeded"].fillna(True).astype(bool)
+    return _unique(table.loc[~flags, "workload"])
 
 
 def plot_suite(runs: pd.DataFrame, out_dir: Path | str, **tables: pd.DataFrame) -> list[Path]:
@@ -846,33 +1281,51 @@ def plot_suite(runs: pd.DataFrame, out_dir: Path | str, **tables: pd.DataFrame) 
 
 
 # ---------------------------------------------------------------------------- end to end
+REPORT_FILES = (
+    "runs.csv",
+    "jobs.csv",
+    "kv_timeline.csv",
+    "summary.csv",
+    "summary.md",
+    "failures.csv",
+    "failures.log",
+)
+"""The report's files (besides ``plots/*.png``); a rewrite deletes the ones it no longer writes."""
+
+
 def write_tables(result: SuiteResult, out_dir: Path | str) -> dict[str, Path]:
-    """runs.csv, jobs.csv, kv_timeline.csv and, when runs failed, failures.csv + failures.log."""
+    """runs.csv, jobs.csv, kv_timeline.csv and, when runs failed, failures.csv + failures.log;
+    each by temporary file and rename."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"runs": out / "runs.csv", "jobs": out / "jobs.csv", "kv": out / "kv_timeline.csv"}
-    result.runs.to_csv(paths["runs"], index=False)
-    result.jobs.to_csv(paths["jobs"], index=False)
-    result.kv.to_csv(paths["kv"], index=False)
+    suite_io.write_csv_atomic(result.runs, paths["runs"])
+    suite_io.write_csv_atomic(result.jobs, paths["jobs"])
+    suite_io.write_csv_atomic(result.kv, paths["kv"])
     if not result.failures.empty:
         paths["failures"] = out / "failures.csv"
-        result.failures.drop(columns="traceback").to_csv(paths["failures"], index=False)
-        with open(out / "failures.log", "w") as log:
-            for failure in result.failures.to_dict("records"):
-                keys = " ".join(f"{k}={failure[k]}" for k in KEYS)
-                log.write(f"=== {keys}\n{failure['error']}: {failure['message']}\n{failure['traceback']}\n")
+        suite_io.write_csv_atomic(result.failures.drop(columns="traceback"), paths["failures"])
+        log = []
+        for failure in result.failures.to_dict("records"):
+            keys = " ".join(f"{k}={failure[k]}" for k in KEYS)
+            log.append(f"=== {keys}\n{failure['error']}: {failure['message']}\n{failure['traceback']}\n")
+        paths["failures_log"] = suite_io.write_text_atomic(out / "failures.log", "".join(log))
     return paths
 
 
 def report(result: SuiteResult, out_dir: Path | str, baseline: str = "fcfs", plots: bool = True) -> str:
-    """Write the tables, summary.csv, summary.md and the plots; returns the markdown."""
+    """Write the tables, summary.csv, summary.md and the plots, each by temporary file and
+    rename; ``report.json`` is removed first and written last (the report is complete only with
+    it), and report files this report does not write are deleted. Returns the markdown."""
     out = Path(out_dir)
-    write_tables(result, out)
+    out.mkdir(parents=True, exist_ok=True)
+    suite_io.begin_report(out)
+    written = list(write_tables(result, out).values())
     if result.runs.empty:
         markdown = "No run succeeded.\n"
     else:
         summary = summarise(result.runs, baseline=baseline)
-        summary.to_csv(out / "summary.csv", index=False)
+        written.append(suite_io.write_csv_atomic(summary, out / "summary.csv"))
         markdown = to_markdown(summary, baseline=baseline)
         if baseline not in set(result.runs["policy"]):
             markdown = (
@@ -882,8 +1335,20 @@ def report(result: SuiteResult, out_dir: Path | str, baseline: str = "fcfs", plo
         if rejected := rejected_work_line(result.runs):
             markdown = f"**Incomplete: {rejected}.**\n\n" + markdown
         if plots:
-            plot_suite(result.runs, out, jobs=result.jobs, kv=result.kv, summary=summary)
-    (out / "summary.md").write_text(markdown)
+            written += plot_suite(result.runs, out, jobs=result.jobs, kv=result.kv, summary=summary)
+    if not result.failures.empty:
+        markdown = (
+            f"**{len(result.failures)} runs failed** and are not in these tables; see failures.csv.\n\n"
+            + markdown
+        )
+    written.append(suite_io.write_text_atomic(out / "summary.md", markdown))
+    plot_dir = out / "plots"
+    stale = [out / name for name in REPORT_FILES] + (
+        sorted(plot_dir.glob("*.png")) if plot_dir.is_dir() else []
+    )
+    suite_io.remove_stale(out, written, stale)
+    suite_io.finish_report(out, written, runs=len(result.runs), failures=len(result.failures))
+    result.markdown = markdown
     return markdown
 
 
@@ -896,70 +1361,138 @@ def evaluate(
     conf_dir: Path | str | None = None,
     progress: bool = True,
     console: Any = None,
+    plots: bool = True,
 ) -> SuiteResult:
-    """Run the suite and write everything into ``out_dir`` (see the module docstring)."""
-    result = run_suite_full(
-        config,
-        extra_policies=extra_policies,
-        base_cfg=base_cfg,
-        conf_dir=conf_dir,
-        progress=progress,
-        console=console,
-    )
-    suite = suite_from_cfg(config.suite) if isinstance(config, DictConfig) else config
-    report(result, out_dir, baseline=suite.baseline)
+    """Run the suite into ``out_dir`` (see the module docstring, "Interruption and resuming"):
+    each finished run appended to ``runs.jsonl`` as it completes, then the report. With
+    ``suite.resume`` the runs recorded there are kept and only the rest run.
+
+    Raises ``OutputFolderError`` for a folder that cannot take the suite (before anything runs)
+    and ``SuiteInterrupted`` (a ``KeyboardInterrupt``; ``str()`` is the line to print) on Ctrl-C."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    plan = plan_suite(config, extra_policies=extra_policies, base_cfg=base_cfg, conf_dir=conf_dir)
+    suite = plan.config
+    out = Path(out_dir)
+    suite_io.prepare_folder(out, plan.identity, resume=suite.resume)
+    resume_hint = f"rerun with suite.resume=true into {out} to continue"
+    with suite_io.RunJournal(out / suite_io.JOURNAL) as journal:
+        recorded = latest_records(journal.records)
+        done = {key for key, record in recorded.items() if "failure" not in record}
+        todo = [task for task in plan.tasks if run_key(task.keys) not in done]
+        if recorded:
+            retried = sum(1 for task in todo if run_key(task.keys) in recorded)
+            console.print(
+                f"resuming {out}: {len(plan.tasks) - len(todo)} of {len(plan.tasks)} runs recorded, "
+                f"{len(todo)} to run ({retried} failed before and run again)",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+        try:
+            execute(plan, todo, progress=progress, console=console, journal=journal, kept=len(done))
+        except SuiteInterrupted as stop:
+            raise SuiteInterrupted(
+                f"interrupted: {stop.kept} of {len(plan.tasks)} runs kept in {journal.path} "
+                f"(no tables written); {resume_hint}",
+                kept=stop.kept,
+            ) from None
+        records = journal.records
+    wanted = {run_key(task.keys) for task in plan.tasks}
+    result = assemble((r for r in records if run_key(_keys_of(r)) in wanted), plan.order)
+    try:
+        report(result, out, baseline=suite.baseline, plots=plots)
+    except KeyboardInterrupt:
+        raise SuiteInterrupted(
+            f"interrupted while writing the report: all {len(result.runs) + len(result.failures)} runs "
+            f"are kept in {out / suite_io.JOURNAL}, the report is incomplete (no report.json); "
+            f"{resume_hint} and write it",
+            kept=len(result.runs) + len(result.failures),
+        ) from None
     return result
+
+
+def _keys_of(record: dict) -> dict:
+    return record["failure"] if "failure" in record else record["row"]
 
 
 def collect(folder: Path | str, exclude: Path | str | None = None) -> SuiteResult:
     """Merge the tables of every suite under ``folder`` (e.g. a Hydra multirun sweep of one-cell
-    suites); a run present twice keeps its last copy."""
+    suites). A run (policy, workload, load, seed) found in two folders is an error naming both
+    files, not a silent choice of one: remove one copy, or collect a narrower folder."""
     folder = Path(folder)
     skip = Path(exclude).resolve() if exclude else None
     tables: dict[str, list[pd.DataFrame]] = {"runs": [], "jobs": [], "kv_timeline": [], "failures": []}
+    seen: dict[tuple, Path] = {}
     for runs in sorted(folder.rglob("runs.csv")):
         if skip is not None and runs.parent.resolve() == skip:
             continue
         for name in tables:
             path = runs.parent / f"{name}.csv"
-            if path.exists() and path.stat().st_size > 1:
-                tables[name].append(pd.read_csv(path))
+            if not (path.exists() and path.stat().st_size > 1):
+                continue
+            frame = pd.read_csv(path)
+            tables[name].append(frame)
+            if name in ("runs", "failures") and not frame.empty:
+                for keys in frame[list(KEYS)].to_dict("records"):
+                    key = run_key(keys)
+                    if key in seen:
+                        raise SuiteConfigError(
+                            "collect: the run "
+                            + " ".join(f"{k}={v}" for k, v in zip(KEYS, key, strict=True))
+                            + f" is in both {seen[key]} and {path}; keep one copy (delete or move the "
+                            "other folder) or collect a narrower folder"
+                        )
+                    seen[key] = path
     if not tables["runs"]:
         raise SuiteConfigError(f"collect: no runs.csv under {folder}")
 
-    def merged(name: str, unique: Sequence[str]) -> pd.DataFrame:
+    def merged(name: str) -> pd.DataFrame:
         frames = [f for f in tables[name] if not f.empty]
         if not frames:
             return pd.DataFrame(columns=list(KEYS))
-        frame = pd.concat(frames, ignore_index=True)
-        return _sorted(frame.drop_duplicates(subset=[*KEYS, *unique], keep="last"))
+        return _sorted(pd.concat(frames, ignore_index=True))
 
-    failures = merged("failures", ())
+    failures = merged("failures")
     if "traceback" not in failures:
         failures["traceback"] = ""
-    return SuiteResult(
-        runs=merged("runs", ()),
-        jobs=merged("jobs", ("job_id",)),
-        kv=merged("kv_timeline", ("replica", "time_s")),
-        failures=failures,
-    )
+    return SuiteResult(runs=merged("runs"), jobs=merged("jobs"), kv=merged("kv_timeline"), failures=failures)
+
+
+def collect_identity(folder: Path | str) -> dict:
+    """What a collect's output folder records in suite.json (a rerun of the same collect may
+    rewrite its report)."""
+    return {"kind": "collect", "folder": str(Path(folder).resolve())}
 
 
 __all__ = [
     "HEADLINE_METRICS",
+    "OutputFolderError",
+    "RunTimeout",
     "SuiteConfig",
     "SuiteConfigError",
+    "SuiteInterrupted",
+    "SuitePlan",
     "SuiteResult",
+    "assemble",
+    "bounded_interval",
     "collect",
+    "collect_identity",
     "compose_config",
     "evaluate",
+    "execute",
     "incomplete_runs",
     "metric_columns",
+    "metric_range",
+    "plan_suite",
     "plot_suite",
+    "ratio_interval",
     "rejected_work_line",
     "report",
     "run_suite",
     "run_suite_full",
+    "seedless_workloads",
     "summarise",
     "t_interval",
     "to_markdown",

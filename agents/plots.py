@@ -5,7 +5,7 @@
 * ``jct_cdf.png``: CDF of tree completion times per policy, one panel per workload, at its
   highest load (trees of every seed pooled);
 * ``jct_vs_load.png``: mean and p99 tree completion time versus load (mean over seeds, 95%
-  t-interval bars), one column per workload;
+  t-interval bars cut at 0, the y axis from 0), one column per workload;
 * ``goodput_vs_load.png``: goodput and SLO attainment versus load;
 * ``kv_utilization.png``: KV use over time per policy at the highest load, first seed
   (time-weighted per bin, mean over replicas).
@@ -91,7 +91,7 @@ def plot_vs_load(
                 ax.errorbar(
                     line.load,
                     line[f"{metric}_mean"],
-                    yerr=line[f"{metric}_ci"].fillna(0.0),
+                    yerr=error_bars(line, metric),
                     label=policy,
                     **styles[policy],
                     marker="o",
@@ -101,9 +101,27 @@ def plot_vs_load(
             ax.set(title=workload if row == 0 else None, xlabel="load (x offered rate)", ylabel=label)
             if mine.load.max() >= 4 * mine.load.min():
                 ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0.0)  # every suite metric is >= 0: no axis (or bar) below it
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize="small")
     return _save(fig, path)
+
+
+def error_bars(line: pd.DataFrame, metric: str) -> np.ndarray:
+    """(2, n) distances below and above each mean: to the interval cut to the metric's range
+    (``<m>_lo``/``<m>_hi`` of ``summarise``; a summary without them is cut at 0 here), never
+    below 0, so no bar draws a negative time, count or rate; 0 where there is no interval."""
+    mean = line[f"{metric}_mean"].to_numpy(dtype=np.float64)
+    half = line[f"{metric}_ci"].to_numpy(dtype=np.float64)
+    if f"{metric}_lo" in line and f"{metric}_hi" in line:
+        low = line[f"{metric}_lo"].to_numpy(dtype=np.float64)
+        high = line[f"{metric}_hi"].to_numpy(dtype=np.float64)
+    else:
+        low, high = np.maximum(mean - half, 0.0), mean + half
+    below = np.nan_to_num(np.clip(mean - low, 0.0, None), nan=0.0)
+    above = np.nan_to_num(np.clip(high - mean, 0.0, None), nan=0.0)
+    below = np.minimum(below, np.nan_to_num(np.clip(mean, 0.0, None)))  # never past 0
+    return np.vstack([below, above])
 
 
 def plot_kv_timeline(kv: pd.DataFrame, path: Path, policies: list[str]) -> Path | None:
@@ -133,10 +151,15 @@ def plot_kv_timeline(kv: pd.DataFrame, path: Path, policies: list[str]) -> Path 
 
 
 def _save(fig, path: Path) -> Path:
+    """Write the figure by temporary file and rename (an interrupted plot leaves no torn PNG)."""
+    from servegym.agents.suite_io import save_figure_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -8,11 +8,18 @@ python scripts/evaluate.py suite.policies=[fcfs,ppo] +suite.agent_overrides.ppo.
 python scripts/evaluate.py -m hydra/launcher=joblib suite.policies=[fcfs],[plas]   # one suite per job
 python scripts/evaluate.py collect=multirun/DATE/TIME             # merge a sweep's suites
 
+python scripts/evaluate.py suite.workloads=[] suite.traces=[runs/a.jsonl,runs/b.jsonl]   # two traces
+python scripts/evaluate.py output_dir=eval/x suite.resume=true   # continue an interrupted suite
+
 Writes runs.csv, jobs.csv, kv_timeline.csv, summary.csv, summary.md, plots/*.png (and
-failures.csv/.log) into the Hydra run dir or output_dir=. Exit status: 0 when every run finished
-all its work; 1 if a run failed, or if a run rejected work (calls too long for the KV cache,
-failed trees) and suite.fail_on_rejected is true (the default; false: reported, exit 0); 2 on a
-bad config or trace. Definitions (load, SLO, confidence intervals, seeds): servegym/agents/evaluate.py.
+failures.csv/.log) into output_dir= (which must be empty, or hold this suite with
+suite.resume=true), or else a fresh Hydra run dir; nothing is written anywhere else. Each run is
+appended to runs.jsonl as it finishes; Ctrl-C prints one line (runs kept, where, how to
+continue) and exits 130. Exit status: 0 when every run finished all its work; 1 if a run failed
+(raised, stalled, or ran past suite.run_timeout_s), or if a run rejected work (calls too long for
+the KV cache, failed trees) and suite.fail_on_rejected is true (the default; false: reported,
+exit 0); 2 on a bad config, trace or output folder; 130 on Ctrl-C. Definitions (load, SLO,
+confidence intervals, seeds, traces, resuming): servegym/agents/evaluate.py.
 """
 
 from __future__ import annotations
@@ -28,13 +35,17 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from servegym.agents.configs import register_configs
+from servegym.agents import suite_io
 from servegym.agents.evaluate import (
+    OutputFolderError,
     SuiteConfigError,
+    SuiteInterrupted,
     collect,
+    collect_identity,
+    evaluate,
     register_suite_schema,
     rejected_work_line,
     report,
-    run_suite_full,
     suite_from_cfg,
 )
 
@@ -53,13 +64,31 @@ def main(cfg: DictConfig) -> None:
     try:
         suite = suite_from_cfg(cfg.suite)
         if cfg.collect:
+            suite_io.prepare_folder(out_dir, collect_identity(cfg.collect), resume=False, kind="collect")
             result = collect(cfg.collect, exclude=out_dir)
+            markdown = report(result, out_dir, baseline=suite.baseline, plots=cfg.plots)
         else:
-            result = run_suite_full(cfg, conf_dir=CONF_DIR, progress=cfg.progress, console=errors)
-    except (SuiteConfigError, ValueError) as error:  # a bad key, value or trace: the message says which
+            result = evaluate(
+                cfg, out_dir, conf_dir=CONF_DIR, progress=cfg.progress, console=errors, plots=cfg.plots
+            )
+            markdown = result.markdown
+    except (SuiteConfigError, OutputFolderError, ValueError) as error:  # the message says which key/file
         errors.print(f"[red]bad evaluation config:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    markdown = report(result, out_dir, baseline=suite.baseline, plots=cfg.plots)
+    except SuiteInterrupted as stop:  # one line, no traceback: what was kept and how to go on
+        errors.print(str(stop), highlight=False, markup=False, soft_wrap=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        errors.print(
+            f"interrupted while collecting; the report in {out_dir} is incomplete (no report.json): run "
+            "the collect again"
+            if cfg.collect
+            else f"interrupted before any run was recorded; nothing kept in {out_dir}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.exit(130)
     print(markdown, flush=True)  # plain Markdown: paste it into a README or an issue
     failed = len(result.failures)
     incomplete = len(result.incomplete())
