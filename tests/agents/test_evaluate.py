@@ -69,9 +69,9 @@ def test_summary_ratio_to_fcfs_and_paired_interval() -> None:
     assert summary.loc["fcfs", "jct_ratio_lo"] == summary.loc["fcfs", "jct_ratio_hi"] == 1.0
     assert summary.loc["fast", "jct_ratio"] == pytest.approx(50.0 / 60.0)  # ratio of the means
     per_seed = np.array([0.8, 0.75, 0.9])
-    mean, half = t_interval(per_seed)
-    assert summary.loc["fast", "jct_ratio_lo"] == pytest.approx(mean - half)
-    assert summary.loc["fast", "jct_ratio_hi"] == pytest.approx(mean + half)
+    mean, half = t_interval(np.log(per_seed))  # a log-scale interval, exponentiated back
+    assert summary.loc["fast", "jct_ratio_lo"] == pytest.approx(math.exp(mean - half))
+    assert summary.loc["fast", "jct_ratio_hi"] == pytest.approx(math.exp(mean + half))
     assert summary.loc["fast", "jct_mean_s_mean"] == pytest.approx(50.0 / 3)
     assert summary.loc["fast", "n"] == 3
     markdown = to_markdown(summary.reset_index())
