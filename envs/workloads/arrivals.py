@@ -117,19 +117,52 @@ class MMPP:
             )
 
     def times(self, rng: np.random.Generator, num_jobs: int) -> np.ndarray:
+        return self.trajectory(rng, num_jobs)[0]
+
+    def trajectory(self, rng: np.random.Generator, num_jobs: int) -> tuple[np.ndarray, np.ndarray]:
+        """The arrival times and the state path behind them: ``(times, visits)``, where
+        ``visits`` is a (V, 3) array of state visits ``[start_s, end_s, state]`` (state 0 quiet,
+        1 busy) covering ``[0, end of the visit holding the last arrival]``. ``times`` is what
+        ``times()`` returns for the same rng (the same draws, in the same order); the visits let
+        a test or a plot measure each state's rate and dwell."""
         _check_num_jobs(num_jobs)
         rates = (self.rate_low, self.rate_high)
         state = int(rng.integers(2))  # both states are equally likely in the long run
-        start_s, chunks, count = 0.0, [], 0
+        start_s, chunks, visits, count = 0.0, [], [], 0
         while count < num_jobs:
             dwell_s = rng.exponential(self.mean_dwell_s)
             # A Poisson process on an interval: a Poisson count of uniform points.
             n = rng.poisson(rates[state] * dwell_s)
             chunks.append(np.sort(start_s + rng.uniform(0.0, dwell_s, n)))
+            visits.append((start_s, start_s + dwell_s, state))
             count += n
             start_s += dwell_s
             state = 1 - state
-        return np.concatenate(chunks)[:num_jobs] if chunks else np.zeros(0)
+        times = np.concatenate(chunks)[:num_jobs] if chunks else np.zeros(0)
+        return times, np.array(visits, dtype=float).reshape(-1, 3)
+
+    @property
+    def rate_ratio(self) -> float:
+        """Busy-state rate over quiet-state rate (inf for on/off traffic)."""
+        return self.rate_high / self.rate_low if self.rate_low > 0 else float("inf")
+
+    def gap_cv(self) -> float:
+        """The exact coefficient of variation of the stationary inter-arrival gaps.
+
+        A two-state MMPP's gaps are phase-type: with generator Q (switching rate 1 / dwell each
+        way) and rate matrix L = diag(rate_low, rate_high), D0 = Q - L, the gap moments under
+        the embedded arrival-state distribution pi_a (pi_a proportional to pi L, pi = (1/2, 1/2))
+        are E[X^k] = k! pi_a (-D0)^-k 1. Poisson (equal rates) gives 1; Mooncake's conversation
+        trace has 3.0 (ANCHORS.md)."""
+        switch = 1.0 / self.mean_dwell_s
+        rates = np.array([self.rate_low, self.rate_high])
+        d0 = np.array([[-switch, switch], [switch, -switch]]) - np.diag(rates)
+        inv = np.linalg.inv(-d0)
+        pi_a = rates / rates.sum()
+        ones = np.ones(2)
+        m1 = pi_a @ inv @ ones
+        m2 = 2.0 * pi_a @ inv @ inv @ ones
+        return float(np.sqrt(m2 - m1**2) / m1)
 
 
 ARRIVALS: dict[str, type] = {"poisson": Poisson, "gamma": Gamma, "mmpp": MMPP}
