@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
     except Exception as error:
         exit_on_config_error(error)
         raise
-    total = cfg.workload.get("num_jobs")
+    total = cfg.workload.get("num_jobs") or cfg.workload.get("limit")  # a trace's length is unknown
     columns = (TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not cfg.progress) as bar:
         task = bar.add_task("jobs", total=total)
@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> None:
             decisions += 1
             if cfg.check_every and decisions % cfg.check_every == 0:
                 engine.check_invariants()  # raises InvariantError naming what broke
-            bar.update(task, completed=engine.num_jobs_done)
+            if decisions % 64 == 0:  # a bar update costs more than a decision
+                bar.update(task, completed=engine.num_jobs_done)
         bar.update(task, completed=engine.num_jobs_done)
         if cfg.check_every:
             engine.check_invariants()

@@ -4,14 +4,25 @@ Events are job arrivals, calls becoming ready (parents done, tools returned, net
 replica iterations ending and TTL pins expiring (Continuum; ``EngineConfig.pin_ttl_rule``). The engine does not call a policy: ``next_decision()`` advances
 the clock until a choice is needed and returns it, ``decide(scores)`` applies the answer, and
 ``run(policy)`` is the plain driver loop that does both. Nothing here reads wall-clock time.
+
+Memory follows the live work when the source streams (``JobSource.streaming``, e.g. a trace
+replayed by ``StreamedJobs``): the engine holds one arrival event ahead of its clock, pulling
+the next job from the source when that one arrives, and when a tree finishes it drops the
+tree's ``Job``, its call tree and its calls' prompt segments and block hashes. What stays per
+tree is its row of per-job columns (arrival, finish, service, counts; what the metrics read)
+and per call its row of the call table (call ids are never reused or renumbered). Event order,
+ids and every result are those of the same jobs given as a list. ``jobs[i]`` of a dropped tree
+is read again from the source on demand (``StreamedJobs.jobs``: the whole trace, for per-tree
+analysis after a run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from enum import IntEnum
+from typing import overload
 
 import numpy as np
 
@@ -22,11 +33,13 @@ from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineC
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import candidate_decision, route_decision
 from servegym.envs.engine.invariants import check_drained, check_live
-from servegym.envs.engine.metrics import RunMetrics, collect_metrics
+from servegym.envs.engine.metrics import KvSamples, RunMetrics, collect_metrics
 from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
 from servegym.envs.engine.scheduler import Replica
 from servegym.envs.workloads.job import Job, Output, role_id
 from servegym.envs.workloads.source import JobSource
+
+_RELEASED: tuple = ()  # a dropped call's segments, hashes and (empty) block table
 
 _JOB_COLUMNS = {
     "job_arrival_s": 0.0,
@@ -37,6 +50,41 @@ _JOB_COLUMNS = {
     "job_tenant": np.int64(0),
     "job_failed": np.bool_(False),
 }
+
+
+class JobLog(Sequence[Job]):
+    """``Engine.jobs`` of a streaming run: the jobs in engine order, a finished one dropped
+    (``release``) and read again from ``reload()`` (every job, in engine order) if asked for."""
+
+    def __init__(self, reload: Callable[[], Sequence[Job]]) -> None:
+        self._jobs: list[Job | None] = []
+        self._reload = reload
+        self.num_held = 0  # jobs held now (the live trees)
+
+    def append(self, job: Job) -> None:
+        self._jobs.append(job)
+        self.num_held += 1
+
+    def release(self, index: int) -> None:
+        if self._jobs[index] is not None:
+            self._jobs[index] = None
+            self.num_held -= 1
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        job = self._jobs[index]
+        return self._reload()[index if index >= 0 else len(self) + index] if job is None else job
+
+    def __iter__(self) -> Iterator[Job]:
+        return (self[i] for i in range(len(self)))
 
 
 class EventKind(IntEnum):
@@ -63,6 +111,7 @@ class Engine:
             raise ValueError(f"time_scale_s must be > 0, got {time_scale_s!r}")
         self.time_scale_s = time_scale_s
         self.source = source
+        self.streaming = bool(getattr(source, "streaming", False))
         self.calls = CallTable()
         self._keys: dict[str, int] = {}  # prompt content key -> id for block hashing
         backend_factory = backend_factory or make_backend_factory(self.config)  # by engine.backend
@@ -79,7 +128,8 @@ class Engine:
         self.now_s = 0.0
         self._events: list[tuple[float, int, int, object]] = []
         # per job
-        self.jobs: list[Job] = []
+        self.jobs: list[Job] | JobLog = JobLog(lambda: source.jobs) if self.streaming else []
+        self.num_jobs_finished = 0  # trees whose every call is terminal (finished or rejected)
         self.job_first_call: list[int] = []
         self.job_children: list[list[list[int]]] = []
         for name, fill in _JOB_COLUMNS.items():  # per-job columns, longer than len(jobs)
@@ -98,15 +148,20 @@ class Engine:
         self.num_live_jobs = 0
         self.tree_seconds = 0.0  # integral of unfinished trees over virtual time = total tree time
         self.stall: str | None = None
-        self.kv_samples: list[tuple[float, int, float]] = []  # (time, replica, used fraction)
+        self.kv_samples = KvSamples()  # (time, replica, used fraction) per scheduled batch
         self._loop = self._run()
         self._event: tuple[int, int] = (EventKind.ARRIVAL, -1)  # latest event key handled at now_s
         self._event_time = -np.inf
         self._pending: Decision | None = None
         self._answer: np.ndarray | None = None
         self._started = False
-        for job in source.initial_jobs():
-            self._add_job(job)
+        self._arrivals: Iterator[Job] | None = None  # a streaming source's jobs not pulled yet
+        if self.streaming:
+            self._arrivals = iter(source.initial_jobs())
+            self._pull_arrival()
+        else:
+            for job in source.initial_jobs():
+                self._add_job(job)
 
     # ------------------------------------------------------------------ driver API
     @property
@@ -116,7 +171,8 @@ class Engine:
 
     @property
     def num_jobs_done(self) -> int:
-        return len(self.jobs) - len(self._unfinished_jobs())
+        """Trees done (finished or failed) so far; O(1), a driver may ask every decision."""
+        return self.num_jobs_finished
 
     def next_decision(self) -> Decision | None:
         """Advance the clock to the next choice; None once the workload has drained."""
@@ -210,6 +266,7 @@ class Engine:
                 self._expire_pin(self.replicas[payload], key)
             else:
                 yield from self._step(self.replicas[key])
+        self._drain_arrivals()
         unfinished = self._unfinished_jobs()
         if unfinished and self.stall is None:
             self.stall = self._diagnose(unfinished)
@@ -249,7 +306,35 @@ class Engine:
         return "; ".join(lines)
 
     # ------------------------------------------------------------------ jobs and calls
-    def _add_job(self, job: Job) -> None:
+    def _pull_arrival(self) -> None:
+        """Streaming: schedule the source's next job, one arrival ahead of the clock. Its
+        arrival event sorts exactly where it would have had every job been pushed at start."""
+        job = next(self._arrivals, None)
+        if job is None:
+            self._arrivals = None
+            return
+        index = len(self.jobs)
+        if index and job.arrival_s < self.job_arrival_s[index - 1]:
+            raise ValueError(
+                f"streaming source {type(self.source).__name__}: job {job.job_id!r} arrives at "
+                f"{job.arrival_s!r} s, before the previous job ({self.job_arrival_s[index - 1]!r} s); a "
+                "streaming source must yield jobs in arrival order"
+            )
+        self._add_job(job)
+
+    def _drain_arrivals(self) -> None:
+        """Streaming, after a stall: count the jobs that never arrived (as a list source would
+        have them) without scheduling or holding them."""
+        while self._arrivals is not None:
+            job = next(self._arrivals, None)
+            if job is None:
+                self._arrivals = None
+                break
+            index = len(self.jobs)
+            self._add_job(job, schedule=False)
+            self._release_job(index)
+
+    def _add_job(self, job: Job, schedule: bool = True) -> None:
         index = len(self.jobs)
         self.jobs.append(job)
         tenant = self.tenants.setdefault(job.tenant, len(self.tenants))
@@ -267,9 +352,12 @@ class Engine:
         self.job_replicas.append(set())
         self.job_first_call.append(-1)  # set when the job arrives and its calls get ids
         self.job_children.append(job.children())
-        self._push(job.arrival_s, EventKind.ARRIVAL, index)
+        if schedule:
+            self._push(job.arrival_s, EventKind.ARRIVAL, index)
 
     def _arrive(self, index: int) -> None:
+        if self._arrivals is not None and index == len(self.jobs) - 1:
+            self._pull_arrival()  # the next arrival joins the heap before anything later runs
         job = self.jobs[index]
         calls = self.calls
         ids = calls.add(len(job.calls))
@@ -413,8 +501,28 @@ class Engine:
         if self.job_calls_done[job_index] == self.job_num_calls[job_index]:
             self.job_finish_s[job_index] = self.now_s
             self.num_live_jobs -= 1
+            self.num_jobs_finished += 1
             for job in self.source.on_job_finished(self.jobs[job_index], self.now_s):
                 self._add_job(job)
+            if self.streaming:
+                self._release_job(job_index)
+
+    def _release_job(self, index: int) -> None:
+        """Streaming: drop a finished tree's heavy state (its ``Job``, call tree, replica set,
+        and its calls' prompt segments, block hashes and tool marks); nothing reads them again
+        once every call of the tree is terminal. Its per-job and per-call rows stay."""
+        calls = self.calls
+        first = self.job_first_call[index]
+        if first >= 0:  # it arrived: its calls have ids
+            for call in range(first, first + int(self.job_num_calls[index])):
+                calls.segments[call] = _RELEASED
+                calls.hashes[call] = _RELEASED
+                if not calls.blocks[call]:
+                    calls.blocks[call] = _RELEASED
+                self._tools_seen.discard(call)
+        self.jobs.release(index)
+        self.job_children[index] = None
+        self.job_replicas[index] = None
 
     def _finish(self, call: int) -> None:
         calls = self.calls
@@ -473,13 +581,14 @@ class Engine:
             batch = yield from replica.schedule()
         if batch is None:
             if replica.waiting:  # waiting work, nothing running, nothing admissible: a stall
+                self._drain_arrivals()  # the trees that never arrived count as unfinished
                 self.stall = self._diagnose(self._unfinished_jobs())
                 self._events.clear()
             return
         replica.time_batch(batch, self.now_s)
         replica.in_flight = batch
         self.kv_samples.append(
-            (self.now_s, replica.index, replica.blocks.num_used_blocks / replica.blocks.num_blocks)
+            self.now_s, replica.index, replica.blocks.num_used_blocks / replica.blocks.num_blocks
         )
         self._push_step(replica)
 

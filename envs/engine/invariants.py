@@ -134,7 +134,7 @@ def check_drained(engine: Engine) -> None:
     bad = np.flatnonzero(~np.isin(states, [int(s) for s in TERMINAL]))
     _require(not len(bad), f"{len(bad)} calls not terminal, e.g. call {bad[0] if len(bad) else -1}")
     done = engine.job_calls_done[: len(jobs)].tolist()
-    want = [len(job.calls) for job in jobs]
+    want = engine.job_num_calls[: len(jobs)].tolist()  # len(job.calls), set at arrival
     _require(done == want, "a tree counted a call more or less than once")
     _require(not np.isnan(engine.job_finish_s[: len(jobs)]).any(), "a tree has no finish time")
     for replica in engine.replicas:

@@ -180,12 +180,39 @@ def _first_rejection(engine: Engine) -> str:
     return f"{job_id} call {call}: {reason}"
 
 
+class KvSamples:
+    """The engine's KV-use samples, (time_s, replica, owned-block fraction) per scheduled batch,
+    in one float64 array grown by doubling: 24 bytes a sample where a list of tuples took ~100
+    (a long trace schedules millions of batches)."""
+
+    def __init__(self) -> None:
+        self._rows = np.zeros((1024, 3))
+        self._size = 0
+
+    def append(self, time_s: float, replica: int, used: float) -> None:
+        if self._size == len(self._rows):
+            self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])
+        self._rows[self._size] = (time_s, replica, used)
+        self._size += 1
+
+    def __len__(self) -> int:
+        return self._size
+
+    def array(self) -> np.ndarray:
+        """(T, 3) copy of the samples."""
+        return self._rows[: self._size].copy()
+
+    def __iter__(self):
+        return iter(map(tuple, self._rows[: self._size].tolist()))
+
+
 def kv_utilization_timeline(engine: Engine) -> np.ndarray:
     """(T, 3) rows of (time_s, replica, owned-block fraction), one per scheduled iteration or
     folded run: the KV-use-over-time series that evaluation plots."""
-    if not engine.kv_samples:
+    if not len(engine.kv_samples):
         return np.zeros((0, 3))
-    return np.array(engine.kv_samples, dtype=np.float64)
+    samples = engine.kv_samples
+    return samples.array() if isinstance(samples, KvSamples) else np.array(samples, dtype=np.float64)
 
 
 @dataclass

@@ -40,6 +40,11 @@ What every importer does:
 - A malformed row (bad JSON, a missing field or column, a non-integer or negative length, an
   unreadable time) raises ``TraceFormatError`` naming the file and the 1-based line.
 - ``limit`` keeps the first ``limit`` usable rows and stops reading there (BurstGPT has 10M).
+- ``iter_import`` streams single-call jobs in arrival order while reading, the same jobs as the
+  ``import_*`` functions give for a trace whose rows never step back in time more than
+  ``reorder_window_s`` (it refuses one that does, naming the line; see ``traces.iter_jobs``).
+  Mooncake sessions need a session's later rows before its job can start, so grouping is
+  whole-file only.
 - Job ids are ``<file stem>/<line>``; the source and line(s) are in ``job.meta``.
 
 Prompts. Mooncake blocks become shared ``Text`` segments, so the engine's prefix cache sees
@@ -82,7 +87,14 @@ from pathlib import Path
 from typing import Any
 
 from servegym.envs.workloads.job import Call, Job, Output, Text
-from servegym.envs.workloads.traces import RawTime, TraceFormatError, relative_seconds, utf8_lines
+from servegym.envs.workloads.traces import (
+    REORDER_WINDOW_S,
+    RawTime,
+    TraceFormatError,
+    in_arrival_order,
+    relative_seconds,
+    utf8_lines,
+)
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per Mooncake hash id."""
@@ -138,6 +150,49 @@ def import_mooncake(
     else:
         jobs = _single_call_jobs(requests, "mooncake", path.stem, _mooncake_prompt, max_tokens_budget)
     return ImportResult(jobs, skipped)
+
+
+def iter_import(
+    path: str | os.PathLike[str],
+    format: str,
+    *,
+    max_tokens_budget: int | None = None,
+    limit: int | None = None,
+    reorder_window_s: float = REORDER_WINDOW_S,
+    set_call_model: bool = False,
+    skipped: Counter[str] | None = None,
+) -> Iterator[Job]:
+    """Stream a public trace (``format``: mooncake, azure or burstgpt) as single-call jobs in
+    arrival order, read as they are pulled; the jobs ``import_<format>`` gives, job for job
+    (module docstring). Skipped rows are counted into ``skipped`` as they are read."""
+    path = Path(path)
+    _check_options(DEFAULT_SESSION_GAP_S, max_tokens_budget, limit)
+    if format == "mooncake":
+        rows, field, unit, source, prompt_for = (
+            _mooncake_rows(path),
+            "timestamp",
+            Decimal("0.001"),
+            "mooncake",
+            _mooncake_prompt,
+        )
+    elif format == "azure":
+        rows, field, unit, source, prompt_for = _azure_rows(path), "TIMESTAMP", 1, "azure", _unique_prompt
+    elif format == "burstgpt":
+        rows, field, unit, source, prompt_for = (
+            _burstgpt_rows(path, set_call_model),
+            "Timestamp",
+            1,
+            "burstgpt",
+            _unique_prompt,
+        )
+    else:
+        raise ValueError(f"iter_import: format must be mooncake, azure or burstgpt, got {format!r}")
+    counts = Counter() if skipped is None else skipped
+    records = ((r.raw_time, r.line, r) for r in _usable(rows, limit, counts))
+    for time_s, _, r in in_arrival_order(records, path, field, unit, reorder_window_s):
+        yield _single_call_job(
+            dataclasses.replace(r, time_s=time_s), source, path.stem, prompt_for, max_tokens_budget
+        )
 
 
 def import_azure(
@@ -211,18 +266,24 @@ def _refuse_grouping(group_sessions: bool, name: str) -> None:
 
 
 def _collect(rows: Iterator[Row], limit: int | None) -> tuple[list[_Request], dict[str, int]]:
-    requests: list[_Request] = []
     skipped: Counter[str] = Counter()
+    requests = list(_usable(rows, limit, skipped))
+    return requests, dict(skipped)
+
+
+def _usable(rows: Iterator[Row], limit: int | None, skipped: Counter[str]) -> Iterator[_Request]:
+    """The usable rows, counting skipped ones by reason; stops after ``limit`` usable rows."""
     if limit == 0:
-        return requests, {}
+        return
+    kept = 0
     for row in rows:
         if isinstance(row, str):
             skipped[row] += 1
             continue
-        requests.append(row)
-        if limit is not None and len(requests) >= limit:
-            break
-    return requests, dict(skipped)
+        yield row
+        kept += 1
+        if limit is not None and kept >= limit:
+            return
 
 
 def _on_zero_clock(
@@ -242,20 +303,27 @@ def _single_call_jobs(
     prompt_for: Callable[[_Request, str], tuple[Text, ...]],
     max_tokens_budget: int | None,
 ) -> list[Job]:
-    jobs = []
-    for r in requests:
-        job_id = f"{stem}/{r.line}"
-        call = Call(
-            call_id=0,
-            role="user",
-            prompt=prompt_for(r, job_id),
-            output_tokens=r.output_tokens,
-            max_tokens=max_tokens_budget or r.output_tokens,
-            model=r.model,
-        )
-        meta = {"source": source, "lines": [r.line], **r.meta}
-        jobs.append(Job(job_id=job_id, arrival_s=r.time_s, calls=(call,), kind=source, meta=meta))
-    return jobs
+    return [_single_call_job(r, source, stem, prompt_for, max_tokens_budget) for r in requests]
+
+
+def _single_call_job(
+    r: _Request,
+    source: str,
+    stem: str,
+    prompt_for: Callable[[_Request, str], tuple[Text, ...]],
+    max_tokens_budget: int | None,
+) -> Job:
+    job_id = f"{stem}/{r.line}"
+    call = Call(
+        call_id=0,
+        role="user",
+        prompt=prompt_for(r, job_id),
+        output_tokens=r.output_tokens,
+        max_tokens=max_tokens_budget or r.output_tokens,
+        model=r.model,
+    )
+    meta = {"source": source, "lines": [r.line], **r.meta}
+    return Job(job_id=job_id, arrival_s=r.time_s, calls=(call,), kind=source, meta=meta)
 
 
 def _unique_prompt(r: _Request, job_id: str) -> tuple[Text, ...]:

@@ -43,11 +43,25 @@ earlier, the same workload on a clock that starts with it. Refused, naming the f
 field and value: NaN or infinite times, and a trace spanning more than ``MAX_ARRIVAL_SPAN_S``
 (about 31.7 years; such a span is almost always a unit mistake, e.g. nanoseconds written into
 ``arrival_s``, and beyond it float64 seconds no longer resolve a microsecond).
+
+Streaming. ``load_jobs`` reads the whole file (its jobs in file order, any arrival order).
+``iter_jobs`` streams it: it yields jobs in arrival order while reading, holding only the jobs
+of the last ``reorder_window_s`` seconds of trace time, so a replay's memory follows the live
+work, not the trace's length (``TraceWorkload(stream=True)``, the default, replays this way).
+The clock origin is then the arrival of the first job it yields, the earliest of the trace as
+long as the trace never steps back further than the window: a line whose arrival is earlier
+than a job already yielded is refused, naming the file, line and both times (sort the file by
+``arrival_s``, widen the window, or load it whole). A trace that the stream accepts gives the
+same jobs, arrival floats and order as ``FixedJobs(load_jobs(path))`` (ties in order of lines).
+``limit=N`` keeps the first N jobs (lines) of the file in both, and stops reading there: a
+file whose tail is not a trace still loads with a limit that stops before it. The stream
+keeps one record per job read: its id, to refuse duplicates.
 """
 
 from __future__ import annotations
 
 import decimal
+import heapq
 import json
 import math
 import os
@@ -55,7 +69,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from servegym.envs.workloads.arrivals import MAX_ARRIVAL_SPAN_S
 from servegym.envs.workloads.job import Call, Job, JobValidationError, Output, Segment, Text
@@ -66,6 +80,10 @@ _JOB_REQUIRED = ("schema", "job_id", "arrival_s", "calls")
 _JOB_OPTIONAL = ("tenant", "kind", "slo_s", "meta")
 _CALL_REQUIRED = ("role", "prompt", "output_tokens", "max_tokens")
 _CALL_OPTIONAL = ("parents", "tool_latency_s", "model")
+
+REORDER_WINDOW_S = 60.0
+"""Default of ``iter_jobs``'s ``reorder_window_s``: how far back in trace time a streamed trace
+may step (logs merged from several servers are a little out of order); a chosen default."""
 
 
 class TraceFormatError(ValueError):
@@ -101,13 +119,57 @@ def save_jobs(jobs: Iterable[Job], path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_jobs(path: str | os.PathLike[str]) -> list[Job]:
+def load_jobs(path: str | os.PathLike[str], limit: int | None = None) -> list[Job]:
     """Read a schema-1 JSONL trace, validating every line (JSON shape here, the data model's
     invariants in ``validate_job``); raises ``TraceFormatError`` at the first bad line.
+    ``limit=N`` keeps the first N jobs and reads no further.
 
-    Arrivals are shifted exactly so the earliest is 0 (see "Arrival clock" above)."""
+    Arrivals are shifted exactly so the earliest is 0 (see "Arrival clock" above). The jobs
+    come in file order; ``iter_jobs`` streams them in arrival order instead."""
     path = Path(path)
-    decoded: list[tuple[int, dict[str, Any], RawTime]] = []
+    _check_limit(limit)
+    decoded = [(line_no, fields, raw) for raw, line_no, fields in _decoded_lines(path, limit)]
+    line_numbers = [line_no for line_no, _, _ in decoded]
+    arrivals = relative_seconds([raw for _, _, raw in decoded], line_numbers, path, "arrival_s")
+    jobs = []
+    for (line_no, fields, _), arrival_s in zip(decoded, arrivals, strict=True):
+        try:
+            jobs.append(Job(arrival_s=arrival_s, **fields))
+        except JobValidationError as err:
+            raise _line_error(path, line_no, str(err)) from err
+    return jobs
+
+
+def iter_jobs(
+    path: str | os.PathLike[str],
+    limit: int | None = None,
+    reorder_window_s: float = REORDER_WINDOW_S,
+) -> Iterator[Job]:
+    """Stream a schema-1 JSONL trace: its jobs in arrival order (ties in line order), each read
+    and validated as late as the window allows, so a caller that drops finished jobs holds
+    memory for the live ones only. Arrivals start at 0 exactly as in ``load_jobs``; a line that
+    steps back in time past ``reorder_window_s`` seconds is refused (see "Streaming" above).
+    ``limit=N`` keeps the first N jobs of the file and reads no further."""
+    path = Path(path)
+    _check_limit(limit)
+    ordered = in_arrival_order(_decoded_lines(path, limit), path, "arrival_s", 1, reorder_window_s)
+    for arrival_s, line_no, fields in ordered:
+        try:
+            yield Job(arrival_s=arrival_s, **fields)
+        except JobValidationError as err:
+            raise _line_error(path, line_no, str(err)) from err
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
+
+
+def _decoded_lines(path: Path, limit: int | None) -> Iterator[tuple[RawTime, int, dict[str, Any]]]:
+    """(arrival as written, line, the other ``Job`` fields) of each job line, duplicate ids
+    refused; stops after ``limit`` jobs without reading on."""
+    if limit == 0:
+        return
     first_line: dict[str, int] = {}
     with utf8_lines(path) as lines:
         for line_no, line in lines:
@@ -119,16 +181,82 @@ def load_jobs(path: str | os.PathLike[str]) -> list[Job]:
                 what = f"job_id: duplicate job id {job_id!r} (first on line {first_line[job_id]})"
                 raise _line_error(path, line_no, what)
             first_line[job_id] = line_no
-            decoded.append((line_no, fields, raw_arrival))
-    line_numbers = [line_no for line_no, _, _ in decoded]
-    arrivals = relative_seconds([raw for _, _, raw in decoded], line_numbers, path, "arrival_s")
-    jobs = []
-    for (line_no, fields, _), arrival_s in zip(decoded, arrivals, strict=True):
-        try:
-            jobs.append(Job(arrival_s=arrival_s, **fields))
-        except JobValidationError as err:
-            raise _line_error(path, line_no, str(err)) from err
-    return jobs
+            yield raw_arrival, line_no, fields
+            if limit is not None and len(first_line) >= limit:
+                return
+
+
+_T = TypeVar("_T")
+
+
+def in_arrival_order(
+    records: Iterable[tuple[RawTime, int, _T]],
+    path: Path,
+    field: str,
+    seconds_per_unit: RawTime = 1,
+    reorder_window_s: float = REORDER_WINDOW_S,
+) -> Iterator[tuple[float, int, _T]]:
+    """The streaming twin of ``relative_seconds``: ``(raw, line, payload)`` records in file
+    order in, ``(seconds after the origin, line, payload)`` out in (raw, line) order. A record
+    waits until one more than ``reorder_window_s`` seconds later has been read (or the input
+    ends); the first one out is the origin, shifted on the exact values as in
+    ``relative_seconds``. Raises ``TraceFormatError`` (file, line, field, value) for a NaN or
+    infinite time, a span over ``MAX_ARRIVAL_SPAN_S``, and a record earlier than one already
+    yielded (the trace stepped back further than the window)."""
+    if not (
+        isinstance(reorder_window_s, int | float)
+        and math.isfinite(reorder_window_s)
+        and reorder_window_s >= 0
+    ):
+        raise ValueError(
+            f"reorder_window_s must be a finite number of seconds >= 0, got {reorder_window_s!r}"
+        )
+    scale = Decimal(seconds_per_unit)
+    window = _EXACT.divide(Decimal(repr(float(reorder_window_s))), scale)  # in the file's unit
+    heap: list[tuple[RawTime, int, _T]] = []
+    newest: RawTime | None = None
+    origin: tuple[Decimal, RawTime, int] | None = None  # exact value, as written, line
+    last: tuple[RawTime, int] | None = None  # the latest record yielded
+    for raw, line, payload in records:
+        if isinstance(raw, Decimal) and not raw.is_finite():
+            raise _line_error(path, line, f"{field}: must be a finite number, got {raw}")
+        if last is not None and raw < last[0]:
+            raise _line_error(
+                path,
+                line,
+                f"{field}: {raw} is earlier than {last[0]} on line {last[1]}, which the stream has "
+                f"already replayed; a streamed trace may step back at most reorder_window_s="
+                f"{reorder_window_s:g} s. Sort the file by {field}, widen the window "
+                "(workload.reorder_window_s=...), or load it whole (workload.stream=false)",
+            )
+        heapq.heappush(heap, (raw, line, payload))
+        if newest is None or raw > newest:
+            newest = raw
+            horizon = _EXACT.subtract(Decimal(newest), window)
+        while heap and heap[0][0] < horizon:
+            raw_out, line_out, payload_out = heapq.heappop(heap)
+            origin = origin or (Decimal(raw_out), raw_out, line_out)
+            last = (raw_out, line_out)
+            yield _shifted(raw_out, line_out, origin, scale, path, field), line_out, payload_out
+    while heap:
+        raw_out, line_out, payload_out = heapq.heappop(heap)
+        origin = origin or (Decimal(raw_out), raw_out, line_out)
+        yield _shifted(raw_out, line_out, origin, scale, path, field), line_out, payload_out
+
+
+def _shifted(
+    raw: RawTime, line: int, origin: tuple[Decimal, RawTime, int], scale: Decimal, path: Path, field: str
+) -> float:
+    span_s = _EXACT.multiply(_EXACT.subtract(Decimal(raw), origin[0]), scale)
+    if span_s > Decimal(MAX_ARRIVAL_SPAN_S):
+        raise _line_error(
+            path,
+            line,
+            f"{field}: {raw} is {_short(span_s)} s after the earliest time ({origin[1]} on line "
+            f"{origin[2]}); a trace may span at most {MAX_ARRIVAL_SPAN_S:.0e} s (31.7 years). Check "
+            f"the unit of {field} ({_unit_name(scale)}) and the row's value",
+        )
+    return float(span_s)
 
 
 def _read_line(path: Path, line_no: int, line: str) -> tuple[dict[str, Any], RawTime]:

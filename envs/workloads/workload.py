@@ -8,7 +8,8 @@ about completions, hence ``ClosedLoop`` implements ``on_job_finished``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from servegym.envs.workloads.arrivals import MAX_ARRIVAL_SPAN_S, MMPP, Gamma, Poisson
 from servegym.envs.workloads.generators import Generator, ReactChain
 from servegym.envs.workloads.job import Job
-from servegym.envs.workloads.source import FixedJobs, JobSource
+from servegym.envs.workloads.source import FixedJobs, JobSource, StreamedJobs
 
 
 class ClosedLoop:
@@ -163,34 +164,142 @@ class Workload:
 TRACE_FORMATS = ("jsonl", "mooncake", "azure", "burstgpt")
 
 
+TRACE_RESAMPLES = ("none", "bootstrap")
+
+
 @dataclass
 class TraceWorkload:
     """Replay a trace: our own JSONL (``traces.save_jobs``) or a public serving trace.
 
-    The seed is unused: a trace is the same workload every time.
+    Seeds. With ``resample="none"`` (the default) the seed is unused: a trace is the same
+    workload every time, and a suite over several seeds of it repeats one run. With
+    ``resample="bootstrap"`` seed ``s`` replays a resampled copy of the trace, so seeds are
+    samples of "workloads like this trace". The trace has N jobs with arrivals
+    ``t_0 = 0 <= t_1 <= ... <= t_{N-1}`` (after ``limit``); let ``g`` be the mean gap
+    ``t_{N-1} / (N - 1)`` (0 for N = 1) and ``P = t_{N-1} + g`` the period. Drawing from
+    ``numpy.random.default_rng(s)``:
+
+    1. Time shift (the arrival process, kept): a start slot ``j`` uniform in 0..N-1; slot ``k``
+       of the copy arrives at ``t_{(j+k) mod N} - t_j``, plus ``P`` for the slots that wrap
+       around, so the copy starts at 0, keeps every inter-arrival gap of the trace in order
+       (rotated, with one gap of ``g`` where it wraps) and has the same rate and bursts.
+    2. Session bootstrap (the contents): slot ``k`` gets the tree of job ``i_k``, ``i_k``
+       uniform in 0..N-1 drawn independently (with replacement): a whole job (every call of
+       its tree or Mooncake session, its tenant, kind, SLO and meta) moved to the slot's time,
+       with the id ``<original id>#<k>`` so ids stay unique.
+
+    Then N jobs again, the same arrival-process shape, trees repeated or left out as a
+    bootstrap draws them; ``resample`` reads the whole trace (the draw needs every job) and so
+    does not stream.
+
+    Load. ``load`` in an evaluation suite (``agents/evaluate.py``, ``apply_load``) divides every
+    arrival time by the load (2.0 doubles the arrival rate) and leaves each tree as it is: the
+    tool gaps inside a tree (``tool_latency_s``, including a Mooncake session's think times)
+    and the token lengths do not shrink, so load packs more trees together without making any
+    tree faster. Compressing arrivals reads the whole trace (it needs every job).
+
+    Streaming. ``stream=True`` (the default) reads a JSONL trace, and a single-call public one,
+    as the engine's clock reaches each arrival and lets go of finished trees, so a long trace's
+    memory follows its live work (``traces.iter_jobs``, ``importers.iter_import``): arrivals
+    must be in order up to ``reorder_window_s`` seconds. Mooncake with ``group_sessions`` (a
+    session's later turns come later in the file) and ``resample="bootstrap"`` read the whole
+    file; so does ``stream=False``, which accepts any arrival order.
     """
 
     path: str
     format: str = "jsonl"
     """jsonl | mooncake | azure | burstgpt"""
     limit: int | None = None
-    """Keep only the first N usable rows of a public trace."""
+    """Keep only the first N jobs (JSONL lines, or usable rows of a public trace); reading stops there."""
     group_sessions: bool = False
     """Mooncake only: chain requests that extend an earlier prompt into multi-call jobs."""
+    name: str | None = None
+    """The workload's name in suite tables and folders; None: the file's stem (``label``)."""
+    resample: str = "none"
+    """none (the trace as it is; the seed is unused) | bootstrap (per-seed time shift and session
+    bootstrap, defined above)."""
+    stream: bool = True
+    """Read jobs as the clock reaches them and drop finished trees (memory follows live work);
+    False: load the whole file first (any arrival order)."""
+    reorder_window_s: float = 60.0
+    """Streaming: how far back in trace time arrivals may step (see ``traces.iter_jobs``)."""
 
     def __post_init__(self) -> None:
         if self.format not in TRACE_FORMATS:
             raise ValueError(f"TraceWorkload.format must be one of {TRACE_FORMATS}, got {self.format!r}")
         if not Path(self.path).is_file():
             raise ValueError(f"TraceWorkload.path: no trace file {self.path!r} (workload.path=...)")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
+        if self.limit is not None and (
+            not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 0
+        ):
             raise ValueError(f"TraceWorkload.limit must be an int >= 0 or null, got {self.limit!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ValueError(f"TraceWorkload.name must be a non-empty string or null, got {self.name!r}")
+        if self.resample not in TRACE_RESAMPLES:
+            raise ValueError(
+                f"TraceWorkload.resample must be one of {TRACE_RESAMPLES}, got {self.resample!r}"
+            )
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"TraceWorkload.stream must be true or false, got {self.stream!r}")
+        window = self.reorder_window_s
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, int | float)
+            or not (np.isfinite(window) and window >= 0)
+        ):
+            raise ValueError(
+                f"TraceWorkload.reorder_window_s must be a finite number of seconds >= 0, got {window!r}"
+            )
+
+    @property
+    def label(self) -> str:
+        """``name``, or the trace file's stem when it has none."""
+        return self.name or Path(self.path).stem
 
     def build(self, seed: int) -> JobSource:
+        if self.resample == "bootstrap":
+            return FixedJobs(bootstrap_jobs(self.read_all(), seed))
+        if self.stream and not (self.format == "mooncake" and self.group_sessions):
+            return StreamedJobs(self.open_stream)
+        return FixedJobs(self.read_all())
+
+    def open_stream(self) -> Iterator[Job]:
+        """The trace's jobs in arrival order, read as they are pulled."""
         from servegym.envs.workloads import importers, traces
 
         if self.format == "jsonl":
-            jobs = traces.load_jobs(self.path)
-            return FixedJobs(jobs if self.limit is None else jobs[: self.limit])
+            return traces.iter_jobs(self.path, limit=self.limit, reorder_window_s=self.reorder_window_s)
+        return importers.iter_import(
+            self.path, self.format, limit=self.limit, reorder_window_s=self.reorder_window_s
+        )
+
+    def read_all(self) -> list[Job]:
+        """Every job of the trace (after ``limit``), read at once."""
+        from servegym.envs.workloads import importers, traces
+
+        if self.format == "jsonl":
+            return traces.load_jobs(self.path, limit=self.limit)
         load = getattr(importers, f"import_{self.format}")
-        return FixedJobs(load(self.path, group_sessions=self.group_sessions, limit=self.limit).jobs)
+        return load(self.path, group_sessions=self.group_sessions, limit=self.limit).jobs
+
+
+def bootstrap_jobs(jobs: Sequence[Job], seed: int) -> list[Job]:
+    """``TraceWorkload``'s ``resample="bootstrap"`` copy of ``jobs`` for ``seed`` (defined in
+    its docstring): the arrival slots rotated to a random start, each filled with a tree drawn
+    with replacement."""
+    ordered = sorted(jobs, key=lambda job: job.arrival_s)
+    n = len(ordered)
+    if n == 0:
+        return []
+    times = np.array([job.arrival_s for job in ordered], dtype=np.float64)
+    gap_s = times[-1] / (n - 1) if n > 1 else 0.0
+    period_s = times[-1] + gap_s
+    rng = np.random.default_rng(seed)
+    start = int(rng.integers(n))
+    picks = rng.integers(n, size=n)
+    slots = np.roll(times, -start) - times[start]
+    slots[n - start :] += period_s  # the slots that wrapped around
+    return [
+        dataclasses.replace(ordered[int(pick)], job_id=f"{ordered[int(pick)].job_id}#{k}", arrival_s=float(t))
+        for k, (pick, t) in enumerate(zip(picks, slots, strict=True))
+    ]
