@@ -49,10 +49,11 @@ Definitions
   mappings of ``TraceWorkload`` fields), each named after its file (its stem) or its ``name:``,
   so several traces share a suite; ``suite.workloads=[trace]`` with
   ``suite.workload_overrides.trace.path=...`` works too and is named after its file the same way.
-  A trace that ignores the seed (no resampling: ``resample`` missing or ``none``) replays the
-  same trees for every seed, so the suite runs it once per (policy, load), with the first seed:
-  its cells have n = 1 and no interval (shown as —, and summary.md says why), rather than n
-  identical runs and a zero-width interval that would look like certainty.
+  A trace with ``resample: none`` (the default) replays the same trees for every seed, so the
+  suite runs it once per (policy, load), with the first seed: its cells have n = 1 and no
+  interval (shown as —, and summary.md says why), rather than n identical runs and a zero-width
+  interval that would look like certainty. ``resample: bootstrap`` makes seed s a resampled copy
+  of the trace (``TraceWorkload`` defines it), and the suite runs every seed as for a generator.
 
 Outputs (``evaluate`` / the script, into the Hydra run dir or ``output_dir=``, the only place
 anything is written): ``runs.csv`` (one row per run: policy, workload, load, seed, every
@@ -196,7 +197,9 @@ class SuiteConfig:
     500, name: m500}``) on top of ``conf/workload/trace.yaml``. Each is named after its file's stem,
     or its ``name``; names must differ (two ``a.jsonl`` in different folders need a ``name``).
     ``workload_overrides.<name>`` applies to a trace too. On the command line:
-    ``suite.workloads=[] suite.traces=[runs/a.jsonl,runs/b.jsonl]``."""
+    ``suite.workloads=[] suite.traces=[runs/a.jsonl,runs/b.jsonl]``, or with options
+    ``'suite.traces=[{path:runs/a.jsonl,resample:bootstrap}]'``. A trace with ``resample: none``
+    (the default) runs with the first seed only (see the module docstring)."""
     loads: list[float] = field(default_factory=lambda: [1.0])
     """Multipliers of each workload's offered load (see the module docstring), each > 0."""
     seeds: list[int] = field(default_factory=lambda: [10000, 10001, 10002])
@@ -799,7 +802,8 @@ class SuitePlan:
         if not self.seedless or len(self.config.seeds) < 2:
             return ""
         return (
-            f"{', '.join(map(repr, self.seedless))} ignore the seed (a trace without resampling): one run "
+            f"{', '.join(map(repr, self.seedless))} {'ignores' if len(self.seedless) == 1 else 'ignore'} "
+            "the seed (a trace with resample: none): one run "
             f"per policy and load, seed {self.config.seeds[0]}, instead of {len(self.config.seeds)} "
             "identical ones; their cells have n=1 and no interval"
         )
@@ -965,14 +969,6 @@ def assemble(records: Iterable[dict], order: dict[str, list] | None = None) -> S
     )
 
 
-def _trace_takes_name() -> bool:
-    return "name" in {f.name for f in dataclasses.fields(TraceWorkload)}
-
-
-def _is_trace_node(node: dict) -> bool:
-    return str(node.get("_target_", "")).rsplit(".", 1)[-1] == "TraceWorkload"
-
-
 def _seeded(workload: Any) -> bool:
     """False for a workload that builds the same jobs for every seed: a trace without resampling."""
     return not (
@@ -994,17 +990,14 @@ def _suite_workloads(config: SuiteConfig, base: dict, conf_dir: Path) -> list[tu
     built: list[tuple[str, dict, bool]] = []
     for key, option, overrides, trace_name in entries:
         node = load_option(conf_dir, "workload", option, overrides)
-        given = None
-        if _is_trace_node(node):
-            given = node.get("name") if _trace_takes_name() else node.pop("name", None)
         label = trace_name or option
         try:  # fail at start, naming the workload, rather than in every run
             workload = instantiate(OmegaConf.create({**base, "workload": node}).workload)
             apply_load(workload, 1.0, config.num_jobs)
         except Exception as error:
             raise SuiteConfigError(f"{key}: {label!r} does not build: {error}") from error
-        if isinstance(workload, TraceWorkload) and trace_name is None:
-            label = given or getattr(workload, "name", None) or Path(workload.path).stem
+        if isinstance(workload, TraceWorkload):  # named after its file, or its name:
+            label = getattr(workload, "label", None) or Path(workload.path).stem
         if label in [b[0] for b in built]:
             raise SuiteConfigError(
                 f"{key}: two workloads of the suite are named {label!r}; traces are named after their "
@@ -1260,7 +1253,7 @@ def to_markdown(summary: pd.DataFrame, metrics: dict[str, str] | None = None, ba
             f"**{', '.join(f'`{w}`' for w in seedless)}: the same trees for every seed** (a trace "
             "without resampling), so each of its cells is one run (n = 1) with no interval (—): "
             "more seeds would repeat the run exactly, and their zero-width interval would be no "
-            "measure of certainty. Set the trace's resample option to draw a different sample per seed.",
+            "measure of certainty. Set the trace's resample: bootstrap to draw a different sample per seed.",
         ]
     return "\n".join(lines) + "\n"
 

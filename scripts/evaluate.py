@@ -34,8 +34,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from servegym.agents.configs import register_configs
 from servegym.agents import suite_io
+from servegym.agents.configs import register_configs
 from servegym.agents.evaluate import (
     OutputFolderError,
     SuiteConfigError,

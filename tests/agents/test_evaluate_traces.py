@@ -3,7 +3,6 @@ intervals that respect a metric's range, and collect's refusal of duplicate runs
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from servegym.agents.evaluate import (
     to_markdown,
 )
 from servegym.envs.workloads.traces import save_jobs
-from servegym.envs.workloads.workload import TraceWorkload
 
 
 def make_trace(path: Path, seed: int, num_jobs: int = 4) -> Path:
@@ -115,19 +113,12 @@ def test_identical_runs_merged_from_a_seed_sweep_count_once() -> None:
     assert "0.900 [—]" in to_markdown(summary.reset_index())
 
 
-@dataclasses.dataclass
-class ShiftedTrace(TraceWorkload):
-    """A trace that says it resamples per seed (the suite then runs every seed)."""
-
-    resample: str = "shift"
-
-
 def test_a_resampling_trace_runs_every_seed(traces) -> None:
     a, _ = traces
-    node = {"_target_": f"{__name__}.ShiftedTrace", "path": str(a)}
-    config = trace_suite(traces=[node], policies=["fcfs"])
+    config = trace_suite(traces=[{"path": str(a), "resample": "bootstrap"}], policies=["fcfs"])
     runs = run_suite_full(config, progress=False).runs
     assert sorted(runs.seed) == [0, 1, 2] and runs.workload_seeded.all()
+    assert runs.jct_mean_s.nunique() > 1  # the seeds draw different samples of the trace
 
 
 # ---------------------------------------------------------------- intervals in range
