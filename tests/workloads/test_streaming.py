@@ -329,3 +329,18 @@ def test_every_trace_option_is_in_the_config() -> None:
     assert set(node) - {"_target_"} == fields
     for name in fields - {"path"}:
         assert node[name] == TraceWorkload.__dataclass_fields__[name].default, name
+
+
+def test_a_stalled_stream_counts_the_trees_that_never_arrived(tmp_path: Path) -> None:
+    """Blocks held from outside never come back, so the run stalls with trees still unread:
+    the stream counts them as a list source does (same jobs_total, unfinished and reason)."""
+    path = save_jobs([tree(f"j{i}", 2.0 * i, 2, 300, 0.0) for i in range(8)], tmp_path / "t.jsonl")
+    results = []
+    for source in (FixedJobs(load_jobs(path)), TraceWorkload(str(path)).build(0)):
+        engine = Engine(source)
+        blocks = engine.replicas[0].blocks
+        blocks.allocate(blocks.num_blocks - 2)
+        results.append(engine.run(FCFS()).as_dict())
+    whole, streamed = results
+    assert whole["stalled"] and whole["jobs_total"] == 8 and whole["jobs_unfinished"] == 8
+    assert same_metrics(whole, streamed)
