@@ -333,9 +333,31 @@ def _unit_name(seconds_per_unit: RawTime) -> str:
 def utf8_lines(path: Path) -> Iterator[Iterator[tuple[int, str]]]:
     """(1-based line number, text) of a UTF-8 file, for every trace reader: a line that is not
     UTF-8 raises ``TraceFormatError`` naming the file, line and byte, instead of a bare
-    ``UnicodeDecodeError``. Line ends are kept (the CSV reader needs them)."""
-    with path.open("rb") as file:
-        yield (_decode_line(path, line_no, data) for line_no, data in enumerate(file, start=1))
+    ``UnicodeDecodeError``. Line ends are kept (the CSV reader needs them).
+
+    Read with ``os.pread`` at an offset of its own: a stream left open while the process forks
+    (``agents/bounds.py`` forks engines to roll out branches) shares the descriptor, and a
+    child reading through it must not move the parent's position."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield (_decode_line(path, line_no, data) for line_no, data in enumerate(_pread_lines(fd), start=1))
+    finally:
+        os.close(fd)
+
+
+def _pread_lines(fd: int, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The file's lines as bytes with their ``\n`` kept (as binary file iteration splits)."""
+    offset, pending = 0, b""
+    while data := os.pread(fd, chunk_bytes, offset):
+        offset += len(data)
+        pending += data
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield pending[start : end + 1]
+            start = end + 1
+        pending = pending[start:]
+    if pending:
+        yield pending
 
 
 def _decode_line(path: Path, line_no: int, data: bytes) -> tuple[int, str]:

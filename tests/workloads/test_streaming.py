@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,3 +345,20 @@ def test_a_stalled_stream_counts_the_trees_that_never_arrived(tmp_path: Path) ->
     whole, streamed = results
     assert whole["stalled"] and whole["jobs_total"] == 8 and whole["jobs_unfinished"] == 8
     assert same_metrics(whole, streamed)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reading_the_stream_leaves_the_parents_position(tmp_path: Path) -> None:
+    """bounds.py forks engines mid-run; a child reading the shared trace must not move the
+    parent's place in it."""
+    path = write_arrivals(tmp_path / "t.jsonl", [float(i) for i in range(3000)])
+    stream = iter_jobs(path, reorder_window_s=0.0)
+    assert next(stream).job_id == "j0"
+    pid = os.fork()
+    if pid == 0:  # the child drains its copy of the stream and leaves at once
+        try:
+            sum(1 for _ in stream)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert [job.job_id for job in stream] == [f"j{i}" for i in range(1, 3000)]
