@@ -37,6 +37,9 @@ class TrainConfig:
     pretrain_decisions: int = 4_000
     pretrain_epochs: int = 20
     pretrain_log_std: float = -2.0  # exploration after cloning: small reorderings around the teacher
+    reward_baseline: str | None = None  # conf/agent heuristic run on each episode's workload and
+    # subtracted from the reward: an input-driven baseline (agents/input_baseline.py); needs gamma 1
+    group_size: int = 1  # envs per workload group: a group's copies play the same workloads
     resume_from: str | None = None  # a checkpoint .zip; continues its run (steps, W&B run)
     progress: bool = True
 
@@ -50,6 +53,10 @@ class TrainConfig:
             raise ValueError("train.eval_every and train.checkpoint_every must be >= 0")
         if self.pretrain_decisions < 1 or self.pretrain_epochs < 0:
             raise ValueError("train.pretrain_decisions must be >= 1 and train.pretrain_epochs >= 0")
+        if self.group_size < 1 or self.n_envs % self.group_size:
+            raise ValueError(
+                f"train.group_size must be >= 1 and divide train.n_envs={self.n_envs}, got {self.group_size!r}"
+            )
         if self.eval_every and not self.eval_seeds:
             raise ValueError("train.eval_seeds must not be empty when train.eval_every > 0")
 

@@ -15,22 +15,25 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common import vec_env as sb3_vec_env
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
-from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.monitor import Monitor
 
 from servegym.agents import configs
 from servegym.agents.configs import train_config
 from servegym.agents.evaluate import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
+from servegym.agents.input_baseline import ReferenceBaseline, SharedWorkloads
 from servegym.agents.learned import ALGORITHMS, SB3Policy
 from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
-from servegym.agents.pretrain import behaviour_clone, collect
+from servegym.agents.pretrain import behaviour_clone, clone_choices, collect, collect_choices
 from servegym.envs.build import build_engine, build_env
 from servegym.envs.engine.policy import Policy
 
@@ -104,6 +107,36 @@ class CompareWithBaseline(BaseCallback):
             self.evaluate()
 
 
+def make_train_env(cfg: DictConfig, rank: int) -> gym.Env:
+    """Training env ``rank``: the config's env, monitored (episode statistics of the raw reward),
+    in its workload group (``train.group_size``) and with the reward baseline
+    (``train.reward_baseline``) when configured; see ``agents/input_baseline.py``."""
+    env = build_env(cfg)
+    env.action_space.seed(cfg.seed + rank)
+    env = Monitor(env)
+    if cfg.train.group_size > 1:
+        env = SharedWorkloads(env, group_seed=cfg.seed * 100_003 + rank // cfg.train.group_size)
+    if cfg.train.reward_baseline:
+        env = ReferenceBaseline(env, heuristic_factory(cfg, cfg.train.reward_baseline))
+    return env
+
+
+def make_train_venv(cfg: DictConfig):
+    """The vector env of ``train.n_envs`` training envs, seeded as SB3's ``make_vec_env`` seeds
+    them (env ``rank``: action space and first reset from ``seed + rank``), which cannot tell an
+    env its rank, and a workload group needs it."""
+    gamma = cfg.agent.get("hyperparams", {}).get("gamma", 1.0)
+    if cfg.train.reward_baseline and gamma != 1.0:
+        raise ValueError(
+            f"train.reward_baseline={cfg.train.reward_baseline} needs agent.hyperparams.gamma=1.0 (got "
+            f"{gamma}): with discounting the baseline no longer adds up to a constant of the workload"
+        )
+    envs = [partial(make_train_env, cfg, rank) for rank in range(cfg.train.n_envs)]
+    venv = vec_env_class(cfg.train.vec_env)(envs)
+    venv.seed(cfg.seed)
+    return venv
+
+
 def make_model(cfg: DictConfig, venv, tensorboard_dir: str | None):
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import PPO
@@ -164,12 +197,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tensorboard_dir = str(run_dir / "tensorboard") if kind in ("tensorboard", "wandb") else None
     wandb_run = start_wandb(cfg, run_dir) if kind == "wandb" else None
 
-    venv = make_vec_env(
-        lambda: build_env(cfg),
-        n_envs=cfg.train.n_envs,
-        seed=cfg.seed,
-        vec_env_cls=vec_env_class(cfg.train.vec_env),
-    )
+    venv = make_train_venv(cfg)
     model = make_model(cfg, venv, tensorboard_dir)
     pretrain = None
     if cfg.train.pretrain_teacher and not cfg.train.resume_from:
@@ -218,14 +246,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def warm_start(cfg: DictConfig, model) -> dict[str, Any]:
     """Behaviour-clone ``train.pretrain_teacher`` into the policy, then narrow its noise."""
     start = time.perf_counter()
-    data = collect(cfg, heuristic_factory(cfg, cfg.train.pretrain_teacher), cfg.train.pretrain_decisions)
-    losses = behaviour_clone(model.policy, data, cfg.train.pretrain_epochs, seed=cfg.seed)
+    teacher = heuristic_factory(cfg, cfg.train.pretrain_teacher)
+    if isinstance(model.action_space, gym.spaces.Discrete):  # a slot policy: cross-entropy
+        data = collect_choices(cfg, teacher, cfg.train.pretrain_decisions)
+        losses = clone_choices(model.policy, data, cfg.train.pretrain_epochs, seed=cfg.seed)
+        decisions = len(data["target"])
+    else:  # a score policy: regress the mean on the teacher's ranks
+        data = collect(cfg, teacher, cfg.train.pretrain_decisions)
+        losses = behaviour_clone(model.policy, data, cfg.train.pretrain_epochs, seed=cfg.seed)
+        decisions = len(data["mask"])
     if hasattr(model.policy, "log_std"):
         with th.no_grad():
             model.policy.log_std.fill_(cfg.train.pretrain_log_std)
     return {
         "teacher": cfg.train.pretrain_teacher,
-        "decisions": len(data["mask"]),
+        "decisions": decisions,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "seconds": time.perf_counter() - start,

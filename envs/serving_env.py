@@ -141,6 +141,7 @@ class EngineEnv(gym.Env):
         self._decision: Decision | None = None
         self._tree_seconds = 0.0
         self._ended = True
+        self.workload_seed: int | None = None  # the workload of the current episode
         self.num_slots = self._num_slots()
         self.observation_space = spaces.Dict(
             {
@@ -161,6 +162,16 @@ class EngineEnv(gym.Env):
     def default_engine(self) -> EngineConfig:
         return default_engine()
 
+    def build_engine(self, workload_seed: int) -> Engine:
+        """A fresh engine on workload ``workload_seed``, configured as this env's episodes are
+        (``reset`` uses it; so does a wrapper that runs a reference policy on the same input)."""
+        return Engine(
+            self.workload.build(workload_seed),
+            cluster=self.cluster,
+            engine=self.engine_config,
+            time_scale_s=self.config.time_scale_s,
+        )
+
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """``options={"workload_seed": s}`` replays workload ``s`` (copies of an env given the
@@ -173,12 +184,8 @@ class EngineEnv(gym.Env):
             raise ValueError(f"reset options {sorted(unknown)} unknown; the only option is workload_seed")
         if options and options.get("workload_seed") is not None:
             workload_seed = int(options["workload_seed"])
-        self.engine = Engine(
-            self.workload.build(workload_seed),
-            cluster=self.cluster,
-            engine=self.engine_config,
-            time_scale_s=self.config.time_scale_s,
-        )
+        self.workload_seed = workload_seed
+        self.engine = self.build_engine(workload_seed)
         if self._fallback is None:  # a fresh round-robin each episode: same seed, same episode
             self.fallback = DefaultPolicy()
         self._tree_seconds = 0.0
