@@ -10,6 +10,12 @@ policy where ordering already means something; PPO then explores by small reorde
 The teacher drives the engine; at each decision of a kind the env hands the agent, its scores
 become per-slot targets by rank (best 0.9, worst -0.9, evenly spaced) inside the [-1, 1]
 range the env clips actions to, and the policy mean is regressed on them over real slots.
+
+Slot policies (PickNext-v0, a masked Discrete(K + 1) with STOP) clone by cross-entropy instead:
+the teacher drives the env itself (``PickNextEnv.policy_slot``: the slot of the call it picks),
+so the observations are exactly the presorted tables the agent sees, and the policy's masked
+log-probability of the teacher's slot is maximised. A heuristic never stops, so a cloned policy
+starts where the teacher is and STOP is left for PPO to find.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch as th
 from omegaconf import DictConfig
 
 from servegym.agents.networks import ScoreNetwork
-from servegym.envs.build import build_engine
+from servegym.envs.build import build_engine, build_env
 from servegym.envs.engine.policy import DecisionKind, Policy
 from servegym.envs.observation import observe
 
@@ -94,4 +100,62 @@ def behaviour_clone(
             total += loss.item() * len(batch)
         losses.append(total / n)
     network.eval()
+    return losses
+
+
+def collect_choices(
+    cfg: DictConfig, make_teacher: Callable[[], Policy], num_decisions: int, first_seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Observations, valid-action masks and the teacher's slot, from the teacher driving the
+    config's slot env (``policy_slot``) on workloads ``first_seed``, ``first_seed + 1``, ..."""
+    env = build_env(cfg).unwrapped
+    if not hasattr(env, "policy_slot"):
+        raise ValueError(f"{cfg.env.id} has no policy_slot: clone a score policy with collect()")
+    rows: dict[str, list[np.ndarray]] = {"obs": [], "valid": [], "target": [], "best": []}
+    seed = first_seed
+    while len(rows["target"]) < num_decisions:
+        obs, _ = env.reset(options={"workload_seed": seed})
+        teacher, ended = make_teacher(), False
+        while not ended and len(rows["target"]) < num_decisions:
+            valid = env.action_masks()
+            slot, best = env.policy_slot(teacher)
+            if valid.sum() > 1:  # a forced step teaches nothing
+                rows["obs"].append(obs)
+                rows["valid"].append(valid)
+                rows["target"].append(np.int64(slot))
+                rows["best"].append(best)
+            obs, _, terminated, truncated, _ = env.step(slot)
+            ended = terminated or truncated
+        seed += 1
+    observations = {key: np.stack([o[key] for o in rows["obs"]]) for key in rows["obs"][0]}
+    return {"obs": observations, **{key: np.stack(rows[key]) for key in ("valid", "target", "best")}}
+
+
+def clone_choices(
+    policy, data: dict, epochs: int, batch_size: int = 256, lr: float = 1e-3, seed: int = 0
+) -> list[float]:
+    """Maximise a MaskablePPO policy's masked probability of the slots the teacher rates best
+    (its choice and the calls tied with it: which of equal siblings goes first is not the
+    teacher's to teach); returns the mean cross-entropy per epoch."""
+    optimizer = th.optim.Adam(policy.parameters(), lr=lr)
+    obs = {key: th.as_tensor(value) for key, value in data["obs"].items()}
+    valid, best = data["valid"], th.as_tensor(data["best"])
+    generator = th.Generator().manual_seed(seed)
+    n = len(best)
+    losses = []
+    policy.set_training_mode(True)
+    for _ in range(epochs):
+        total = 0.0
+        for batch in th.randperm(n, generator=generator).split(batch_size):
+            dist = policy.get_distribution(
+                {key: value[batch] for key, value in obs.items()}, valid[batch.numpy()]
+            )
+            log_p = th.log_softmax(dist.distribution.logits, dim=-1)
+            loss = -th.logsumexp(log_p.masked_fill(~best[batch], -th.inf), dim=-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        losses.append(total / n)
+    policy.set_training_mode(False)
     return losses

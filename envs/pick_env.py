@@ -9,7 +9,7 @@ import numpy as np
 from gymnasium import spaces
 
 from servegym.envs.engine.config import EngineConfig
-from servegym.envs.engine.policy import DecisionKind
+from servegym.envs.engine.policy import DecisionKind, Policy, check_scores, pick
 from servegym.envs.observation import pick_scores, pick_valid, presort_rows, subset
 from servegym.envs.serving_env import MaskedChoiceEnv
 
@@ -94,6 +94,32 @@ class PickNextEnv(MaskedChoiceEnv):
                 self._order_steps += 1
                 self._cut_steps += self._cut() > 0
         return self._observe_decision(decision)
+
+    def policy_slot(self, policy: Policy) -> tuple[int, np.ndarray]:
+        """The action that carries out ``policy``'s answer to the pending decision, and the
+        (K + 1,) mask of the actions it rates as good (the shown calls tied with its choice;
+        siblings of one fan-out often tie). The action is the slot of the call it picks (STOP's
+        K when it stops); a pick past slot K cannot be taken this step and falls to its
+        best-scored shown call that fits, so a heuristic driven through the env ranks within
+        the table the agent sees. Cloning a heuristic into the slot policy
+        (``agents/pretrain.py``) and the tests use it."""
+        decision, k = self._decision, self.config.max_candidates
+        best = np.zeros(k + 1, dtype=bool)
+        if decision is None:  # the episode's last step: any action
+            best[0] = True
+            return 0, best
+        scores = check_scores(decision, policy.scores(decision))
+        choice = pick(decision, scores) if decision.kind == DecisionKind.ORDER else None
+        if decision.kind == DecisionKind.ORDER and choice is None:
+            best[k] = True
+            return k, best
+        rows = self._rows[:k]
+        valid = self._valid_slots()[: len(rows)]
+        sign = 1.0 if decision.kind == DecisionKind.ORDER else -1.0  # EVICT: the lowest goes
+        shown = np.where(valid, sign * scores[rows], -np.inf)
+        best[: len(rows)] = valid & (shown == shown.max())
+        slot = np.flatnonzero(rows == choice) if choice is not None else []
+        return (int(slot[0]) if len(slot) else int(np.argmax(shown))), best
 
     def _cut(self) -> int:
         """Calls that fit now but sit past slot K (cannot be picked this step)."""
