@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def compare(cfg: DictConfig, make_policy, out_dir: Path, workload_name: str) -> 
         workload_overrides={workload_name: OmegaConf.to_container(cfg.workload, resolve=True)},
         baseline="fcfs" if "fcfs" in cfg.train.compare_with else cfg.train.compare_with[0],
     )
+    if out_dir.exists():  # a rerun into this run dir: its new policy replaces the old comparison
+        shutil.rmtree(out_dir)
     result = evaluate(
         suite, out_dir, extra_policies={LEARNED: make_policy}, base_cfg=cfg, progress=cfg.train.progress
     )

@@ -122,32 +122,46 @@ def test_train_config_defaults_validate() -> None:
     TrainConfig()
 
 
-@pytest.mark.parametrize("experiment", ["quick", "routing"])
+PICKNEXT_EXTRAS = [  # cloning into the slot policy, then PPO against the input-driven baseline
+    "train.pretrain_teacher=program_fcfs",
+    "train.pretrain_decisions=64",
+    "train.pretrain_epochs=2",
+    "train.reward_baseline=program_fcfs",
+]
+
+
+@pytest.mark.parametrize("experiment", ["quick", "routing", "picknext"])
 @pytest.mark.slow
 def test_train_script_runs_train_export_and_prints_json(experiment: str, tmp_path: Path) -> None:
     """The entry point, end to end, as the README runs it (tiny sizes), for a score policy over
-    the candidate table and a slot policy over the replica table."""
+    the candidate table, a slot policy over the replica table and a pick-next policy cloned and
+    trained against a reference; run twice into one folder, the second replaces the first."""
     overrides = [o for o in TINY_TRAINING if not o.startswith("experiment=")]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/train.py",
-            f"experiment={experiment}",
-            *overrides,
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    extras = PICKNEXT_EXTRAS if experiment == "picknext" else []
+    for _ in range(2 if experiment == "routing" else 1):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "scripts/train.py",
+                f"experiment={experiment}",
+                *overrides,
+                *extras,
+                f"hydra.run.dir={tmp_path}",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["timesteps"] >= 128
     assert (tmp_path / "eval" / "summary.md").exists()
     assert (tmp_path / "policy.onnx").exists() and (tmp_path / "policy.json").exists()
     layout = json.loads((tmp_path / "policy.json").read_text())["layout"]
-    assert layout == (["candidates"] if experiment == "quick" else ["replicas"])
+    assert layout == (["replicas"] if experiment == "routing" else ["candidates"])
+    if experiment == "picknext":
+        assert summary["pretrain"]["decisions"] == 64
 
 
 @pytest.mark.parametrize(
