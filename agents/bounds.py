@@ -6,6 +6,7 @@ Command line (Hydra, ``conf/bounds.yaml``)::
     python scripts/bounds.py                                   # mapreduce, debate at load 0.5 and 8
     python scripts/bounds.py bounds.families=[mapreduce,debate,react,mixed] bounds.loads=[4.0]
     python scripts/bounds.py bounds.rollout.k=4 bounds.rollout.decision_budget=64 bounds.jobs=4
+    python scripts/bounds.py bounds.families=[react_long] bounds.max_num_seqs=[16,64,256]  # KV-tight: caps from 16
 
 Definitions
 -----------

@@ -279,6 +279,25 @@ def test_config_errors_name_the_key() -> None:
     assert {"fcfs", "program_fcfs", "program_fcfs_pinning"} <= set(default.tuned_policies(DEFAULT_CONF_DIR))
 
 
+def test_every_default_suite_workload_is_a_bounds_family() -> None:
+    """The headroom table can be computed for every family the default suite reports (the
+    scenario families of issue 14 included), and their committed rows keep the columns."""
+    from omegaconf import OmegaConf
+
+    suite = OmegaConf.load(DEFAULT_CONF_DIR / "suite" / "default.yaml")
+    assert {"mixed_bursty", "react_long"} <= set(suite.workloads)
+    BoundsConfig(families=list(suite.workloads)).check(DEFAULT_CONF_DIR)
+    rows = pd.read_csv(DEFAULT_CONF_DIR.parent / "scripts" / "results" / "headroom_families.csv")
+    assert tuple(rows.columns) == HEADROOM_COLUMNS
+    assert sorted(zip(rows.family, rows.load, strict=True)) == [
+        ("mixed_bursty", 0.5),
+        ("mixed_bursty", 8.0),
+        ("react_long", 0.5),
+        ("react_long", 8.0),
+    ]
+    assert (rows.headroom >= 1.0 - 1e-9).all()  # the bound is never worse than the tuned heuristic
+
+
 # ---------------------------------------------------------------- the table
 def tiny_bounds(**changes) -> BoundsConfig:
     fields = dict(
