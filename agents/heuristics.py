@@ -278,6 +278,8 @@ class LlumnixRouting(FCFS):
     replica's cache; the demand is the prompt tokens queued there over ``capacity_tokens``.
     Migration and autoscaling are not modelled. ORDER/EVICT: FCFS."""
 
+    routing_only = True  # ORDER/EVICT are FCFS's: one replica leaves it nothing to decide
+
     def __init__(self, capacity_tokens: float = 4.5e5) -> None:
         super().__init__()
         self.capacity_tokens = capacity_tokens
@@ -293,6 +295,8 @@ class AutellixRouting(FCFS):
     prompt tokens go to the least-loaded replica (fewest running calls, then most free KV);
     longer ones stay on a replica their program already used (the one holding most of their
     prefix), falling back to least-loaded."""
+
+    routing_only = True  # ORDER/EVICT are FCFS's: one replica leaves it nothing to decide
 
     def __init__(self, short_prompt_tokens: int = 2048) -> None:
         super().__init__()
@@ -312,6 +316,8 @@ class ThresholdModelRouting(FCFS):
     the chosen size, Llumnix-style freeness. The estimate here is a stand-in for RouteLLM's
     learned win-rate: the prompt length (longer, harder calls to the large model), so
     ``threshold`` is in prompt tokens."""
+
+    routing_only = True  # ORDER/EVICT are FCFS's: one replica leaves it nothing to decide
 
     def __init__(self, threshold_tokens: float = 4096.0) -> None:
         super().__init__()

@@ -202,6 +202,11 @@ class LearnedPolicy:
         self.layout = layout  # the slot tables of the env it was trained on (envs/observation.py)
         self._observe = LAYOUTS[layout]
 
+    @property
+    def routing_only(self) -> bool:
+        """A policy trained on ROUTE alone; the engine refuses it in a one-replica cluster."""
+        return self.kinds == {DecisionKind.ROUTE}
+
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """(K,) raw outputs for one observation; subclasses run their network here."""
         raise NotImplementedError

@@ -220,7 +220,13 @@ class Engine:
 
     def run(self, policy: Policy, progress: Callable[[Engine], None] | None = None) -> RunMetrics:
         """Drive the engine with ``policy`` (after ``apply_retention(policy)``) until the
-        workload drains; returns the metrics."""
+        workload drains; returns the metrics. A policy that only routes (``routing_only``) is
+        refused in a one-replica cluster, where it would never decide and run as FCFS."""
+        if getattr(policy, "routing_only", False) and len(self.replicas) == 1:
+            raise ValueError(
+                f"{type(policy).__name__} only decides where calls go, and this cluster has one "
+                "replica: it would run as FCFS. Use a cluster of several replicas (e.g. cluster=four)"
+            )
         if not self._started:
             self.apply_retention(policy)
         while (decision := self.next_decision()) is not None:

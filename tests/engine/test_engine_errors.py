@@ -272,3 +272,18 @@ def test_stall_on_one_replica_ends_a_cluster_run(time_limit) -> None:
     assert metrics.stalled and "replica 1:" in metrics.stall_reason
     assert f"0/{NUM_BLOCKS} blocks free" in metrics.stall_reason
     engine.replicas[0].blocks.check_invariants()
+
+
+@pytest.mark.parametrize("router", ["LlumnixRouting", "AutellixRouting", "ThresholdModelRouting"])
+def test_a_routing_only_policy_is_refused_in_a_one_replica_cluster(router: str) -> None:
+    from servegym.agents import heuristics
+    from servegym.envs.engine.config import ClusterConfig
+    from servegym.envs.workloads.generators import MapReduce
+    from servegym.envs.workloads.workload import Workload
+
+    workload = Workload(generator=MapReduce(fan_out=2), num_jobs=2)
+    one = Engine(workload.build(0), cluster=ClusterConfig(num_replicas=1))
+    with pytest.raises(ValueError, match="only decides where calls go, and this cluster has one replica"):
+        one.run(getattr(heuristics, router)())
+    two = Engine(workload.build(0), cluster=ClusterConfig(num_replicas=2))
+    assert two.run(getattr(heuristics, router)()).complete
