@@ -34,12 +34,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, checkout, map_servegym, peak_rss_mb, rss_mb
+
 CASES: dict[str, list[int]] = {
     "live": [16, 64, 256, 1024],
     "queue": [10, 100, 1000, 10000],
@@ -67,24 +67,6 @@ UNITS = {
 
 
 # ---------------------------------------------------------------- worker side (one measurement)
-def _map_servegym(root: str) -> None:
-    """Import ``servegym`` from the checkout at ``root`` (envs/, agents/, kernels/ under one root)."""
-    import types
-
-    module = types.ModuleType("servegym")
-    module.__path__ = [root]
-    sys.modules["servegym"] = module
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _one_call_generator():
@@ -123,7 +105,7 @@ def _engine_run(engine: Any, policy: Any) -> dict[str, float]:
     import time
 
     counting = Counting(policy)
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     start = time.perf_counter()
     metrics = engine.run(counting)
     wall = time.perf_counter() - start
@@ -134,7 +116,7 @@ def _engine_run(engine: Any, policy: Any) -> dict[str, float]:
         "calls/s": metrics.calls_completed / wall,
         "evictions/s": metrics.evictions / wall,
         "iterations": metrics.iterations,
-        "peak_mb": _peak_rss_mb() - rss0,
+        "peak_mb": peak_rss_mb() - rss0,
     }
 
 
@@ -166,7 +148,7 @@ def case_queue(n: int, seed: int) -> dict[str, float]:
     jobs = [generator.sample(rng, f"j{i}", 0.0) for i in range(n + 300)]
     engine = Engine(FixedJobs(jobs), engine=EngineConfig(profile="llama8b_h100", max_num_seqs=64))
     policy = FCFS()
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     start = time.perf_counter()
     decisions = 0
     while (decision := engine.next_decision()) is not None:
@@ -181,7 +163,7 @@ def case_queue(n: int, seed: int) -> dict[str, float]:
         "us/iteration": 1e6 * wall / max(iterations, 1),
         "decisions/s": decisions / wall,
         "iterations": iterations,
-        "peak_mb": _peak_rss_mb() - rss0,
+        "peak_mb": peak_rss_mb() - rss0,
     }
 
 
@@ -211,7 +193,7 @@ def _env_steps(env_id: str, steps: int, seed: int, **kwargs: Any) -> dict[str, f
     env = gym.make(env_id, **kwargs)
     env.action_space.seed(seed)
     masked = hasattr(env.unwrapped, "action_masks")
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     env.reset(seed=seed)
     start = time.perf_counter()
     for _ in range(steps):
@@ -220,7 +202,7 @@ def _env_steps(env_id: str, steps: int, seed: int, **kwargs: Any) -> dict[str, f
         if terminated or truncated:
             env.reset()
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "env steps/s": steps / wall, "peak_mb": _peak_rss_mb() - rss0}
+    return {"wall_s": wall, "env steps/s": steps / wall, "peak_mb": peak_rss_mb() - rss0}
 
 
 def case_k(k: int, seed: int) -> dict[str, float]:
@@ -253,18 +235,6 @@ def worker(case: str, param: int, seed: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- parent side
-@contextmanager
-def checkout(ref: str):
-    """A temporary git worktree of ``ref``."""
-    with tempfile.TemporaryDirectory(prefix="servegym-bench-") as tmp:
-        path = Path(tmp) / "tree"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), ref], check=True
-        )
-        try:
-            yield path
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def measure(root: Path, case: str, param: int, seed: int) -> dict[str, float]:
@@ -389,7 +359,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity") and (args.worker or args.profile):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     if args.worker:
-        _map_servegym(args.root)
+        map_servegym(args.root)
         case, param, seed = args.worker
         print(json.dumps(worker(case, int(param), int(seed))))
         return

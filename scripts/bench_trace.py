@@ -31,33 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, checkout, map_servegym, peak_rss_mb, rss_mb
+
 FULL_TREES, QUICK_TREES = 32_000, 2_000
 
 
 # ---------------------------------------------------------------- worker side (one replay)
-def _map_servegym(root: str) -> None:
-    """Import ``servegym`` from the checkout at ``root`` (envs/, agents/, kernels/ under one root)."""
-    import types
-
-    module = types.ModuleType("servegym")
-    module.__path__ = [root]
-    sys.modules["servegym"] = module
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _report(**fields: Any) -> None:
@@ -76,13 +59,13 @@ def worker(root: str, trace: str, every_s: float) -> None:
     register_configs()
     with initialize_config_dir(str(Path(root) / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["workload=trace", f"workload.path={trace}", "progress=false"])
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     start = time.perf_counter()
     engine = build_engine(cfg)
     policy = instantiate(cfg.agent)
     engine.apply_retention(policy)
     load_s = time.perf_counter() - start
-    rss_loaded = _rss_mb()
+    rss_loaded = rss_mb()
     decisions, next_report = 0, time.perf_counter() + every_s
     while (decision := engine.next_decision()) is not None:
         engine.decide(policy.scores(decision))
@@ -93,8 +76,8 @@ def worker(root: str, trace: str, every_s: float) -> None:
                 trees=engine.num_jobs_done,
                 load_s=load_s,
                 sim_s=time.perf_counter() - start - load_s,
-                peak_mb=_peak_rss_mb(),
-                rss_mb=_rss_mb(),
+                peak_mb=peak_rss_mb(),
+                rss_mb=rss_mb(),
                 rss0_mb=rss0,
                 rss_loaded_mb=rss_loaded,
             )
@@ -104,8 +87,8 @@ def worker(root: str, trace: str, every_s: float) -> None:
         trees=metrics.jobs_completed + metrics.jobs_failed,
         load_s=load_s,
         sim_s=sim_s,
-        peak_mb=_peak_rss_mb(),
-        rss_mb=_rss_mb(),
+        peak_mb=peak_rss_mb(),
+        rss_mb=rss_mb(),
         rss0_mb=rss0,
         rss_loaded_mb=rss_loaded,
         jct_mean_s=metrics.jct_mean_s,
@@ -123,20 +106,6 @@ def write_trace(path: Path, num_trees: int) -> Path:
 
     source = Workload(generator=MapReduce(), arrival="poisson", arrival_rate=1.0, num_jobs=num_trees).build(0)
     return save_jobs(source.jobs, path)
-
-
-@contextmanager
-def checkout(ref: str):
-    """A temporary git worktree of ``ref``."""
-    with tempfile.TemporaryDirectory(prefix="servegym-bench-") as tmp:
-        path = Path(tmp) / "tree"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), ref], check=True
-        )
-        try:
-            yield path
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def measure(root: Path, trace: Path, timeout_s: float) -> dict[str, Any]:
@@ -209,7 +178,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _map_servegym(args.worker[0])
+        map_servegym(args.worker[0])
         worker(args.worker[0], args.worker[1], every_s=5.0)
         return
 
