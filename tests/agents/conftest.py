@@ -40,3 +40,19 @@ def compose_config(overrides: list[str]) -> DictConfig:
 @pytest.fixture
 def tiny_training_cfg() -> DictConfig:
     return compose_config(TINY_TRAINING)
+
+
+def tiny_suite(**changes):
+    """2 policies x 1 workload x 2 loads x 2 seeds of 6 map-reduce trees: well under a second.
+    ``changes`` replace any SuiteConfig field."""
+    from servegym.agents.evaluate import SuiteConfig
+
+    fields = dict(
+        policies=["fcfs", "program_fcfs"],
+        workloads=["mapreduce"],
+        loads=[1.0, 8.0],
+        seeds=[0, 1],
+        num_jobs=6,
+        kv_timeline_bins=20,
+    )
+    return SuiteConfig(**{**fields, **changes})

@@ -22,19 +22,7 @@ from servegym.agents.evaluate import (
     to_markdown,
 )
 from servegym.agents.heuristics import FCFS
-
-
-def tiny_suite(**changes) -> SuiteConfig:
-    """2 policies x 1 workload x 2 loads x 2 seeds of 6 map-reduce trees: well under a second."""
-    fields = dict(
-        policies=["fcfs", "program_fcfs"],
-        workloads=["mapreduce"],
-        loads=[1.0, 8.0],
-        seeds=[0, 1],
-        num_jobs=6,
-        kv_timeline_bins=20,
-    )
-    return SuiteConfig(**{**fields, **changes})
+from tests.agents.conftest import tiny_suite
 
 
 # ---------------------------------------------------------------- statistics

@@ -20,21 +20,14 @@ from servegym.agents.evaluate import (
     run_suite_full,
 )
 from servegym.agents.heuristics import FCFS
+from tests.agents.conftest import tiny_suite as shared_tiny_suite
 
 REAL_RUN_ONE = ev.run_one
 
 
 def tiny_suite(**changes) -> SuiteConfig:
-    """2 policies x 1 workload x 2 loads x 2 seeds = 8 runs of 4 map-reduce trees."""
-    fields = dict(
-        policies=["fcfs", "program_fcfs"],
-        workloads=["mapreduce"],
-        loads=[1.0, 8.0],
-        seeds=[0, 1],
-        num_jobs=4,
-        kv_timeline_bins=5,
-    )
-    return SuiteConfig(**{**fields, **changes})
+    """The shared tiny suite (tests/agents/conftest.py) with 4 trees a run and 5 KV bins: 8 runs."""
+    return shared_tiny_suite(**{"num_jobs": 4, "kv_timeline_bins": 5, **changes})
 
 
 def journal_lines(out: Path) -> list[dict]:
