@@ -29,6 +29,7 @@ from servegym.agents.runtime import (
 )
 from servegym.envs.engine.policy import CANDIDATE_FEATURES, FEATURE_SCHEMA_VERSION
 from servegym.envs.observation import observation_layout
+from servegym.envs.workloads.job import KNOWN_ROLES
 
 OPSET = 17
 
@@ -84,6 +85,7 @@ def export_policy(
         "slot_features": list(columns),
         "candidate_features": list(CANDIDATE_FEATURES),
         "global_features": list(GLOBAL_COLUMNS),
+        "role_vocabulary": list(KNOWN_ROLES),
         "normalisation": "none: features are scaled by construction (servegym.envs.engine.policy)",
         "action": action,
         "inputs": {

@@ -18,7 +18,9 @@ clipped to [-1, 1], admission in descending order and eviction of the lowest —
 it answers; others go to the fallback), ``max_candidates`` (K it was trained with), ``stop``
 (optional, pick-next: the network emits K + 1 logits, the last STOP's, over the presorted
 candidate table of PickNext-v0)),
-``inputs``/``outputs`` (tensor names), ``env_id``, ``config_sha256``.
+``role_vocabulary`` (the role names in ``role_id`` order: a role added to servegym would
+otherwise shift what the policy's ``role_id`` input means, silently), ``inputs``/``outputs``
+(tensor names), ``env_id``, ``config_sha256``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ from servegym.envs.observation import (
     slot_scores,
     subset,
 )
+from servegym.envs.workloads.job import KNOWN_ROLES
 
-SIDECAR_FORMAT = 2
+SIDECAR_FORMAT = 3
+"""v3 added ``role_vocabulary``; v2 the layout and its slot columns."""
 ACTION_TYPES = ("scores", "logits")
 INPUT_NAMES = ("global", "candidates", "mask")
 GLOBAL_COLUMNS = (*GLOBAL_FEATURES, *(f"kind_{kind.name.lower()}" for kind in DecisionKind))
@@ -111,6 +115,20 @@ def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, An
         raise SidecarError(f"{source}: layout {list(layout)} is not one of {[list(k) for k in LAYOUTS]}")
     if tuple(meta.get("slot_features", ())) != slot_columns(layout):
         raise SidecarError(f"{source}: slot_features differ from {list(slot_columns(layout))}")
+    roles = meta.get("role_vocabulary")
+    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+        raise SidecarError(f"{source}: role_vocabulary must be a list of role names, got {roles!r}")
+    roles = tuple(roles)
+    if roles != KNOWN_ROLES:
+        changed = next(
+            (i for i, (a, b) in enumerate(zip(roles, KNOWN_ROLES, strict=False)) if a != b),
+            min(len(roles), len(KNOWN_ROLES)),
+        )
+        raise SidecarError(
+            f"{source}: role_vocabulary {list(roles)} differs from this servegym's {list(KNOWN_ROLES)} "
+            f"(from role_id {changed}): the policy's role_id input would mean other roles; retrain "
+            "or re-export it from a matching servegym"
+        )
     if tuple(meta.get("global_features", ())) != GLOBAL_COLUMNS:
         raise SidecarError(f"{source}: global_features differ from {list(GLOBAL_COLUMNS)}")
     action = meta.get("action", {})

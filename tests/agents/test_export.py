@@ -119,6 +119,7 @@ def test_sidecar_describes_the_policy(exported) -> None:
     assert meta["env_id"] == "servegym/Scheduling-v0"
     assert len(meta["config_sha256"]) == 64
     assert "true_remaining_output_tokens" not in meta["candidate_features"]  # privileged stays behind
+    assert meta["role_vocabulary"][:2] == ["user", "planner"] and meta["format"] == 3
 
 
 @pytest.mark.parametrize(
@@ -127,6 +128,8 @@ def test_sidecar_describes_the_policy(exported) -> None:
         ("feature_schema_version", 999, "schema v999"),
         ("format", 0, "format"),
         ("candidate_features", ["x"], "candidate_features"),
+        ("role_vocabulary", ["user", "worker", "planner"], r"differs .* \(from role_id 1\)"),
+        ("role_vocabulary", None, "role_vocabulary"),
         ("action", {"type": "bogus", "kinds": ["ORDER"], "max_candidates": 8}, "action.type"),
     ],
 )
@@ -205,7 +208,7 @@ def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str
     ("text", "message"),
     [
         (
-            '{"format": 2, "feature_schema_version"',
+            '{"format": 3, "feature_schema_version"',
             "not valid JSON (Expecting ':' delimiter at line 1 column 39)",
         ),
         ("[1, 2, 3]", "a sidecar is a JSON object (format, feature_schema_version, layout, ...), got a list"),
