@@ -152,7 +152,7 @@ def plot_kv_timeline(kv: pd.DataFrame, path: Path, policies: list[str]) -> Path 
 
 def _save(fig, path: Path) -> Path:
     """Write the figure by temporary file and rename (an interrupted plot leaves no torn PNG)."""
-    from servegym.agents.suite_io import save_figure_atomic
+    from servegym.agents.evaluation.suite_io import save_figure_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -172,7 +172,7 @@ def plot_suite(
 ) -> list[Path]:
     """Every plot of the module docstring; ``jobs``/``kv`` default to the ``jobs.csv`` and
     ``kv_timeline.csv`` a suite wrote into ``out_dir`` (plots without their data are skipped)."""
-    from servegym.agents.evaluate import summarise
+    from servegym.agents.evaluation.summary import summarise
 
     out = Path(out_dir)
     plots = out / "plots"

@@ -19,7 +19,7 @@ continue) and exits 130. Exit status: 0 when every run finished all its work; 1 
 (raised, stalled, or ran past suite.run_timeout_s), or if a run rejected work (calls too long for
 the KV cache, failed trees) and suite.fail_on_rejected is true (the default; false: reported,
 exit 0); 2 on a bad config, trace or output folder; 130 on Ctrl-C. Definitions (load, SLO,
-confidence intervals, seeds, traces, resuming): servegym/agents/evaluate.py.
+confidence intervals, seeds, traces, resuming): servegym/agents/evaluation/__init__.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from servegym.agents import suite_io
 from servegym.agents.configs import register_configs
 from servegym.agents.evaluate import (
     OutputFolderError,
@@ -48,6 +47,7 @@ from servegym.agents.evaluate import (
     report,
     suite_from_cfg,
 )
+from servegym.agents.evaluation import suite_io
 
 register_configs()
 register_suite_schema()

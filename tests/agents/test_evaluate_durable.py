@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 import servegym.agents.evaluate as ev
-from servegym.agents import suite_io
+import servegym.agents.evaluation.report as report_module
+import servegym.agents.evaluation.suite as suite_module
 from servegym.agents.evaluate import (
     OutputFolderError,
     SuiteConfig,
@@ -19,10 +20,11 @@ from servegym.agents.evaluate import (
     report,
     run_suite_full,
 )
+from servegym.agents.evaluation import suite_io
 from servegym.agents.heuristics import FCFS
 from tests.agents.conftest import tiny_suite as shared_tiny_suite
 
-REAL_RUN_ONE = ev.run_one
+REAL_RUN_ONE = suite_module.run_one
 
 
 def tiny_suite(**changes) -> SuiteConfig:
@@ -45,7 +47,7 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, runs: int) -> list:
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(ev, "run_one", run_one)
+    monkeypatch.setattr(suite_module, "run_one", run_one)  # looked up by execute()
     return calls
 
 
@@ -57,7 +59,7 @@ def count_runs(monkeypatch: pytest.MonkeyPatch) -> list:
         calls.append(task.keys)
         return real(task)
 
-    monkeypatch.setattr(ev, "run_one", run_one)
+    monkeypatch.setattr(suite_module, "run_one", run_one)  # looked up by execute()
     return calls
 
 
@@ -176,7 +178,7 @@ def test_an_interrupted_report_is_marked_incomplete_and_a_rewrite_drops_stale_fi
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev, "plot_suite", interrupted)
+    monkeypatch.setattr(report_module, "plot_suite", interrupted)  # looked up by report()
     with pytest.raises(KeyboardInterrupt):
         report(result, tmp_path)
     assert not (tmp_path / "report.json").exists()  # the set is marked incomplete
@@ -206,7 +208,7 @@ def test_ctrl_c_while_writing_the_report_keeps_the_runs(tmp_path, monkeypatch) -
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev, "plot_suite", interrupted)
+    monkeypatch.setattr(report_module, "plot_suite", interrupted)  # looked up by report()
     out = tmp_path / "suite"
     with pytest.raises(SuiteInterrupted, match="while writing the report: all 2 runs are kept"):
         evaluate(tiny_suite(loads=[8.0], seeds=[0]), out, progress=False)

@@ -1,7 +1,7 @@
 """Durable writing for the evaluation suite: a run journal, an output folder that holds one suite,
 and files written by temporary file and rename.
 
-Layout of a suite's output folder (``servegym.agents.evaluate`` documents the tables)::
+Layout of a suite's output folder (``servegym.agents.evaluation`` documents the tables)::
 
     suite.json      the suite's identity: every setting that changes a run's numbers (resume compares it)
     runs.jsonl      the journal: one line per finished run (its row, its trees, its KV bins, or its
