@@ -192,7 +192,7 @@ class TraceWorkload:
     bootstrap draws them; ``resample`` reads the whole trace (the draw needs every job) and so
     does not stream.
 
-    Load. ``load`` in an evaluation suite (``agents/evaluate.py``, ``apply_load``) divides every
+    Load. ``load`` in an evaluation suite (``agents/evaluation/load.py``, ``apply_load``) divides every
     arrival time by the load (2.0 doubles the arrival rate) and leaves each tree as it is: the
     tool gaps inside a tree (``tool_latency_s``, including a Mooncake session's think times)
     and the token lengths do not shrink, so load packs more trees together without making any
