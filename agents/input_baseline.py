@@ -29,8 +29,9 @@ The SLO-miss and fairness terms of the reward (0 by default) are left as they ar
 
 ``SharedWorkloads`` gives each group of copies one workload stream: every copy of a group
 draws the same sequence of workload seeds (``reset(options={"workload_seed": s})``), so copies
-explore different decisions on the same input, and a reference run is computed once per
-workload and group in one process (``ReferenceBaseline``'s cache).
+explore different decisions on the same input; copies of a group in one process (a dummy
+vector env) can hand their ``ReferenceBaseline``s one ``curves`` cache, so each reference run
+is computed once per workload and group (``agents/train.py`` does).
 """
 
 from __future__ import annotations
@@ -87,14 +88,23 @@ def _engine_env(env: gym.Env) -> Any:
 
 class ReferenceBaseline(gym.Wrapper):
     """Subtract a reference policy's tree-seconds on the same workload from the reward (see the
-    module docstring). ``make_policy`` returns a fresh policy per reference run. ``info`` gets
-    ``reference_s``: the reference's total tree time on the episode's workload (at the end)."""
+    module docstring). ``make_policy`` returns a fresh policy per reference run. ``curves``: an
+    LRU cache of reference curves by workload seed (at most ``cache_size``), which copies of one
+    env and reference may share; default: this wrapper's own. ``info`` gets ``reference_s``:
+    the reference's total tree time on the episode's workload (at the end)."""
 
-    def __init__(self, env: gym.Env, make_policy: Callable[[], Policy], cache_size: int = 32) -> None:
+    def __init__(
+        self,
+        env: gym.Env,
+        make_policy: Callable[[], Policy],
+        cache_size: int = 32,
+        curves: OrderedDict[int, TreeSecondsCurve] | None = None,
+    ) -> None:
         super().__init__(env)
+        self._inner = _engine_env(env)
         self.make_policy = make_policy
         self.cache_size = cache_size
-        self._curves: OrderedDict[int, TreeSecondsCurve] = OrderedDict()
+        self._curves: OrderedDict[int, TreeSecondsCurve] = OrderedDict() if curves is None else curves
         self._curve: TreeSecondsCurve | None = None
         self._last_now_s = 0.0
 
@@ -102,7 +112,7 @@ class ReferenceBaseline(gym.Wrapper):
         """The reference policy's curve on workload ``workload_seed`` (cached, LRU)."""
         curve = self._curves.get(workload_seed)
         if curve is None:
-            engine = _engine_env(self.env).build_engine(workload_seed)
+            engine = self._inner.build_engine(workload_seed)
             engine.run(self.make_policy())
             curve = self._curves[workload_seed] = TreeSecondsCurve.of(engine)
             while len(self._curves) > self.cache_size:
@@ -112,13 +122,13 @@ class ReferenceBaseline(gym.Wrapper):
 
     def reset(self, **kwargs: Any):
         obs, info = self.env.reset(**kwargs)
-        self._curve = self.reference_curve(int(_engine_env(self.env).workload_seed))
+        self._curve = self.reference_curve(int(self._inner.workload_seed))
         self._last_now_s = 0.0  # the env's first reward counts tree-seconds from time 0
         return obs, info
 
     def step(self, action: Any):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        inner, curve = _engine_env(self.env), self._curve
+        inner, curve = self._inner, self._curve
         assert curve is not None, "reset() first"
         now_s = inner.engine.now_s
         subtract = curve(now_s) - curve(self._last_now_s)

@@ -14,8 +14,9 @@ range the env clips actions to, and the policy mean is regressed on them over re
 Slot policies (PickNext-v0, a masked Discrete(K + 1) with STOP) clone by cross-entropy instead:
 the teacher drives the env itself (``PickNextEnv.policy_slot``: the slot of the call it picks),
 so the observations are exactly the presorted tables the agent sees, and the policy's masked
-log-probability of the teacher's slot is maximised. A heuristic never stops, so a cloned policy
-starts where the teacher is and STOP is left for PPO to find.
+probability of the slots the teacher rates best (its pick and the calls tied with it) is
+maximised. A heuristic never stops, so a cloned policy starts where the teacher is and STOP is
+left for PPO to find.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -107,17 +108,18 @@ class CompareWithBaseline(BaseCallback):
             self.evaluate()
 
 
-def make_train_env(cfg: DictConfig, rank: int) -> gym.Env:
+def make_train_env(cfg: DictConfig, rank: int, curves: OrderedDict | None = None) -> gym.Env:
     """Training env ``rank``: the config's env, monitored (episode statistics of the raw reward),
     in its workload group (``train.group_size``) and with the reward baseline
-    (``train.reward_baseline``) when configured; see ``agents/input_baseline.py``."""
+    (``train.reward_baseline``, its reference curves cached in ``curves``, which the copies of a
+    group share when they live in one process) when configured; see ``agents/input_baseline.py``."""
     env = build_env(cfg)
     env.action_space.seed(cfg.seed + rank)
     env = Monitor(env)
     if cfg.train.group_size > 1:
         env = SharedWorkloads(env, group_seed=cfg.seed * 100_003 + rank // cfg.train.group_size)
     if cfg.train.reward_baseline:
-        env = ReferenceBaseline(env, heuristic_factory(cfg, cfg.train.reward_baseline))
+        env = ReferenceBaseline(env, heuristic_factory(cfg, cfg.train.reward_baseline), curves=curves)
     return env
 
 
@@ -131,7 +133,9 @@ def make_train_venv(cfg: DictConfig):
             f"train.reward_baseline={cfg.train.reward_baseline} needs agent.hyperparams.gamma=1.0 (got "
             f"{gamma}): with discounting the baseline no longer adds up to a constant of the workload"
         )
-    envs = [partial(make_train_env, cfg, rank) for rank in range(cfg.train.n_envs)]
+    group = cfg.train.group_size
+    caches = [OrderedDict() for _ in range(cfg.train.n_envs // group)]  # one per workload group
+    envs = [partial(make_train_env, cfg, rank, caches[rank // group]) for rank in range(cfg.train.n_envs)]
     venv = vec_env_class(cfg.train.vec_env)(envs)
     venv.seed(cfg.seed)
     return venv

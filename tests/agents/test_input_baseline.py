@@ -5,6 +5,8 @@ replay the same workloads."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -115,6 +117,12 @@ def test_reference_runs_are_cached_per_workload() -> None:
     for seed in (1, 2, 1, 2, 3, 1):
         env.reset(options={"workload_seed": seed})
     assert len(runs) == 4  # 1, 2 computed; 1, 2 cached; 3 evicts 1; 1 again
+    shared: OrderedDict = OrderedDict()
+    copies = [ReferenceBaseline(make(), counting_policy, curves=shared) for _ in range(2)]
+    runs.clear()
+    for env in copies:
+        env.reset(options={"workload_seed": 7})
+    assert len(runs) == 1  # copies of a group compute a workload's reference once
 
 
 def test_shared_workloads_replay_the_same_stream_per_group() -> None:
@@ -160,6 +168,7 @@ def test_training_envs_share_workloads_and_subtract_the_reference() -> None:
     seeds = venv.get_attr("workload_seed")
     assert seeds[0] == seeds[1]  # one group of two copies: the same workload
     assert all(isinstance(env, ReferenceBaseline) for env in venv.envs)
+    assert venv.envs[0]._curves is venv.envs[1]._curves  # one cache per group
     venv.close()
     cfg = compose_config([*PICKNEXT_TINY, "train.group_size=1"])
     venv = make_train_venv(cfg)
