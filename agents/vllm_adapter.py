@@ -12,9 +12,15 @@ Two routes, one feature mapping:
   request. The policy comes from ``SERVEGYM_POLICY`` (vLLM constructs the scheduler itself):
   a ``policy.onnx`` path (its sidecar beside it) or ``module:attr`` naming a servegym Policy
   class or factory (e.g. a heuristic). FCFS scheduling policy only.
-* ``priorities(requests, policy)``: integer priorities to pass as
-  ``LLM.generate(..., priority=[...])`` under ``scheduling_policy="priority"`` (lower runs
-  first). Static: computed once, at submission, from the requests and what the caller knows.
+* ``PriorityRoute(policy).priorities(requests)``: integer priorities to pass as
+  ``LLM.generate(..., priority=[...])`` (or the OpenAI server's ``priority`` field) under
+  ``scheduling_policy="priority"`` (lower runs first). Static per request (vLLM never re-reads
+  them) but global over time: a priority is the request's tree arrival minus the overtaking
+  horizon times the policy score's quantile among the route's recent scores (see "Tail guard"),
+  in milliseconds since the route's first call, so requests submitted one by one, as an agent
+  framework does, compare correctly with those submitted earlier (ranks within each batch made
+  every new tree's first call priority 0, ahead of every older tree). ``priorities(requests,
+  policy)`` is the one-shot form.
 
 Tree identity travels with each request as a *tree tag*, ``"<tree_id>:<call_index>:<role>:<depth>"``
 (``tree_id`` and ``role`` without ``:``; ``call_index`` and ``depth`` non-negative ints; the root
@@ -59,7 +65,28 @@ predicted_output_log           log1p(mean output tokens of this role's finished 
 pinned_prefix_frac             0: vLLM pins no finished request's KV (no Continuum-style TTL)
 =============================  =====================================================================
 
-Globals: ``time_s`` = time since the scheduler started / time_scale_s (training episodes start at
+Time. Every time column (``wait_s``, ``tree_age_s``, ``time_s``) is read from the adapter's clock,
+``SERVEGYM_CLOCK``: ``step`` (the default) counts vLLM scheduler steps and calls each one
+``SERVEGYM_STEP_S`` seconds (default 0.02, a decode iteration of the default simulated engine;
+set it to your training config's), so a request's arrival, its wait and its tree's age are
+multiples of the step and two identical runs make identical decisions (a wall clock made runs of
+one workload differ by 6% in engine steps); ``wall`` reads ``time.monotonic`` (what a policy
+trained on real seconds expects on a server whose step time is far from ``SERVEGYM_STEP_S``).
+Arrivals are stamped by the adapter's clock when vLLM adds the request, not vLLM's wall-clock
+``arrival_time``.
+
+Tail guard (both routes): the *overtaking horizon* ``SERVEGYM_HORIZON_S`` (default 2.0 clock
+seconds, 100 steps of the step clock; ``inf`` turns it off). Candidates are admitted in ascending
+``tree_arrival_s - horizon_s * q``, where ``q`` in [0, 1] is the candidate's place in the policy's
+ranking (1 = its first choice; ``guarded_order``). So the policy reorders freely among trees that
+arrived within the horizon of each other, and no request ever overtakes one whose tree arrived more
+than ``horizon_s`` before its own: at scales beyond the horizon the order is program-FCFS (tree
+arrival), which bounds how long an old tree can starve behind a stream of new ones that the policy
+prefers (the p99 failure seen without it). ``horizon_s = 0`` is program-FCFS with the policy breaking
+ties; the running list (EVICT) is ordered by the same key, so the victim is the newest tree's
+lowest-ranked request.
+
+Globals: ``time_s`` = clock time since the scheduler started / time_scale_s (training episodes start at
 0; a long-running server drifts past them, which a policy sees as a late, busy episode);
 ``kv_used_frac``, ``kv_free_frac`` from the block pool (the null block excluded); ``kv_cached_frac``
 = a lower bound on unreferenced cached blocks (cached hashes - used blocks), since vLLM keeps no
@@ -110,6 +137,15 @@ VLLM_VERSION = "0.32.0"
 POLICY_ENV = "SERVEGYM_POLICY"
 TIME_SCALE_ENV = "SERVEGYM_TIME_SCALE_S"
 DEFAULT_TIME_SCALE_S = 30.0
+CLOCK_ENV = "SERVEGYM_CLOCK"
+STEP_S_ENV = "SERVEGYM_STEP_S"
+DEFAULT_STEP_S = 0.02
+"""Seconds the step clock counts per scheduler step (a decode iteration of the default simulated engine)."""
+HORIZON_ENV = "SERVEGYM_HORIZON_S"
+DEFAULT_HORIZON_S = 2.0
+"""Overtaking horizon in clock seconds (the tail guard in the module docstring)."""
+PRIORITY_QUANTUM_S = 1e-3
+"""``PriorityRoute`` priorities count this many clock seconds per unit."""
 TREE_TAG_KEY = "servegym_tree"
 """``SamplingParams.extra_args`` key carrying the tree tag."""
 TREE_IDLE_TTL_S = 3600.0
@@ -191,9 +227,12 @@ class TreeBook:
     ``add`` when a request enters the engine, ``serve`` with the tokens a step computed for it
     (vLLM's ``scheduler_output.num_scheduled_tokens``: prefix-cache hits are not service, and
     tokens recomputed after a preemption count again, as in the simulator), ``preempted`` when
-    vLLM preempts it (its wait restarts), ``finish`` when it leaves the engine."""
+    vLLM preempts it (its wait restarts), ``finish`` when it leaves the engine. With
+    ``stamp_arrivals`` a request arrives at the ``now_s`` it is added (the scheduler's clock),
+    else at its own ``arrival_time`` when it has one (a caller's timestamps)."""
 
-    def __init__(self, idle_ttl_s: float = TREE_IDLE_TTL_S) -> None:
+    def __init__(self, idle_ttl_s: float = TREE_IDLE_TTL_S, stamp_arrivals: bool = False) -> None:
+        self.stamp_arrivals = stamp_arrivals
         self.trees: dict[str, TreeStats] = {}
         self.requests: dict[str, _RequestEntry] = {}
         self.idle_ttl_s = idle_ttl_s
@@ -206,7 +245,8 @@ class TreeBook:
         if entry is not None:
             return entry
         tag = tree_tag_of(request)
-        arrival_s = float(getattr(request, "arrival_time", None) or now_s)
+        arrival = None if self.stamp_arrivals else getattr(request, "arrival_time", None)
+        arrival_s = float(now_s if arrival is None else arrival)
         tree = self.trees.get(tag.tree_id)
         if tree is None:
             tree = self.trees[tag.tree_id] = TreeStats(first_arrival_s=arrival_s)
@@ -244,6 +284,10 @@ class TreeBook:
         tree.last_active_s = now_s
         total, count = self.role_outputs.get(entry.tag.role, (0, 0))
         self.role_outputs[entry.tag.role] = (total + int(request.num_output_tokens), count + 1)
+
+    def tree_arrival_s(self, request: Any, now_s: float) -> float:
+        """First arrival seen for the request's tree (adding the request if it is new)."""
+        return self.trees[self.entry(request, now_s).tag.tree_id].first_arrival_s
 
     def predicted_output(self, role: str, max_tokens: int) -> float:
         """Mean output of the role's finished requests, else the request's budget."""
@@ -395,6 +439,81 @@ def ranking(policy: Policy, decision: Decision) -> list[int]:
     return np.argsort(-scores, kind="stable").tolist()
 
 
+def guarded_order(order: Sequence[int], tree_arrivals_s: Sequence[float], horizon_s: float) -> list[int]:
+    """``order`` (the policy's ranking, best first) with overtaking bounded by ``horizon_s``.
+
+    Candidate at rank r of n gets ``q = 1 - r / (n - 1)`` (1 for the first choice) and the key
+    ``tree_arrival_s - horizon_s * q``; candidates go in ascending key, ties in policy order. So
+    i goes before j only if ``arrival_i - arrival_j <= horizon_s * (q_i - q_j) <= horizon_s``: no
+    candidate passes one whose tree arrived more than ``horizon_s`` earlier. ``inf`` keeps
+    ``order``; 0 is tree-arrival order with the policy breaking ties."""
+    if not horizon_s >= 0:
+        raise ValueError(f"horizon_s must be >= 0 (inf: no guard), got {horizon_s!r}")
+    n = len(order)
+    if n < 2 or math.isinf(horizon_s):
+        return list(order)
+    keys = {
+        index: tree_arrivals_s[index] - horizon_s * (1.0 - rank / (n - 1)) for rank, index in enumerate(order)
+    }
+    rank_of = {index: rank for rank, index in enumerate(order)}
+    return sorted(order, key=lambda index: (keys[index], rank_of[index]))
+
+
+class StepClock:
+    """Clock seconds = scheduler steps x ``step_s``: deterministic, so identical runs decide alike."""
+
+    def __init__(self, step_s: float = DEFAULT_STEP_S) -> None:
+        if not (math.isfinite(step_s) and step_s > 0):
+            raise ValueError(f"step_s must be a finite number > 0, got {step_s!r}")
+        self.step_s = step_s
+        self.num_steps = 0
+
+    def tick(self) -> None:
+        """One scheduler step passed (called at the start of every ``schedule()``)."""
+        self.num_steps += 1
+
+    def __call__(self) -> float:
+        return self.num_steps * self.step_s
+
+
+class WallClock:
+    """``time.monotonic`` seconds (steps do not move it)."""
+
+    def tick(self) -> None:
+        pass
+
+    def __call__(self) -> float:
+        return time.monotonic()
+
+
+CLOCKS = {"step": StepClock, "wall": WallClock}
+
+
+def clock_from_env() -> StepClock | WallClock:
+    """The clock ``SERVEGYM_CLOCK`` names (``step``, the default, or ``wall``), ``SERVEGYM_STEP_S`` per step."""
+    name = os.environ.get(CLOCK_ENV, "step")
+    if name not in CLOCKS:
+        raise ValueError(f"{CLOCK_ENV}={name!r}: choose one of {sorted(CLOCKS)}")
+    if name == "wall":
+        return WallClock()
+    return StepClock(_positive_env(STEP_S_ENV, DEFAULT_STEP_S))
+
+
+def horizon_from_env() -> float:
+    """``SERVEGYM_HORIZON_S`` (clock seconds, >= 0; ``inf`` turns the tail guard off)."""
+    value = float(os.environ.get(HORIZON_ENV, DEFAULT_HORIZON_S))
+    if not value >= 0:
+        raise ValueError(f"{HORIZON_ENV} must be >= 0 seconds (inf: no guard), got {value}")
+    return value
+
+
+def _positive_env(name: str, default: float) -> float:
+    value = float(os.environ.get(name, default))
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------- policies
 class RuntimePolicy(LearnedPolicy):
     """An already-loaded ``ScoreRuntime`` as a servegym Policy (the env's action semantics)."""
@@ -440,10 +559,7 @@ def policy_from_env() -> Policy:
 
 
 def time_scale_from_env() -> float:
-    value = float(os.environ.get(TIME_SCALE_ENV, DEFAULT_TIME_SCALE_S))
-    if not value > 0:
-        raise ValueError(f"{TIME_SCALE_ENV} must be > 0, got {value}")
-    return value
+    return _positive_env(TIME_SCALE_ENV, DEFAULT_TIME_SCALE_S)
 
 
 # --------------------------------------------------------------------------- route (b)
@@ -469,6 +585,96 @@ class PendingRequest:
         self.sampling_params = SimpleNamespace(max_tokens=self.max_tokens, extra_args=extra_args)
 
 
+class PriorityRoute:
+    """Route (b): vLLM priorities (lower runs first) that order requests globally over time.
+
+    Each request's priority is ``round((tree_arrival_s - horizon_s * q) / quantum_s)`` with the
+    tree's arrival counted from the route's first call, and ``q`` the mid-rank quantile of the
+    policy's ORDER score for it among the route's last ``window`` scores (its own batch
+    included): a scale-free reading of "how much the policy wants it" that works for one request
+    at a time. vLLM breaks equal priorities by arrival. Within one batch of distinct trees that
+    arrived together this is the policy's order; across batches it is the tail guard of the
+    module docstring (no request passes one whose tree arrived more than ``horizon_s`` earlier).
+    Scores of different batches come from different contexts (queue sizes, tree counters), so
+    the quantile is an approximation of one global ranking, which vLLM's static priorities
+    cannot re-rank anyway.
+
+    Keep one route per client: ``priorities`` when submitting, ``finish`` when a request
+    completes (it feeds the tree counters the policy sees). ``kv`` defaults to an empty cache of
+    1024 blocks of 16 tokens (no prefix hits known before submission); ``clock`` gives ``now``
+    when a call passes none (``time.monotonic``)."""
+
+    def __init__(
+        self,
+        policy: Policy | ScoreRuntime | str | Path,
+        horizon_s: float = DEFAULT_HORIZON_S,
+        time_scale_s: float = DEFAULT_TIME_SCALE_S,
+        kv: KvView | None = None,
+        window: int = 256,
+        quantum_s: float = PRIORITY_QUANTUM_S,
+        clock: Callable[[], float] = time.monotonic,
+        book: TreeBook | None = None,
+    ) -> None:
+        if not horizon_s >= 0:
+            raise ValueError(f"horizon_s must be >= 0 (inf: no guard), got {horizon_s!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if not (math.isfinite(quantum_s) and quantum_s > 0):
+            raise ValueError(f"quantum_s must be a finite number > 0, got {quantum_s!r}")
+        self.policy = as_policy(policy)
+        self.horizon_s = horizon_s
+        self.time_scale_s = time_scale_s
+        self.kv = kv or KvView(
+            num_blocks=1024, num_free_blocks=1024, block_size=16, max_num_batched_tokens=8192
+        )
+        self.quantum_s = quantum_s
+        self.clock = clock
+        self.book = book if book is not None else TreeBook()
+        self.recent_scores: deque[float] = deque(maxlen=window)
+        self.epoch_s: float | None = None
+
+    def priorities(self, requests: Sequence[Any], now_s: float | None = None) -> list[int]:
+        """One priority per request (``PendingRequest``s, or anything with their fields); a
+        request without ``arrival_time`` arrives at ``now_s``."""
+        if not requests:
+            return []
+        now_s = self.clock() if now_s is None else now_s
+        if self.epoch_s is None:
+            self.epoch_s = now_s
+        for request in requests:
+            if getattr(request, "arrival_time", None) is None:
+                request.arrival_time = now_s
+            self.book.add(request, now_s)
+        table = candidate_table(requests, DecisionKind.ORDER, self.book, self.kv, now_s, self.time_scale_s)
+        globals_ = global_vector(
+            self.kv,
+            len(requests),
+            0,
+            self.book.num_live_trees,
+            (now_s - self.epoch_s) / self.time_scale_s,
+            self.kv.max_num_batched_tokens,
+        )
+        decision = make_decision(DecisionKind.ORDER, requests, table, globals_, now_s)
+        scores = check_scores(decision, self.policy.scores(decision)).astype(np.float64)
+        self.recent_scores.extend(scores.tolist())
+        recent = np.sort(np.fromiter(self.recent_scores, dtype=np.float64))
+        below = np.searchsorted(recent, scores, side="left")
+        not_above = np.searchsorted(recent, scores, side="right")
+        quantiles = (below + not_above) / (2.0 * len(recent))
+        result = []
+        for request, q in zip(requests, quantiles, strict=True):
+            if math.isinf(self.horizon_s):
+                key_s = -q  # no guard: the score's quantile alone
+            else:
+                key_s = self.book.tree_arrival_s(request, now_s) - self.epoch_s - self.horizon_s * q
+            result.append(int(round(key_s / self.quantum_s)))
+        return result
+
+    def finish(self, request: Any, now_s: float | None = None) -> None:
+        """A request left the engine (its ``num_output_tokens`` set): its tree's counters move on."""
+        self.book.finish(request, self.clock() if now_s is None else now_s)
+
+
 def priorities(
     requests: Sequence[Any],
     policy: Policy | ScoreRuntime | str | Path,
@@ -476,42 +682,37 @@ def priorities(
     kv: KvView | None = None,
     now_s: float | None = None,
     time_scale_s: float = DEFAULT_TIME_SCALE_S,
+    horizon_s: float = DEFAULT_HORIZON_S,
 ) -> list[int]:
-    """vLLM priorities (lower runs first under ``scheduling_policy="priority"``): the rank of each
-    request in the policy's ORDER ranking of them all. ``requests`` are ``PendingRequest``s (or
-    anything with their fields); ``book`` carries tree counters across calls; ``kv`` defaults to
-    an empty cache of 1024 blocks of 16 tokens (no prefix hits known before submission)."""
-    if not requests:
-        return []
-    now_s = time.time() if now_s is None else now_s
-    for request in requests:
-        if getattr(request, "arrival_time", None) is None:
-            request.arrival_time = now_s
-    book = book if book is not None else TreeBook()
-    kv = kv or KvView(num_blocks=1024, num_free_blocks=1024, block_size=16, max_num_batched_tokens=8192)
-    for request in requests:
-        book.add(request, now_s)
-    table = candidate_table(requests, DecisionKind.ORDER, book, kv, now_s, time_scale_s)
-    globals_ = global_vector(kv, len(requests), 0, book.num_live_trees, 0.0, kv.max_num_batched_tokens)
-    order = ranking(as_policy(policy), make_decision(DecisionKind.ORDER, requests, table, globals_, now_s))
-    result = [0] * len(requests)
-    for rank, index in enumerate(order):
-        result[index] = rank
-    return result
+    """``PriorityRoute.priorities`` for one batch, from a fresh route (``book`` carries tree
+    counters across calls). For requests that arrive over time keep one ``PriorityRoute``."""
+    route = PriorityRoute(policy, horizon_s=horizon_s, time_scale_s=time_scale_s, kv=kv, book=book)
+    return route.priorities(requests, now_s)
 
 
 # --------------------------------------------------------------------------- route (a)
 class SchedulerAdapter:
     """The scheduler-side logic, kept apart from vLLM's class so it can be read (and tested) alone.
-    ``scheduler`` is a vLLM ``Scheduler``; only its attributes named below are read."""
+    ``scheduler`` is a vLLM ``Scheduler``; only its attributes named below are read. ``clock``
+    gives the time columns (a ``StepClock`` by default; any callable, and its ``tick()`` is called
+    once per step if it has one); ``horizon_s`` is the tail guard (module docstring)."""
 
-    def __init__(self, policy: Policy, time_scale_s: float = DEFAULT_TIME_SCALE_S, clock=time.time) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        time_scale_s: float = DEFAULT_TIME_SCALE_S,
+        clock: Callable[[], float] | None = None,
+        horizon_s: float = DEFAULT_HORIZON_S,
+    ) -> None:
+        if not horizon_s >= 0:
+            raise ValueError(f"horizon_s must be >= 0 (inf: no guard), got {horizon_s!r}")
         self.policy = policy
         self.kinds = getattr(policy, "kinds", {DecisionKind.ORDER, DecisionKind.EVICT})
         self.time_scale_s = time_scale_s
-        self.clock = clock
-        self.start_s = clock()
-        self.book = TreeBook()
+        self.clock = clock if clock is not None else StepClock()
+        self.horizon_s = horizon_s
+        self.start_s = self.clock()
+        self.book = TreeBook(stamp_arrivals=True)
         self.num_orderings = 0
         self.num_evict_rankings = 0
         self.last_decisions: dict[DecisionKind, tuple[list[str], Decision]] = {}
@@ -561,13 +762,23 @@ class SchedulerAdapter:
         return make_decision(kind, requests, table, globals_, now_s)
 
     def rank(self, scheduler: Any, kind: DecisionKind, requests: Sequence[Any], kv: KvView) -> list[int]:
+        """The policy's ranking of ``requests``, best first, under the tail guard."""
         decision = self.decision(scheduler, kind, requests, kv)
         self.last_decisions[kind] = ([str(r.request_id) for r in requests], decision)
-        return ranking(self.policy, decision)
+        arrivals = [self.book.tree_arrival_s(r, decision.now_s) for r in requests]
+        return guarded_order(ranking(self.policy, decision), arrivals, self.horizon_s)
+
+    def add(self, request: Any) -> None:
+        """A request entered the engine: it arrives now, on the adapter's clock."""
+        self.book.add(request, self.clock())
 
     def before_schedule(self, scheduler: Any) -> None:
-        """Order ``scheduler.waiting`` by an ORDER decision, and ``scheduler.running`` by an
-        EVICT decision when KV may run out this step (each only if the policy answers it)."""
+        """Advance the clock one step; order ``scheduler.waiting`` by an ORDER decision, and
+        ``scheduler.running`` by an EVICT decision when KV may run out this step (each only if
+        the policy answers it)."""
+        tick = getattr(self.clock, "tick", None)
+        if tick is not None:
+            tick()
         waiting = scheduler.waiting
         kv = None
         if len(waiting) > 1 and DecisionKind.ORDER in self.kinds:
@@ -631,11 +842,13 @@ def _scheduler_class() -> type:
                     f"scheduling_policy='fcfs' (the default), not {self.policy.value!r}; to combine "
                     "with client priorities use servegym.agents.vllm_adapter.priorities instead"
                 )
-            self.servegym = SchedulerAdapter(policy_from_env(), time_scale_from_env())
+            self.servegym = SchedulerAdapter(
+                policy_from_env(), time_scale_from_env(), clock_from_env(), horizon_from_env()
+            )
 
         def add_request(self, request: Any) -> None:
             super().add_request(request)
-            self.servegym.book.add(request, self.servegym.clock())
+            self.servegym.add(request)
 
         def schedule(self, *args: Any, **kwargs: Any) -> Any:
             self.servegym.before_schedule(self)
@@ -674,21 +887,32 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CLOCK_ENV",
+    "DEFAULT_HORIZON_S",
+    "DEFAULT_STEP_S",
     "DEFAULT_TIME_SCALE_S",
+    "HORIZON_ENV",
+    "STEP_S_ENV",
     "POLICY_ENV",
     "TIME_SCALE_ENV",
     "TREE_TAG_KEY",
     "VLLM_VERSION",
     "KvView",
     "PendingRequest",
+    "PriorityRoute",
     "RuntimePolicy",
     "SchedulerAdapter",
+    "StepClock",
     "TreeBook",
     "TreeStats",
     "TreeTag",
     "as_policy",
+    "WallClock",
     "candidate_table",
+    "clock_from_env",
     "global_vector",
+    "guarded_order",
+    "horizon_from_env",
     "make_decision",
     "parse_tree_tag",
     "policy_from_env",

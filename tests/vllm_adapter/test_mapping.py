@@ -12,16 +12,25 @@ import pytest
 
 from servegym.agents.runtime import GLOBAL_COLUMNS, ScoreRuntime
 from servegym.agents.vllm_adapter import (
+    CLOCK_ENV,
+    HORIZON_ENV,
     POLICY_ENV,
+    STEP_S_ENV,
     TREE_TAG_KEY,
     KvView,
     PendingRequest,
+    PriorityRoute,
     SchedulerAdapter,
+    StepClock,
     TreeBook,
     TreeTag,
+    WallClock,
     as_policy,
     candidate_table,
+    clock_from_env,
     global_vector,
+    guarded_order,
+    horizon_from_env,
     parse_tree_tag,
     policy_from_env,
     priorities,
@@ -168,13 +177,116 @@ def test_global_vector_is_the_engines_schema() -> None:
     assert g.tolist() == pytest.approx([0.5, 0.4, 0.1, 0.6, 0.0, np.log1p(3), np.log1p(2), np.log1p(4), 0.25])
 
 
-def test_priorities_rank_by_the_exported_policy(length_policy) -> None:
+def test_priorities_of_one_batch_follow_the_exported_policy(length_policy) -> None:
     lengths = [37, 150, 12, 90]
     pending = [PendingRequest(n, 8, TreeTag(f"t{i}", 0, "worker", 0)) for i, n in enumerate(lengths)]
-    ranks = priorities(pending, ScoreRuntime(length_policy), now_s=NOW_S)
-    assert ranks == [2, 0, 3, 1]  # longest first: lower priority runs first in vLLM
-    assert priorities(pending, length_policy, now_s=NOW_S) == ranks  # a path works too
+    prios = priorities(pending, ScoreRuntime(length_policy), now_s=NOW_S)
+    assert np.argsort(prios).tolist() == [1, 3, 0, 2]  # longest first: lower priority runs first in vLLM
+    assert len(set(prios)) == len(prios)  # no ties left to vLLM's arrival order
+    assert priorities(pending, length_policy, now_s=NOW_S) == prios  # a path works too
     assert priorities([], length_policy) == []
+
+
+def test_priority_route_orders_requests_arriving_one_by_one(length_policy) -> None:
+    """An agent framework submits calls as they become ready. A newer tree's call that the policy
+    prefers must not pass an older tree's calls once the trees arrived more than the horizon
+    apart (per-batch ranks gave every lone request priority 0, ahead of all older ones)."""
+    route = PriorityRoute(length_policy, horizon_s=2.0)
+    old = [PendingRequest(n, 8, TreeTag("old", i, "worker", 1)) for i, n in enumerate((20, 30, 40))]
+    old_prios = route.priorities(old, now_s=0.0)
+    assert np.argsort(old_prios).tolist() == [2, 1, 0]  # longest first within the batch
+    close = route.priorities([PendingRequest(500, 8, TreeTag("close", 0, "planner", 0))], now_s=0.5)
+    late = [
+        route.priorities([PendingRequest(500, 8, TreeTag(f"late{k}", 0, "planner", 0))], now_s=10.0 + k)
+        for k in range(3)
+    ]
+    assert (
+        close[0] < sorted(old_prios)[1]
+    )  # 0.5 s later, within the horizon: passes what the policy ranks lower
+    assert all(p[0] > max(old_prios) for p in late)  # beyond the horizon: the old tree goes first
+    assert [p[0] for p in late] == sorted(p[0] for p in late)  # equal scores: tree arrival order
+    # a later call of the old tree keeps its tree's arrival, so it still goes before the late trees
+    (child,) = route.priorities([PendingRequest(20, 8, TreeTag("old", 3, "aggregator", 2))], now_s=20.0)
+    assert child < min(p[0] for p in late)
+    done = old[0]
+    done.num_output_tokens = 8
+    route.finish(done, now_s=21.0)
+    assert route.book.trees["old"].calls_done == 1
+
+
+def test_guarded_order_bounds_overtaking_by_the_horizon() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 9))
+        arrivals = rng.uniform(0, 10, n).round(1).tolist()
+        order = rng.permutation(n).tolist()
+        horizon = float(rng.choice([0.0, 0.5, 2.0, 5.0]))
+        guarded = guarded_order(order, arrivals, horizon)
+        assert sorted(guarded) == list(range(n))
+        for i, first in enumerate(guarded):
+            for later in guarded[i + 1 :]:  # `first` passed `later` only if its tree is not much younger
+                assert arrivals[first] - arrivals[later] <= horizon + 1e-9
+        if horizon == 0.0:
+            assert [arrivals[j] for j in guarded] == sorted(arrivals)
+    assert guarded_order([2, 0, 1], [0.0, 0.0, 0.0], 1.0) == [2, 0, 1]  # one arrival: the policy's order
+    assert guarded_order([2, 0, 1], [9.0, 5.0, 0.0], float("inf")) == [2, 0, 1]
+    with pytest.raises(ValueError, match="horizon_s"):
+        guarded_order([0, 1], [0.0, 1.0], -1.0)
+
+
+def test_step_clock_makes_time_columns_count_steps(length_policy) -> None:
+    clock = StepClock(step_s=0.5)
+    adapter = SchedulerAdapter(
+        as_policy(length_policy), time_scale_s=1.0, clock=clock, horizon_s=float("inf")
+    )
+    first = request("a:0:user:0", 30, arrival_time=123456.0)  # vLLM's wall-clock arrival is not used
+    adapter.add(first)
+    scheduler = fake_scheduler([first], [])
+    for _ in range(3):
+        adapter.before_schedule(scheduler)
+    second = request("b:0:user:0", 300)
+    adapter.add(second)
+    scheduler.waiting.append(second)
+    adapter.before_schedule(scheduler)
+    assert clock.num_steps == 4
+    _, decision = adapter.last_decisions[DecisionKind.ORDER]
+    assert decision.features[:, column("wait_s")].tolist() == [2.0, 0.5]  # 4 and 1 steps of 0.5 s since added
+    assert decision.global_features[0] == pytest.approx(2.0)
+
+
+def test_identical_runs_make_identical_decisions(length_policy) -> None:
+    def run() -> list[list[int]]:
+        adapter = SchedulerAdapter(as_policy(length_policy), clock=StepClock(0.02), horizon_s=0.05)
+        scheduler = fake_scheduler([], [])
+        orders = []
+        for step, n in enumerate((30, 300, 3, 120, 64, 7)):
+            new = request(f"t{step}:0:user:0", n)
+            adapter.add(new)
+            scheduler.waiting.append(new)
+            adapter.before_schedule(scheduler)
+            orders.append([r.num_prompt_tokens for r in scheduler.waiting])
+        return orders
+
+    first = run()
+    assert first == run()
+    assert first[-1] != sorted(first[-1], reverse=True)  # the guard kept old trees ahead of longer prompts
+
+
+def test_clock_and_horizon_settings_are_checked(monkeypatch) -> None:
+    monkeypatch.setenv(CLOCK_ENV, "wall")
+    assert isinstance(clock_from_env(), WallClock)
+    monkeypatch.setenv(CLOCK_ENV, "sundial")
+    with pytest.raises(ValueError, match="step"):
+        clock_from_env()
+    monkeypatch.setenv(CLOCK_ENV, "step")
+    monkeypatch.setenv(STEP_S_ENV, "0")
+    with pytest.raises(ValueError, match=STEP_S_ENV):
+        clock_from_env()
+    monkeypatch.setenv(HORIZON_ENV, "inf")
+    assert horizon_from_env() == float("inf")
+    monkeypatch.setenv(HORIZON_ENV, "-1")
+    with pytest.raises(ValueError, match=HORIZON_ENV):
+        horizon_from_env()
 
 
 class FakeManager:

@@ -177,7 +177,7 @@ def test_priority_route_runs_in_the_policys_order(tiny_llama, length_policy) -> 
             [prompt(n, i) for i, n in enumerate(PROMPT_LENGTHS)], params(), priority=prios, use_tqdm=False
         )
     first_token_s = [output.metrics.first_token_ts for output in outputs]
-    assert sorted(prios) == list(range(len(PROMPT_LENGTHS)))
+    assert len(set(prios)) == len(PROMPT_LENGTHS)  # no ties left to vLLM's arrival order
     assert np.argsort(first_token_s).tolist() == np.argsort(prios).tolist()
     assert np.argsort(first_token_s).tolist() == np.argsort(PROMPT_LENGTHS)[::-1].tolist()
 
