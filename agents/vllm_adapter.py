@@ -63,6 +63,16 @@ replica                        0 (one engine is one replica)
 predicted_output_log           log1p(mean output tokens of this role's finished requests), else of
                                max_tokens: the engine's online predictor without the tenant level
 pinned_prefix_frac             0: vLLM pins no finished request's KV (no Continuum-style TTL)
+tree_ready_log                 log1p(its tree's requests among this decision's rows) when they are the
+                               waiting queue (ORDER), else log1p(its tree's live requests - those rows)
+tree_running_log               the mirror image: rows of its tree for EVICT (the running set), else
+                               live requests of its tree minus its waiting rows
+tree_blocked_log,              0: vLLM sees a call only once the framework submits it, so no call is
+tree_tool_paused_log           ever blocked on a parent or paused on a tool inside the engine
+tree_predicted_left_log        log1p(sum over its tree's rows of predicted output - output so far): a
+                               lower bound, calls not yet submitted are unknown
+tree_depth_left                deepest minus shallowest depth among its tree's rows, plus 1
+free_slots_frac (global)       (max_num_seqs - running) / max_num_seqs; 1 when the view has no cap
 =============================  =====================================================================
 
 Time. Every time column (``wait_s``, ``tree_age_s``, ``time_s``) is read from the adapter's clock,
@@ -108,6 +118,7 @@ vLLM admits nothing new in a step that preempted; requests holding KV in
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import re
@@ -146,6 +157,11 @@ DEFAULT_HORIZON_S = 2.0
 """Overtaking horizon in clock seconds (the tail guard in the module docstring)."""
 PRIORITY_QUANTUM_S = 1e-3
 """``PriorityRoute`` priorities count this many clock seconds per unit."""
+STATS_PATH_ENV = "SERVEGYM_STATS_PATH"
+"""Where ``ServegymScheduler`` writes its counters as JSON (``SchedulerAdapter.stats``), so a
+process outside the engine (a test, a dashboard) can see that it ranked the queue; unset: nowhere."""
+STATS_EVERY_S = 0.5
+"""At most one stats write per this many wall-clock seconds (plus one at shutdown)."""
 TREE_TAG_KEY = "servegym_tree"
 """``SamplingParams.extra_args`` key carrying the tree tag."""
 TREE_IDLE_TTL_S = 3600.0
@@ -233,6 +249,8 @@ class TreeBook:
 
     def __init__(self, idle_ttl_s: float = TREE_IDLE_TTL_S, stamp_arrivals: bool = False) -> None:
         self.stamp_arrivals = stamp_arrivals
+        self.num_trees_seen = 0
+        self.num_requests_seen = 0
         self.trees: dict[str, TreeStats] = {}
         self.requests: dict[str, _RequestEntry] = {}
         self.idle_ttl_s = idle_ttl_s
@@ -250,9 +268,11 @@ class TreeBook:
         tree = self.trees.get(tag.tree_id)
         if tree is None:
             tree = self.trees[tag.tree_id] = TreeStats(first_arrival_s=arrival_s)
+            self.num_trees_seen += 1
         tree.first_arrival_s = min(tree.first_arrival_s, arrival_s)
         tree.calls_seen += 1
         tree.live += 1
+        self.num_requests_seen += 1
         tree.last_active_s = now_s
         entry = self.requests[request_id] = _RequestEntry(tag, enqueue_s=arrival_s)
         self._prune(now_s)
@@ -317,6 +337,8 @@ class KvView:
     block_size: int
     max_num_batched_tokens: int
     num_cached_free_blocks: int = 0
+    max_num_seqs: int = 0
+    """vLLM's running-request cap (``max_num_seqs``); 0 when unknown (free_slots_frac reads 1)."""
     cached_tokens: Callable[[Any], int] = field(default=lambda request: 0)
     """Prefix-cache hit tokens of a waiting request."""
     held_blocks: Callable[[Any], int] = field(default=lambda request: 0)
@@ -389,7 +411,34 @@ def candidate_table(
             book.predicted_output(entry.tag.role, _max_tokens(request))
         )
         # is_swapped, critical_path_service_log, tenant_vtc_log, replica, pinned_prefix_frac: 0 (docstring)
+    _tree_state_columns(table, requests, book, running)
     return table
+
+
+def _tree_state_columns(table: np.ndarray, requests: Sequence[Any], book: TreeBook, running: bool) -> None:
+    """Schema v3's tree-state columns from what vLLM shows: the decision's rows (the whole
+    waiting queue or running set) and each tree's live request count (see the docstring)."""
+    rows_of: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        rows_of.setdefault(book.requests[str(request.request_id)].tag.tree_id, []).append(i)
+    mine, other = (
+        ("tree_running_log", "tree_ready_log") if running else ("tree_ready_log", "tree_running_log")
+    )
+    for tree_id, rows in rows_of.items():
+        live = book.trees[tree_id].live
+        work = sum(
+            max(
+                np.expm1(table[i, _COL["predicted_output_log"]])
+                - np.expm1(table[i, _COL["output_tokens_log"]]),
+                0.0,
+            )
+            for i in rows
+        )
+        depths = table[rows, _COL["depth"]]
+        table[rows, _COL[mine]] = np.log1p(len(rows))
+        table[rows, _COL[other]] = np.log1p(max(live - len(rows), 0))
+        table[rows, _COL["tree_predicted_left_log"]] = np.log1p(work)
+        table[rows, _COL["tree_depth_left"]] = depths.max() - depths.min() + 1
 
 
 def global_vector(
@@ -412,6 +461,7 @@ def global_vector(
             np.log1p(num_running),
             np.log1p(num_live_trees),
             max(token_budget_left, 0) / kv.max_num_batched_tokens,
+            (kv.max_num_seqs - num_running) / kv.max_num_seqs if kv.max_num_seqs > 0 else 1.0,
         ],
         dtype=np.float32,
     )
@@ -715,6 +765,9 @@ class SchedulerAdapter:
         self.book = TreeBook(stamp_arrivals=True)
         self.num_orderings = 0
         self.num_evict_rankings = 0
+        self.max_ordering_size = 0
+        self.stats_path: Path | None = None
+        self._stats_written_s = -math.inf
         self.last_decisions: dict[DecisionKind, tuple[list[str], Decision]] = {}
         """The latest decision of each kind and its candidates' request ids (for inspection)."""
         self.recent_preemptions: deque[str] = deque(maxlen=256)
@@ -739,6 +792,7 @@ class SchedulerAdapter:
             block_size=int(scheduler.block_size),
             max_num_batched_tokens=int(scheduler.max_num_scheduled_tokens),
             num_cached_free_blocks=cached_free,
+            max_num_seqs=int(getattr(scheduler, "max_num_running_reqs", 0)),
             cached_tokens=cached_tokens,
             held_blocks=held_blocks,
         )
@@ -788,6 +842,7 @@ class SchedulerAdapter:
             waiting.clear()
             waiting.extend(requests[i] for i in order)
             self.num_orderings += 1
+            self.max_ordering_size = max(self.max_ordering_size, len(requests))
         running = scheduler.running
         if len(running) > 1 and DecisionKind.EVICT in self.kinds:
             kv = kv or self.kv_view(scheduler)
@@ -795,6 +850,32 @@ class SchedulerAdapter:
                 order = self.rank(scheduler, DecisionKind.EVICT, running, kv)
                 running[:] = [running[i] for i in order]
                 self.num_evict_rankings += 1
+
+        if self.stats_path is not None and time.monotonic() - self._stats_written_s >= STATS_EVERY_S:
+            self.write_stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: scheduler steps (step clock only), rankings made, the largest waiting queue
+        ranked, requests and trees seen (a tagged request names its tree, so trees < requests
+        shows the tags arrived)."""
+        return {
+            "num_steps": getattr(self.clock, "num_steps", None),
+            "num_orderings": self.num_orderings,
+            "num_evict_rankings": self.num_evict_rankings,
+            "max_ordering_size": self.max_ordering_size,
+            "num_requests_seen": self.book.num_requests_seen,
+            "num_trees_seen": self.book.num_trees_seen,
+            "horizon_s": self.horizon_s,
+        }
+
+    def write_stats(self) -> None:
+        """``stats()`` as JSON to ``stats_path``, atomically (temporary file, then rename)."""
+        if self.stats_path is None:
+            return
+        self._stats_written_s = time.monotonic()
+        partial = self.stats_path.with_name(self.stats_path.name + ".tmp")
+        partial.write_text(json.dumps(self.stats()))
+        partial.replace(self.stats_path)
 
     @staticmethod
     def may_run_out(running: Sequence[Any], kv: KvView) -> bool:
@@ -845,6 +926,8 @@ def _scheduler_class() -> type:
             self.servegym = SchedulerAdapter(
                 policy_from_env(), time_scale_from_env(), clock_from_env(), horizon_from_env()
             )
+            stats_path = os.environ.get(STATS_PATH_ENV)
+            self.servegym.stats_path = Path(stats_path) if stats_path else None
 
         def add_request(self, request: Any) -> None:
             super().add_request(request)
@@ -864,6 +947,10 @@ def _scheduler_class() -> type:
             self.servegym.book.preempted(request, self.servegym.clock())
             self.servegym.recent_preemptions.append(str(request.request_id))
             super()._preempt_request(request, *args, **kwargs)
+
+        def shutdown(self) -> None:
+            self.servegym.write_stats()
+            super().shutdown()
 
         def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
             self.servegym.book.finish(request, self.servegym.clock())
@@ -894,6 +981,7 @@ __all__ = [
     "HORIZON_ENV",
     "STEP_S_ENV",
     "POLICY_ENV",
+    "STATS_PATH_ENV",
     "TIME_SCALE_ENV",
     "TREE_TAG_KEY",
     "VLLM_VERSION",

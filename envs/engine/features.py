@@ -34,6 +34,7 @@ def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.nd
             np.log1p(len(replica.running)),
             np.log1p(engine.num_live_jobs),
             budget_left / replica.config.max_num_batched_tokens,
+            (replica.config.max_num_seqs - len(replica.running)) / replica.config.max_num_seqs,
         ],
         dtype=np.float32,
     )
@@ -58,6 +59,44 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
     known = ~np.isnan(predicted)
     out[known] = predicted[known]
     return out
+
+
+_TREE_STATE = CANDIDATE_FEATURES.index("tree_ready_log")
+TREE_STATE_COLUMNS = 6  # tree_ready_log .. tree_depth_left, consecutive in CANDIDATE_FEATURES
+
+
+def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
+    """(len(jobs), TREE_STATE_COLUMNS): the tree-state columns of each row's tree (schema v3).
+
+    Computed when a decision is built, not kept up to date on every transition: a job's calls
+    hold consecutive ids (``_arrive``), so one gather over the distinct trees' id ranges and a
+    few bincounts give every count, with no per-tree Python loop on the hot path."""
+    calls = engine.calls
+    trees, row_tree = np.unique(jobs, return_inverse=True)
+    first = np.fromiter((engine.job_first_call[j] for j in trees.tolist()), np.int64, len(trees))
+    sizes = engine.job_num_calls[trees]
+    starts = np.cumsum(sizes) - sizes  # where each tree's range starts in the gather
+    ids = np.repeat(first - starts, sizes) + np.arange(int(sizes.sum()))
+    group = np.repeat(np.arange(len(trees)), sizes)
+    state = calls.state[ids]
+    pending = state == CallState.PENDING
+    blocked = pending & (calls.pending_parents[ids] > 0)
+    unfinished = state < CallState.FINISHED
+    n = len(trees)
+    out = np.empty((n, TREE_STATE_COLUMNS), dtype=np.float64)
+    out[:, 0] = np.bincount(group, (state == CallState.WAITING) | (state == CallState.SWAPPED), n)
+    out[:, 1] = np.bincount(group, state == CallState.RUNNING, n)
+    out[:, 2] = np.bincount(group, blocked, n)
+    out[:, 3] = np.bincount(group, pending & ~blocked, n)
+    left = ids[unfinished]
+    work = np.maximum(predicted_output_tokens(engine, left) - calls.num_output[left], 0.0)
+    out[:, 4] = np.bincount(group[unfinished], work, n)
+    depth = calls.depth[ids]
+    deepest = np.maximum.reduceat(np.where(unfinished, depth, -1), starts)
+    shallowest = np.minimum.reduceat(np.where(unfinished, depth, np.iinfo(np.int64).max), starts)
+    out[:, 5] = np.where(deepest >= 0, deepest - shallowest + 1, 0)
+    out[:, :5] = np.log1p(out[:, :5])
+    return out[row_tree]
 
 
 def candidate_decision(
@@ -109,6 +148,7 @@ def candidate_decision(
         for i, call in enumerate(candidates):
             pinned[i] = sum(len(pins[p]) for p in of_child.get(call, ()))
     table[:, 21] = np.minimum(pinned * replica.config.block_size / np.maximum(prompt, 1), 1.0)
+    table[:, _TREE_STATE : _TREE_STATE + TREE_STATE_COLUMNS] = tree_state(engine, jobs)
     privileged = np.empty((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32)
     privileged[:, 0] = calls.target_tokens[ids] - calls.num_output[ids]
     privileged[:, 1] = calls.tool_latency_s[ids]
@@ -169,4 +209,11 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     )
 
 
-__all__ = ["candidate_decision", "global_features", "predicted_output_tokens", "route_decision"]
+__all__ = [
+    "TREE_STATE_COLUMNS",
+    "candidate_decision",
+    "global_features",
+    "predicted_output_tokens",
+    "route_decision",
+    "tree_state",
+]

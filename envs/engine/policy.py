@@ -32,8 +32,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 2
-"""v2 added predicted_output_log and pinned_prefix_frac."""
+FEATURE_SCHEMA_VERSION = 3
+"""v2 added predicted_output_log and pinned_prefix_frac; v3 the tree-state columns (tree_ready_log
+to tree_depth_left) and the global free_slots_frac."""
 
 CANDIDATE_FEATURES: tuple[str, ...] = (
     "is_running",  # 1 for a running call (EVICT), 0 for a waiting one
@@ -60,6 +61,15 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     # online by the engine; else of its role; else its budget max_tokens): LTR-SJF's predictor
     "pinned_prefix_frac",  # its prompt held by a finished parent's TTL pin for it / prompt tokens
     # (Continuum: KV retained across the tool pause; admitting it releases the pin)
+    # The state of its whole tree, so a policy can rank trees rather than calls (tree-SRPT needs
+    # work left, Autellix/Parrot need what is ready and what is blocked); all non-privileged:
+    "tree_ready_log",  # log1p(calls of its tree queued: waiting or swapped), itself included
+    "tree_running_log",  # log1p(calls of its tree running)
+    "tree_blocked_log",  # log1p(calls of its tree waiting on an unfinished parent)
+    "tree_tool_paused_log",  # log1p(calls of its tree whose parents finished, waiting on a tool)
+    "tree_predicted_left_log",  # log1p(sum over its tree's unfinished calls of the predicted
+    # output (as predicted_output_log) minus what each has generated): work left, predicted
+    "tree_depth_left",  # levels of its tree still to run: deepest minus shallowest unfinished + 1
 )
 
 PRIVILEGED_FEATURES: tuple[str, ...] = (
@@ -77,6 +87,7 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "running_log",  # log1p(running calls on the replica)
     "live_trees_log",  # log1p(unfinished jobs in the cluster)
     "token_budget_left_frac",  # token budget left this iteration / max_num_batched_tokens
+    "free_slots_frac",  # (max_num_seqs - running calls) / max_num_seqs on the replica
 )
 
 ROUTE_FEATURES: tuple[str, ...] = (

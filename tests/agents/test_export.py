@@ -18,7 +18,7 @@ from servegym.agents.networks import SetActorCriticPolicy
 from servegym.agents.runtime import OnnxPolicy, ScoreRuntime, SidecarError, sidecar_path
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
-from servegym.envs.engine.policy import CANDIDATE_FEATURES, DecisionKind
+from servegym.envs.engine.policy import CANDIDATE_FEATURES, GLOBAL_FEATURES, DecisionKind
 from servegym.envs.serving_env import EnvConfig
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
@@ -67,7 +67,7 @@ def exported(model, tmp_path_factory):
 def _observations(rng: np.random.Generator, batch: int, k: int) -> dict[str, np.ndarray]:
     mask = (rng.random((batch, k)) < 0.8).astype(np.float32)
     return {
-        "global": rng.normal(size=(batch, 12)).astype(np.float32),
+        "global": rng.normal(size=(batch, len(GLOBAL_FEATURES) + 3)).astype(np.float32),
         "candidates": rng.normal(size=(batch, k, F)).astype(np.float32) * 3,
         "mask": mask,
     }

@@ -24,6 +24,7 @@ from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import load_profile
 from servegym.envs.engine.engine import Engine, assert_all_terminal
+from servegym.envs.engine.features import predicted_output_tokens
 from servegym.envs.engine.metrics import RunMetrics
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
@@ -248,7 +249,12 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     if picking:  # pick-next: the mask is what fits now; a choice exists (STOP or two that fit)
         assert decision.mask.any() and (decision.stop or decision.mask.sum() >= 2)
         needs = replica.queue_needs(
-            int(round(decision.global_features[-1] * replica.config.max_num_batched_tokens))
+            int(
+                round(
+                    decision.global_features[column("token_budget_left_frac", GLOBAL_FEATURES)]
+                    * replica.config.max_num_batched_tokens
+                )
+            )
         )
         assert (decision.mask == needs.fits).all()
     else:
@@ -260,6 +266,46 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     else:
         assert k >= 2 and set(candidates) <= set(replica.running)
         assert (decision.features[:, column("is_running")] == 1).all()
+    free_slots = decision.global_features[column("free_slots_frac", GLOBAL_FEATURES)]
+    assert np.isclose(free_slots, 1 - len(replica.running) / replica.config.max_num_seqs)
+    check_tree_state(engine, decision)
+
+
+TREE_STATE = ("tree_ready_log", "tree_running_log", "tree_blocked_log", "tree_tool_paused_log")
+
+
+def check_tree_state(engine: Engine, decision: Decision) -> None:
+    """The tree-state columns (schema v3) against a call-by-call count over each row's tree."""
+    calls = engine.calls
+    for row, call in enumerate(decision.candidates.tolist()):
+        job = int(calls.job[call])
+        first = engine.job_first_call[job]
+        tree = range(first, first + int(engine.job_num_calls[job]))
+        states = [CallState(int(calls.state[c])) for c in tree]
+        counts = (
+            sum(s in (CallState.WAITING, CallState.SWAPPED) for s in states),
+            states.count(CallState.RUNNING),
+            sum(
+                s == CallState.PENDING and calls.pending_parents[c] > 0
+                for c, s in zip(tree, states, strict=True)
+            ),
+            sum(
+                s == CallState.PENDING and calls.pending_parents[c] == 0
+                for c, s in zip(tree, states, strict=True)
+            ),
+        )
+        got = decision.features[row, [column(name) for name in TREE_STATE]]
+        assert np.allclose(got, np.log1p(counts), atol=1e-5), (call, got, counts)
+        assert counts[0] >= 1 or calls.state[call] == CallState.RUNNING  # it counts itself
+        depths = [int(calls.depth[c]) for c, s in zip(tree, states, strict=True) if s < CallState.FINISHED]
+        assert decision.features[row, column("tree_depth_left")] == max(depths) - min(depths) + 1
+        left = [c for c, s in zip(tree, states, strict=True) if s < CallState.FINISHED]
+        work = sum(
+            max(predicted_output_tokens(engine, np.array([c]))[0] - calls.num_output[c], 0) for c in left
+        )
+        assert np.isclose(
+            decision.features[row, column("tree_predicted_left_log")], np.log1p(work), atol=1e-4
+        )
 
 
 def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:

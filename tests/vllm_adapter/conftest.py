@@ -1,4 +1,5 @@
-"""Policies with a known order, exported with servegym's own exporter, for the vLLM adapter tests.
+"""Policies with a known order, exported with servegym's own exporter, and a tiny random Llama
+(``tiny_llama``: nothing downloaded), for the vLLM adapter tests.
 
 ``export_length_policy`` builds the set network of ``SetActorCriticPolicy`` and sets its weights by
 hand so that a candidate's score is ``tanh(0.25 * silu(silu(silu(prompt_tokens_log))))``: strictly
@@ -22,6 +23,8 @@ from servegym.envs.engine.policy import column
 from servegym.envs.serving_env import EnvConfig
 
 MAX_CANDIDATES = 16
+TINY_VOCAB = 1000
+"""The tiny Llama's vocabulary: word-level tokens w4..w999 (0-3 special), as the replay's prompt words."""
 HIDDEN = 8
 HEAD_GAIN = 0.25  # keeps tanh far from saturation, so scores of different lengths differ in float32
 
@@ -58,3 +61,34 @@ def length_policy(tmp_path_factory) -> Path:
 def evict_only_policy(tmp_path_factory) -> Path:
     """The same network answering EVICT only (ORDER falls back to FCFS)."""
     return export_length_policy(tmp_path_factory.mktemp("evict") / "policy.onnx", ("evict",))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama and a word-level tokenizer, saved locally: nothing is downloaded."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"w{i}": i for i in range(4, TINY_VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(path)
+    return path

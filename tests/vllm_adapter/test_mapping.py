@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections import deque
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -114,6 +115,12 @@ def test_waiting_rows_follow_the_engines_scaling() -> None:
         "replica": 0,
         "predicted_output_log": np.log1p(30),  # no worker finished yet: its budget
         "pinned_prefix_frac": 0,
+        "tree_ready_log": np.log1p(1),  # the child is its tree's one waiting row
+        "tree_running_log": 0,  # the parent finished: nothing of the tree runs
+        "tree_blocked_log": 0,
+        "tree_tool_paused_log": 0,
+        "tree_predicted_left_log": np.log1p(30),
+        "tree_depth_left": 1,
     }
     assert set(expected) == set(CANDIDATE_FEATURES)
     for name, value in expected.items():
@@ -174,7 +181,10 @@ def test_global_vector_is_the_engines_schema() -> None:
     view = kv(num_cached_free_blocks=10)
     g = global_vector(view, num_waiting=3, num_running=2, num_live_trees=4, time_s=0.5, token_budget_left=64)
     assert g.shape == (len(GLOBAL_FEATURES),)
-    assert g.tolist() == pytest.approx([0.5, 0.4, 0.1, 0.6, 0.0, np.log1p(3), np.log1p(2), np.log1p(4), 0.25])
+    expected = [0.5, 0.4, 0.1, 0.6, 0.0, np.log1p(3), np.log1p(2), np.log1p(4), 0.25, 1.0]
+    assert g.tolist() == pytest.approx(expected)  # no max_num_seqs in the view: every slot free
+    capped = global_vector(replace(view, max_num_seqs=8), 3, 2, 4, 0.5, 64)
+    assert capped[column("free_slots_frac", GLOBAL_FEATURES)] == pytest.approx(6 / 8)
 
 
 def test_priorities_of_one_batch_follow_the_exported_policy(length_policy) -> None:
@@ -331,7 +341,9 @@ def test_adapter_orders_waiting_and_ranks_running_only_when_kv_is_short(length_p
     assert [r.num_prompt_tokens for r in scheduler.running] == [500, 60, 10]  # vLLM evicts running[-1]
     ids, decision = adapter.last_decisions[DecisionKind.EVICT]
     assert decision.features[:, column("is_running")].tolist() == [1, 1, 1]
-    assert decision.global_features.shape == (len(GLOBAL_FEATURES),) and len(GLOBAL_COLUMNS) == 12
+    assert decision.global_features.shape == (len(GLOBAL_FEATURES),) and len(GLOBAL_COLUMNS) == len(
+        GLOBAL_FEATURES
+    ) + len(DecisionKind)
 
 
 def test_a_policy_answers_only_its_kinds(evict_only_policy) -> None:

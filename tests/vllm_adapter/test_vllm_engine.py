@@ -32,13 +32,13 @@ from servegym.agents.vllm_adapter import (  # noqa: E402
 )
 from servegym.envs.engine.policy import DecisionKind, column  # noqa: E402
 from servegym.envs.workloads.job import role_id  # noqa: E402
+from tests.vllm_adapter.conftest import TINY_VOCAB  # noqa: E402
 
 SCHEDULER = "servegym.agents.vllm_adapter.ServegymScheduler"
-VOCAB = 1000
 PROMPT_LENGTHS = (37, 150, 12, 90, 200, 64, 25, 120)  # submission order; the policy wants longest first
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def vllm_env(tmp_path_factory) -> Iterator[None]:
     """vLLM's settings for a CPU-only, offline, in-process run, for this module only."""
     settings = {
@@ -52,37 +52,6 @@ def vllm_env(tmp_path_factory) -> Iterator[None]:
         for key, value in settings.items():
             patch.setenv(key, value)
         yield
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(vllm_env, tmp_path_factory) -> Path:
-    """A 2-layer random Llama and a word-level tokenizer, saved locally: nothing is downloaded."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(path)
-    return path
 
 
 @contextmanager
@@ -105,7 +74,7 @@ def scheduler_of(llm: LLM):
 
 
 def prompt(num_tokens: int, seed: int) -> TokensPrompt:
-    ids = np.random.default_rng(seed).integers(4, VOCAB, num_tokens)
+    ids = np.random.default_rng(seed).integers(4, TINY_VOCAB, num_tokens)
     return TokensPrompt(prompt_token_ids=ids.tolist())
 
 
