@@ -78,8 +78,13 @@ tables never mix.
 Scale
 -----
 ``suite.jobs=N`` runs the runs of one suite in N worker processes (joblib/loky; results do not
-depend on N). To spread a suite over machines, sweep one-cell suites with Hydra's multirun and
-merge the folders afterwards::
+depend on N). ``suite.backend=ray`` runs them as Ray tasks, one CPU each, on the cluster at
+``suite.ray_address`` (or on a local instance of ``suite.jobs`` CPUs): one suite over many
+machines, with the same rows, journal and resume (``ray_backend`` says what differs)::
+
+    python scripts/evaluate.py suite.backend=ray suite.ray_address=HEAD_IP:6379 output_dir=eval/big
+
+Or sweep one-cell suites with Hydra's multirun and merge the folders afterwards::
 
     python scripts/evaluate.py -m hydra/launcher=joblib suite.policies=[fcfs],[plas] suite.workloads=[mapreduce],[debate]
     python scripts/evaluate.py collect=multirun/2026-05-01/12-00-00     # one summary + plots of all
@@ -91,6 +96,6 @@ Modules, one concept each (``servegym.agents.evaluate`` re-exports the public na
 ``config`` (``SuiteConfig`` and the Hydra plumbing that reads it), ``stats`` (intervals),
 ``load`` (a workload at a load; unloaded times), ``runs`` (one run), ``plan`` (a checked suite's
 runs), ``results`` (tables from run records), ``summary`` (per-cell means and markdown),
-``report`` (the report folder), ``suite`` (running a suite; ``evaluate``), ``collect`` (merging
-folders), ``suite_io`` (the folder's journal and atomic writes).
+``report`` (the report folder), ``suite`` (running a suite; ``evaluate``), ``ray_backend`` (runs
+as Ray tasks), ``collect`` (merging folders), ``suite_io`` (the folder's journal and atomic writes).
 """

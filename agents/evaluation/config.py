@@ -5,6 +5,7 @@ config). Kept apart from the runs so that a bad setting fails before anything is
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 DEFAULT_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 """The repository's ``conf/`` (editable installs); pass ``conf_dir`` when installed elsewhere."""
+
+BACKENDS = ("process", "ray")
+"""Values of ``suite.backend``."""
 
 
 class SuiteConfigError(ValueError):
@@ -52,7 +56,17 @@ class SuiteConfig:
     num_jobs: int | None = None
     """Trees per run, overriding the workloads' ``num_jobs`` (a trace's ``limit``); None keeps them."""
     jobs: int = 1
-    """Worker processes (1: in this process)."""
+    """Worker processes (1: in this process). With ``backend=ray`` and no ``ray_address``: the
+    CPUs of the local Ray instance (one run per CPU at a time); with a ``ray_address`` it is not
+    used (the cluster's CPUs set how many runs go at once)."""
+    backend: str = "process"
+    """Where runs execute: ``process`` (this process, or a pool of ``jobs`` worker processes) or
+    ``ray`` (each run a Ray task, one CPU each; needs ``pip install 'servegym[ray]'``). The
+    results do not depend on it; see ``servegym.agents.evaluation.ray_backend`` for what differs."""
+    ray_address: str | None = None
+    """With ``backend=ray``: the cluster to join (``host:port`` of its head, or ``auto`` for the
+    one ``ray start`` left on this machine); null starts a local Ray instance for the suite and
+    stops it at the end. Every node must have servegym installed (its code is not shipped)."""
     baseline: str = "fcfs"
     """Policy the JCT ratio divides by: a known policy name. When it is not in ``policies`` (one
     cell of a sweep) the ratio column is left out and summary.md says why."""
@@ -73,7 +87,8 @@ class SuiteConfig:
     """Wall-clock seconds one run may take (its unloaded replay included); a run past it is
     recorded as failed (error ``RunTimeout`` in failures.csv, exit 1) and the suite goes on.
     None: no limit. Enforced by SIGALRM in the process that runs it (this one with ``jobs=1``,
-    each worker otherwise); a run stuck inside one C call is stopped when that call returns."""
+    each worker process or Ray task otherwise); a run stuck inside one C call is stopped when
+    that call returns."""
     resume: bool = False
     """Continue the suite recorded in ``output_dir`` (its ``runs.jsonl``): recorded runs are
     skipped, failed ones run again; refused when the recorded suite config differs (the
@@ -134,6 +149,7 @@ class SuiteConfig:
             raise SuiteConfigError(f"suite.num_jobs must be an int >= 1 or null, got {self.num_jobs!r}")
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise SuiteConfigError(f"suite.jobs must be an int >= 1 (worker processes), got {self.jobs!r}")
+        self._check_backend()
         if not (math.isfinite(self.slo_scale) and self.slo_scale > 0):
             raise SuiteConfigError(f"suite.slo_scale must be a finite number > 0, got {self.slo_scale!r}")
         if self.slo_fixed_s is not None and not (math.isfinite(self.slo_fixed_s) and self.slo_fixed_s > 0):
@@ -168,6 +184,23 @@ class SuiteConfig:
                 if name not in names:
                     raise SuiteConfigError(f"{key}.{name}: {name!r} is not in the suite's list {list(names)}")
 
+    def _check_backend(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SuiteConfigError(f"suite.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise SuiteConfigError(
+                "suite.backend=ray needs Ray, which is not installed: pip install 'servegym[ray]'"
+            )
+        if self.ray_address is not None and self.backend != "ray":
+            raise SuiteConfigError(
+                f"suite.ray_address={self.ray_address!r} is set but suite.backend={self.backend!r}; "
+                "add suite.backend=ray to run on that cluster, or drop suite.ray_address"
+            )
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
+            raise SuiteConfigError(
+                f"suite.ray_address must be host:port, 'auto' or null, got {self.ray_address!r}"
+            )
+
     def trace_names(self) -> list[str]:
         """The suite name of each ``traces`` entry: its ``name``, else its file's stem."""
         names = []
@@ -185,9 +218,9 @@ class SuiteConfig:
 
     def identity(self) -> dict:
         """The settings that change a run's numbers (what ``suite.resume`` compares); jobs,
-        resume, run_timeout_s, fail_on_rejected and baseline only change how a suite runs or
-        reports, so a resumed suite may change them."""
-        skip = {"jobs", "resume", "run_timeout_s", "fail_on_rejected", "baseline"}
+        resume, run_timeout_s, fail_on_rejected, baseline, backend and ray_address only change
+        how a suite runs or reports, so a resumed suite may change them."""
+        skip = {"jobs", "resume", "run_timeout_s", "fail_on_rejected", "baseline", "backend", "ray_address"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 

@@ -17,6 +17,7 @@ from servegym.envs.engine.policy import Policy
 from . import suite_io
 from .config import SuiteConfig
 from .plan import SuitePlan, plan_suite
+from .ray_backend import ray_results
 from .report import report
 from .results import INCOMPLETE_COLUMNS, SuiteResult, assemble, latest_records, record_key, run_key
 from .runs import RunTask, run_in_worker, run_one
@@ -90,7 +91,8 @@ def execute(
     journal: suite_io.RunJournal | None = None,
     kept: int = 0,
 ) -> list[dict]:
-    """Run ``tasks`` (in ``plan.config.jobs`` processes), appending each finished run to
+    """Run ``tasks`` (in ``plan.config.jobs`` processes, or as Ray tasks with
+    ``suite.backend=ray``: ``ray_backend``), appending each finished run to
     ``journal``; returns one record per run ({"row", "jobs", "kv"} or {"failure"}). Ctrl-C raises
     ``SuiteInterrupted`` (its ``kept``: ``kept`` + the runs finished here) after stopping the workers."""
     from joblib import Parallel, delayed
@@ -109,7 +111,9 @@ def execute(
     try:
         with Progress(*columns, console=console, disable=not progress) as bar:
             track = bar.add_task("suite", total=len(tasks))
-            if config.jobs == 1:
+            if config.backend == "ray":
+                results = ray_results(tasks, address=config.ray_address, num_cpus=config.jobs)
+            elif config.jobs == 1:
                 results = (run_one(t) for t in tasks)
             else:
                 results = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(
@@ -135,7 +139,7 @@ def execute(
                     )
     except KeyboardInterrupt:
         if results is not None and hasattr(results, "close"):
-            with contextlib.suppress(BaseException):  # joblib stops and ends its workers here
+            with contextlib.suppress(BaseException):  # joblib (or Ray) stops and ends its workers here
                 results.close()
         total = kept + len(records)
         raise SuiteInterrupted(
