@@ -142,6 +142,7 @@ class Engine:
         # online statistics a policy may read through features (no privileged knowledge):
         self.output_stats: dict[tuple[int, int], list[float]] = {}  # (role, tenant) -> [sum, count]
         self.role_output_stats: dict[int, list[float]] = {}
+        self.output_stats_version = 0  # bumped with the two above (features.py caches their means)
         self.tool_stats: dict[int, list[float]] = {}  # role -> [sum, count] of observed tool pauses
         self._tools_seen: set[int] = set()
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
@@ -551,6 +552,7 @@ class Engine:
         ):
             stats[0] += output
             stats[1] += 1.0
+        self.output_stats_version += 1
         release = self.now_s + spec.tool_latency_s
         for child in self.job_children[job_index][spec.call_id]:
             child_id = base + child

@@ -15,6 +15,7 @@ from servegym.envs.engine.policy import (
     Decision,
     DecisionKind,
 )
+from servegym.envs.workloads.job import KNOWN_ROLES
 
 if TYPE_CHECKING:
     from servegym.envs.engine.engine import Engine
@@ -44,58 +45,72 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
     """Online output-length predictor: the mean output of finished calls of the same (role,
     tenant), else of the role, else the call's budget (``max_tokens``). Non-privileged: it
     learns only from calls that already finished."""
-    calls = engine.calls
-    out = calls.max_tokens[ids].astype(np.float64)
+    out = engine.calls.max_tokens[ids].astype(np.float64)
     if not engine.role_output_stats:
         return out
-    roles, tenants = calls.role[ids], engine.job_tenant[calls.job[ids]]
-    pairs, inverse = np.unique(np.stack([roles, tenants]), axis=1, return_inverse=True)
-    means = np.full(pairs.shape[1], np.nan)  # one lookup per distinct (role, tenant)
-    for j, (role, tenant) in enumerate(pairs.T.tolist()):
-        stats = engine.output_stats.get((role, tenant)) or engine.role_output_stats.get(role)
-        if stats is not None:
-            means[j] = stats[0] / stats[1]
-    predicted = means[inverse.reshape(-1)]
+    calls = engine.calls
+    predicted = _mean_outputs(engine)[calls.role[ids], engine.job_tenant[calls.job[ids]]]
     known = ~np.isnan(predicted)
     out[known] = predicted[known]
     return out
+
+
+def _mean_outputs(engine: Engine) -> np.ndarray:
+    """(roles, tenants) table of the predictor's means, NaN where nothing finished yet; rebuilt
+    only when a call finished or a tenant appeared since the last decision (a lookup per
+    call then costs one fancy index, not a dictionary walk)."""
+    key = (engine.output_stats_version, len(engine.tenants))
+    cached = getattr(engine, "_mean_outputs_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    table = np.full((len(KNOWN_ROLES), max(len(engine.tenants), 1)), np.nan)
+    for role, (total, count) in engine.role_output_stats.items():
+        table[role, :] = total / count
+    for (role, tenant), (total, count) in engine.output_stats.items():
+        table[role, tenant] = total / count
+    engine._mean_outputs_cache = (key, table)
+    return table
 
 
 _TREE_STATE = CANDIDATE_FEATURES.index("tree_ready_log")
 TREE_STATE_COLUMNS = 6  # tree_ready_log .. tree_depth_left, consecutive in CANDIDATE_FEATURES
 
 
+# call state -> tree-state category: 0 queued, 1 running, 3 pending (2 once a parent is
+# unfinished: blocked), 4 terminal
+_CATEGORY = np.array([3, 0, 1, 0, 4, 4], dtype=np.int64)  # indexed by CallState
+_CATEGORIES = 5
+_NO_DEPTH = np.iinfo(np.int64).max
+
+
 def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
     """(len(jobs), TREE_STATE_COLUMNS): the tree-state columns of each row's tree (schema v3).
 
     Computed when a decision is built, not kept up to date on every transition: a job's calls
-    hold consecutive ids (``_arrive``), so one gather over the distinct trees' id ranges and a
-    few bincounts give every count, with no per-tree Python loop on the hot path."""
+    hold consecutive ids (``_arrive``), so one gather over the distinct trees' id ranges and one
+    bincount give every count, with no per-tree Python loop on the hot path."""
     calls = engine.calls
     trees, row_tree = np.unique(jobs, return_inverse=True)
-    first = np.fromiter((engine.job_first_call[j] for j in trees.tolist()), np.int64, len(trees))
+    n = len(trees)
+    first = np.fromiter((engine.job_first_call[j] for j in trees.tolist()), np.int64, n)
     sizes = engine.job_num_calls[trees]
     starts = np.cumsum(sizes) - sizes  # where each tree's range starts in the gather
     ids = np.repeat(first - starts, sizes) + np.arange(int(sizes.sum()))
-    group = np.repeat(np.arange(len(trees)), sizes)
-    state = calls.state[ids]
-    pending = state == CallState.PENDING
-    blocked = pending & (calls.pending_parents[ids] > 0)
-    unfinished = state < CallState.FINISHED
-    n = len(trees)
+    group = np.repeat(np.arange(n), sizes)
+    category = _CATEGORY[calls.state[ids]]
+    category -= (category == 3) & (calls.pending_parents[ids] > 0)
+    counts = np.bincount(group * _CATEGORIES + category, minlength=n * _CATEGORIES)
     out = np.empty((n, TREE_STATE_COLUMNS), dtype=np.float64)
-    out[:, 0] = np.bincount(group, (state == CallState.WAITING) | (state == CallState.SWAPPED), n)
-    out[:, 1] = np.bincount(group, state == CallState.RUNNING, n)
-    out[:, 2] = np.bincount(group, blocked, n)
-    out[:, 3] = np.bincount(group, pending & ~blocked, n)
+    out[:, :4] = counts.reshape(n, _CATEGORIES)[:, :4]
+    unfinished = category < 4
     left = ids[unfinished]
     work = np.maximum(predicted_output_tokens(engine, left) - calls.num_output[left], 0.0)
     out[:, 4] = np.bincount(group[unfinished], work, n)
     depth = calls.depth[ids]
     deepest = np.maximum.reduceat(np.where(unfinished, depth, -1), starts)
-    shallowest = np.minimum.reduceat(np.where(unfinished, depth, np.iinfo(np.int64).max), starts)
+    shallowest = np.minimum.reduceat(np.where(unfinished, depth, _NO_DEPTH), starts)
     out[:, 5] = np.where(deepest >= 0, deepest - shallowest + 1, 0)
-    out[:, :5] = np.log1p(out[:, :5])
+    np.log1p(out[:, :5], out=out[:, :5])
     return out[row_tree]
 
 
