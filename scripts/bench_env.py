@@ -17,6 +17,8 @@ Cases (``--cases``; each a curve over its parameter):
 * ``k``        Scheduling-v0 env steps/s with K candidate slots (random valid actions).
 * ``evict``    ReAct trees whose KV working set is far above the cache: evictions/s.
 * ``envs``     every registered env id at its defaults: steps/s.
+* ``presets``  the env of each training preset (``experiment=picknext_react``, ``picknext``,
+               ``quick``) as ``scripts/train.py`` composes it: steps/s where PPO really trains.
 
     python scripts/bench_env.py                                   # all cases, 3 repeats
     python scripts/bench_env.py --against HEAD~3 --cases live envs --repeats 3
@@ -47,6 +49,7 @@ CASES: dict[str, list[int]] = {
     "k": [32, 128, 512],
     "evict": [1],
     "envs": [0, 1, 2, 3, 4],  # index into ENV_IDS
+    "presets": [0, 1, 2],  # index into PRESETS
 }
 QUICK: dict[str, list[int]] = {
     "live": [16, 64, 256],
@@ -55,7 +58,11 @@ QUICK: dict[str, list[int]] = {
     "k": [32, 128],
     "evict": [1],
     "envs": [0, 1, 2, 3, 4],
+    "presets": [0, 1, 2],
 }
+PRESETS = ("picknext_react", "picknext", "quick")
+"""Training presets (``experiment=``) whose env the ``presets`` case steps: the worlds PPO
+trains in, long KV-bound contexts included, rather than the envs' light defaults."""
 UNITS = {
     "live": ("live calls", "iterations/s"),
     "queue": ("waiting calls", "us/iteration"),
@@ -63,6 +70,7 @@ UNITS = {
     "k": ("K", "env steps/s"),
     "evict": ("", "evictions/s"),
     "envs": ("env id", "env steps/s"),
+    "presets": ("experiment", "env steps/s"),
 }
 
 
@@ -183,14 +191,19 @@ def case_replicas(n: int, seed: int) -> dict[str, float]:
 
 
 def _env_steps(env_id: str, steps: int, seed: int, **kwargs: Any) -> dict[str, float]:
-    import time
-
     import gymnasium as gym
-    import numpy as np
 
     import servegym.envs  # noqa: F401  (registers the ids)
 
-    env = gym.make(env_id, **kwargs)
+    return _step_env(gym.make(env_id, **kwargs), steps, seed)
+
+
+def _step_env(env: Any, steps: int, seed: int) -> dict[str, float]:
+    """``steps`` random valid actions (masked where the env masks), resetting at episode ends."""
+    import time
+
+    import numpy as np
+
     env.action_space.seed(seed)
     masked = hasattr(env.unwrapped, "action_masks")
     rss0 = rss_mb()
@@ -215,6 +228,21 @@ def case_envs(index: int, seed: int) -> dict[str, float]:
     from servegym.envs import ENV_IDS
 
     return _env_steps(ENV_IDS[index], 1500, seed)
+
+
+def case_presets(index: int, seed: int) -> dict[str, float]:
+    """The env of training preset ``PRESETS[index]``, composed as ``scripts/train.py`` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    import servegym
+    from servegym.agents.configs import register_configs
+    from servegym.envs.build import build_env
+
+    register_configs()
+    conf = Path(list(servegym.__path__)[0]) / "conf"  # the measured revision's presets
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("config", overrides=[f"experiment={PRESETS[index]}"])
+    return _step_env(build_env(cfg), 1500, seed)
 
 
 def case_evict(_: int, seed: int) -> dict[str, float]:
@@ -250,6 +278,8 @@ def _label(case: str, param: int) -> str:
     if case == "envs":
         names = ("Scheduling-v0", "Eviction-v0", "Routing-v0", "Serving-v0", "PickNext-v0")
         return names[param]
+    if case == "presets":
+        return PRESETS[param]
     return "" if case == "evict" else f"{param:,}"
 
 
