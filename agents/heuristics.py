@@ -38,6 +38,7 @@ _TREE_SERVICE = column("tree_service_log")
 _PATH_SERVICE = column("critical_path_service_log")
 _VTC = column("tenant_vtc_log")
 _PREDICTED = column("predicted_output_log")
+_TREE_LEFT = column("tree_predicted_left_log")
 _REMAINING = PRIVILEGED_FEATURES.index("true_remaining_output_tokens")
 
 
@@ -247,6 +248,28 @@ class ProgramFCFSPinning(ProgramFCFS):
         if ttl not in ("tool_mean", "oracle"):
             raise ValueError(f"ttl must be 'tool_mean' or 'oracle', got {ttl!r}")
         self.retention = {"pin_ttl_rule": ttl, "pin_ttl_s": grace_s}
+
+
+class PredictedTreeSRPT(FCFS):
+    """Tree-level shortest remaining processing time on *predicted* work: calls of the tree
+    with the least predicted output left over all its unfinished calls (``tree_predicted_left_log``:
+    the engine's online per-(role, tenant) mean output, minus what each call generated, summed
+    over the tree's ready, running, blocked and tool-paused calls) first, FCFS among equals.
+    EVICT: a call of the tree with the most predicted work left.
+
+    The non-clairvoyant twin of the ``TreeSRPT`` bound (``agents/bounds.py``), which reads the
+    true lengths. It needs schema v3's tree-state columns and nothing private, so it runs from
+    an exported policy's inputs and in the vLLM adapter (there on the requests vLLM has seen).
+    Agent trees make it strong: a tree's remaining call count is known from its structure and
+    role means predict call lengths well. Like any SRPT it can starve a large tree under
+    sustained overload; report p99 next to the mean.
+    """
+
+    def call_scores(self, decision: Decision) -> np.ndarray:
+        left = decision.features[:, _TREE_LEFT].astype(np.float64)
+        if decision.kind == DecisionKind.EVICT:
+            return -left
+        return _then_fcfs(-left, decision)
 
 
 class KVFlow(FCFS):

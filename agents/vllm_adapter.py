@@ -954,7 +954,10 @@ def _scheduler_class() -> type:
 
         def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
             self.servegym.book.finish(request, self.servegym.clock())
-            return super()._free_request(request, *args, **kwargs)
+            result = super()._free_request(request, *args, **kwargs)
+            if not self.waiting and not self.running:  # idle: the throttled stats would go stale
+                self.servegym.write_stats()
+            return result
 
     ServegymScheduler.__module__ = __name__
     ServegymScheduler.__qualname__ = "ServegymScheduler"

@@ -192,6 +192,7 @@ POLICIES = [
     lambda: H.ProgramFCFSPinning(ttl="oracle"),
     H.KVFlow,
     H.LTRSJF,
+    H.PredictedTreeSRPT,
     H.LlumnixRouting,
     H.AutellixRouting,
     H.ThresholdModelRouting,
@@ -225,6 +226,18 @@ def test_ltr_sjf_runs_the_shortest_predicted_first_and_guards_against_starvation
     assert admission_order(sjf, decision(DecisionKind.ORDER, rows))[0] == 0
     rows[0]["wait_s"] = 59.0 / 30.0
     assert admission_order(sjf, decision(DecisionKind.ORDER, rows))[0] == 2
+
+
+def test_predicted_tree_srpt_runs_the_tree_with_least_predicted_work_first() -> None:
+    rows = [
+        {"tree_predicted_left_log": 900, "wait_s": 0.03},
+        {"tree_predicted_left_log": 50, "wait_s": 0.01},
+        {"tree_predicted_left_log": 50, "wait_s": 0.02},  # same tree as row 1, waited longer
+        {"tree_predicted_left_log": 400, "wait_s": 0.04},
+    ]
+    srpt = H.PredictedTreeSRPT()
+    assert admission_order(srpt, decision(DecisionKind.ORDER, rows)) == [2, 1, 3, 0]
+    assert evicted(srpt, decision(DecisionKind.EVICT, rows)) == 0  # the most work left goes
 
 
 def test_engine_predicts_output_lengths_online_per_role_and_tenant() -> None:
