@@ -6,6 +6,7 @@ python scripts/train.py agent=ppo env=scheduling workload=mapreduce        # any
 python scripts/train.py experiment=quick logger=wandb                      # offline W&B run
 python scripts/train.py experiment=quick train.resume_from=outputs/.../checkpoints/policy_10000_steps.zip
 python scripts/train.py -m agent.hyperparams.learning_rate=1e-4,3e-4        # a sweep
+python scripts/train.py experiment=routing +trainer=rllib                  # RLlib on Ray (servegym[ray])
 
 The comparison runs the *exported* ONNX policy (``agents/runtime.py``), so the table describes
 what a serving engine would load, on ``train.test_seeds`` (10000+; training never sees them).
@@ -68,10 +69,17 @@ def main(cfg: DictConfig) -> None:
     except Exception as error:
         exit_on_config_error(error)
         raise
-    result = train(cfg, run_dir)
-    best = result["best_model"]
-    checkpoint = best if best and Path(best).exists() else result["final_model"]
-    model = load_model(checkpoint)
+    if cfg.get("trainer") is not None and cfg.trainer.get("name") == "rllib":  # +trainer=rllib
+        from servegym.agents.rllib_module import exportable
+        from servegym.agents.rllib_train import train_rllib
+
+        result = train_rllib(cfg)
+        model = exportable(result.pop("module"))
+    else:
+        result = train(cfg, run_dir)
+        best = result["best_model"]
+        checkpoint = best if best and Path(best).exists() else result["final_model"]
+        model = load_model(checkpoint)
     kinds = tuple(cfg.env.config.decisions)
     config = OmegaConf.to_container(cfg, resolve=True)
     paths = export_policy(model, run_dir / "policy.onnx", kinds, env_id=cfg.env.id, config=config)

@@ -137,8 +137,11 @@ def test_a_run_past_the_timeout_and_a_crashed_worker_are_failures_on_ray(ray_clu
 
 
 @pytest.mark.slow
-def test_without_an_address_the_suite_starts_and_stops_a_local_instance() -> None:
+def test_without_an_address_the_suite_starts_and_stops_a_local_instance(monkeypatch) -> None:
     ray = pytest.importorskip("ray")
+    # Without this, Ray turns token authentication on for a local instance and this process
+    # keeps it: actors it later creates on the (tokenless) loopback cluster die unstarted.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     serial = run_suite_full(tiny_suite(loads=[8.0], seeds=[0]), progress=False)
     local = run_suite_full(tiny_suite(loads=[8.0], seeds=[0], backend="ray", jobs=2), progress=False)
     pd.testing.assert_frame_equal(tables(serial)["runs"], tables(local)["runs"])
