@@ -941,7 +941,10 @@ def _scheduler_class() -> type:
             now_s = self.servegym.clock()
             for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
                 self.servegym.book.serve(request_id, num_tokens, now_s)
-            return super().update_from_output(scheduler_output, *args, **kwargs)
+            outputs = super().update_from_output(scheduler_output, *args, **kwargs)
+            if not self.waiting and not self.running:  # idle: the throttled stats would go stale
+                self.servegym.write_stats()
+            return outputs
 
         def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
             self.servegym.book.preempted(request, self.servegym.clock())
@@ -954,10 +957,7 @@ def _scheduler_class() -> type:
 
         def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
             self.servegym.book.finish(request, self.servegym.clock())
-            result = super()._free_request(request, *args, **kwargs)
-            if not self.waiting and not self.running:  # idle: the throttled stats would go stale
-                self.servegym.write_stats()
-            return result
+            return super()._free_request(request, *args, **kwargs)
 
     ServegymScheduler.__module__ = __name__
     ServegymScheduler.__qualname__ = "ServegymScheduler"

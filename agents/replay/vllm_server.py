@@ -1,0 +1,101 @@
+"""``vllm serve`` with servegym's scheduler: the command line, and a context manager that starts it
+on 127.0.0.1, waits until it answers, and stops it (for tests and benchmarks on one machine).
+
+The command (vLLM 0.32.0; the ``vllm`` console script fails under the CPU build's distribution
+name, so ``python -m`` it)::
+
+    SERVEGYM_POLICY=/path/policy.onnx \\
+    python -m vllm.entrypoints.openai.api_server --model MODEL --host 127.0.0.1 --port 8000 \\
+        --scheduler-cls servegym.agents.vllm_adapter.ServegymScheduler
+
+``SERVEGYM_POLICY`` (a ``policy.onnx`` with its ``policy.json``, or ``module:attr``) is read by the
+scheduler when vLLM builds it; ``SERVEGYM_CLOCK``/``SERVEGYM_STEP_S``/``SERVEGYM_HORIZON_S``/
+``SERVEGYM_TIME_SCALE_S``/``SERVEGYM_STATS_PATH`` likewise (``servegym.agents.vllm_adapter``). On a
+CPU-only machine vLLM also needs ``VLLM_CPU_KVCACHE_SPACE`` (GiB) set."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+SCHEDULER_CLS = "servegym.agents.vllm_adapter.ServegymScheduler"
+
+
+def serve_command(
+    model: str | Path,
+    port: int,
+    scheduler: bool = True,
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """vLLM's OpenAI server on 127.0.0.1:``port``, with ``ServegymScheduler`` when ``scheduler``."""
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    if scheduler:
+        command += ["--scheduler-cls", SCHEDULER_CLS]
+    return command + list(extra_args)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(
+    command: Sequence[str],
+    port: int,
+    env: Mapping[str, str],
+    log_path: Path,
+    startup_timeout_s: float = 180.0,
+) -> Iterator[str]:
+    """Start ``command`` (with ``env`` added to this process's environment, output to
+    ``log_path``), yield its ``http://127.0.0.1:port/v1`` once ``/health`` answers 200, and stop it
+    (SIGTERM, then SIGKILL after 30 s) however the block ends. A server that exits or stays
+    unhealthy for ``startup_timeout_s`` is an error quoting the end of its log."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            list(command),
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {process.returncode}:\n{_tail(log_path)}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"vLLM server not healthy after {startup_timeout_s:g} s:\n{_tail(log_path)}"
+                )
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def _tail(path: Path, num_chars: int = 3000) -> str:
+    return Path(path).read_text(errors="replace")[-num_chars:]
