@@ -50,7 +50,7 @@ class ReplayConfig:
     """Send vLLM's ``priority`` field from ``servegym.agents.vllm_adapter.PriorityRoute`` with
     this policy (``policy.onnx`` path or ``module:attr``); for a server started with
     ``--scheduling-policy priority``. None: no priority field."""
-    priority_horizon_s: float = 2.0
+    priority_horizon_s: float = 0.2
     """``PriorityRoute``'s overtaking horizon, in seconds of the replay's clock."""
 
     def __post_init__(self) -> None:
