@@ -44,6 +44,8 @@ def test_the_backend_is_not_part_of_a_suites_identity() -> None:
 
 
 # ---------------------------------------------------------------- on the two-node cluster
+# (all marked slow: the first to run starts the cluster, so make test-fast starts none)
+@pytest.mark.slow
 def test_the_cluster_has_two_nodes_on_loopback(ray_cluster) -> None:
     import ray
 
@@ -78,6 +80,7 @@ def tables(result) -> dict[str, pd.DataFrame]:
     }
 
 
+@pytest.mark.slow
 def test_ray_gives_the_process_pools_results(ray_cluster) -> None:
     pooled = run_suite_full(tiny_suite(jobs=2), progress=False)
     on_ray = run_suite_full(tiny_suite(backend="ray", ray_address=ray_cluster.address), progress=False)
@@ -86,6 +89,7 @@ def test_ray_gives_the_process_pools_results(ray_cluster) -> None:
         pd.testing.assert_frame_equal(frame, tables(on_ray)[name], obj=name)
 
 
+@pytest.mark.slow
 def test_a_suite_interrupted_on_the_pool_resumes_on_ray(ray_cluster, tmp_path) -> None:
     out = tmp_path / "suite"
     whole = evaluate(tiny_suite(loads=[8.0]), out, progress=False, plots=False)
