@@ -63,7 +63,7 @@ def test_cloning_teaches_a_choice_the_presort_does_not_make() -> None:
     held_out = collect_choices(cfg, YoungestTreeFirst, 200, first_seed=100)
     assert (train["valid"].sum(1) > 1).all() and train["best"][np.arange(400), train["target"]].all()
     before = agreement(model, held_out)
-    losses = clone_choices(model.policy, train, epochs=80, batch_size=64, lr=3e-3, seed=0)
+    losses = clone_choices(model.policy, train, epochs=160, batch_size=64, lr=3e-3, seed=0)
     after = agreement(model, held_out)
     venv.close()
     assert losses[-1] < 0.2 * losses[0], losses
