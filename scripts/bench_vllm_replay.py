@@ -258,6 +258,7 @@ def main() -> None:
     parser.add_argument("--gap-steps", type=int, default=6)
     parser.add_argument("--gap-s", type=float, default=0.05)
     parser.add_argument("--server-rounds", type=int, default=1)
+    parser.add_argument("--server-first-round", type=int, default=0, help="rotation of the policy order")
     parser.add_argument("--seed", type=int, default=0, help="tree contents (generator seed)")
     args = parser.parse_args()
     os.environ.update(
@@ -290,10 +291,13 @@ def main() -> None:
                     f"round {r} {name} {mode}: mean {result['steps'].mean():.1f} steps, p99 {p99(result['steps']):.0f}, makespan {result['makespan_steps']}, wall {result['wall_s']:.1f} s",
                     flush=True,
                 )
-    repeat = in_process(model, "servegym", args.policy, trees["mapreduce"], args.gap_steps)
-    first = rows[("in-process", "mapreduce", "servegym")][0]["steps"]
-    identical = bool(np.array_equal(repeat["steps"], first))
-    for r in range(args.server_rounds):
+    identical = None  # the exported policy run again: per-tree steps equal to its round-0 run?
+    if args.rounds:
+        repeat = in_process(model, "servegym", args.policy, trees["mapreduce"], args.gap_steps)
+        identical = bool(
+            np.array_equal(repeat["steps"], rows[("in-process", "mapreduce", "servegym")][0]["steps"])
+        )
+    for r in range(args.server_first_round, args.server_first_round + args.server_rounds):
         order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
         for mode in order:
             try:
