@@ -15,9 +15,10 @@ What maps to what (``conf/trainer/rllib.yaml`` holds only what RLlib adds):
   until that many env steps were sampled; ``seed`` -> RLlib's seed.
 * ``trainer.num_env_runners`` x ``trainer.num_envs_per_env_runner`` envs collect in parallel
   (one Ray actor of one CPU per runner); the learner runs in this process.
+* ``logger=wandb``: the same W&B run as the SB3 path (``train_rllib``).
 
-Not wired yet: SB3's periodic evaluation during training and best-model choice, the workload
-groups and reward baseline (``train.group_size``, ``train.reward_baseline``), and W&B logging.
+Not wired yet: SB3's periodic evaluation during training and best-model choice, and the
+workload groups and reward baseline (``train.group_size``, ``train.reward_baseline``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -135,11 +137,17 @@ def ppo_config(cfg: DictConfig, trainer: RLlibTrainerConfig) -> Any:
     )
 
 
-def train_rllib(cfg: DictConfig) -> dict[str, Any]:
+def train_rllib(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Train until ``train.total_timesteps`` env steps; returns the trained ``module``
     (``SetRLModule``, on the CPU), ``timesteps``, ``train_seconds``, ``history`` (per
     iteration: env steps so far and the mean episode return of that iteration's episodes), and
-    the keys scripts/train.py reads of SB3's result (``eval_history``, ``wandb_run``)."""
+    the keys scripts/train.py reads of SB3's result (``eval_history``, ``wandb_run``).
+
+    ``logger=wandb`` opens the run as the SB3 path does (``start_wandb``: same project, tags,
+    config and offline default, under ``run_dir``) and logs each iteration's mean episode return
+    as ``rollout/ep_rew_mean`` at its env-step count (SB3's name for the same curve), so both
+    trainers' runs plot on one chart; scripts/train.py then adds the exported policy and the
+    held-out tables to it. ``logger=tensorboard`` writes nothing extra here."""
     from servegym.agents.evaluation.ray_backend import LOCAL_NODE_IP, import_ray
 
     trainer = trainer_config(cfg)
@@ -151,6 +159,13 @@ def train_rllib(cfg: DictConfig) -> dict[str, Any]:
         if trainer.ray_address is None:
             options.update(num_cpus=trainer.num_env_runners + 1, _node_ip_address=LOCAL_NODE_IP)
         ray.init(address=trainer.ray_address, **options)
+    wandb_run = None
+    if cfg.logger.kind == "wandb":
+        if run_dir is None:
+            raise ValueError("logger=wandb needs the run directory: train_rllib(cfg, run_dir)")
+        from servegym.agents.train import start_wandb
+
+        wandb_run = start_wandb(cfg, run_dir)
     algo = None
     try:
         algo = ppo_config(cfg, trainer).build_algo()
@@ -159,6 +174,11 @@ def train_rllib(cfg: DictConfig) -> dict[str, Any]:
             runners = algo.train()["env_runners"]
             steps = int(runners["num_env_steps_sampled_lifetime"])
             history.append({"timesteps": steps, "episode_return_mean": runners.get("episode_return_mean")})
+            if wandb_run is not None:
+                row = {"time/total_timesteps": steps, "time/seconds": time.perf_counter() - start}
+                if runners.get("episode_return_mean") is not None:
+                    row["rollout/ep_rew_mean"] = float(runners["episode_return_mean"])
+                wandb_run.log(row, step=steps)
         seconds = time.perf_counter() - start
         module = _learner_module(algo)
     finally:
@@ -166,13 +186,15 @@ def train_rllib(cfg: DictConfig) -> dict[str, Any]:
             algo.stop()
         if started:
             ray.shutdown()
+    if wandb_run is not None:
+        wandb_run.summary.update({"timesteps": steps, "train_seconds": seconds})
     return {
         "module": module,
         "timesteps": steps,
         "train_seconds": seconds,
         "history": history,
         "eval_history": [],  # no evaluation during training yet (the module docstring)
-        "wandb_run": None,
+        "wandb_run": wandb_run,
     }
 
 

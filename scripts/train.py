@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> None:
         from servegym.agents.rllib_module import exportable
         from servegym.agents.rllib_train import train_rllib
 
-        result = train_rllib(cfg)
+        result = train_rllib(cfg, run_dir)
         model = exportable(result.pop("module"))
     else:
         result = train(cfg, run_dir)

@@ -81,6 +81,7 @@ def test_ppo_on_the_cluster_trains_exports_and_serves(ray_cluster, tmp_path) -> 
             "agent.hyperparams.n_steps=128",
             "agent.hyperparams.batch_size=64",
             "agent.hyperparams.n_epochs=1",
+            "logger=wandb",  # offline: the same W&B run as the SB3 path
         ]
     )
     before = SetRLModule(
@@ -88,8 +89,13 @@ def test_ppo_on_the_cluster_trains_exports_and_serves(ray_cluster, tmp_path) -> 
         action_space=build_env(cfg).action_space,
         model_config={"hidden": 16},
     )
-    result = train_rllib(cfg)
+    result = train_rllib(cfg, tmp_path)
     assert [row["timesteps"] for row in result["history"]] == [128, 256]
+    run = result["wandb_run"]
+    assert run.summary["timesteps"] == 256 and run.summary["time/total_timesteps"] == 256
+    run.finish()
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert any(offline.rglob("*.wandb")) and (tmp_path / "wandb_run_id").read_text().strip() in offline.name
     module = result["module"]
     assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in before.parameters())
     paths = export_policy(exportable(module), tmp_path / "policy.onnx", ("route",), env_id=cfg.env.id)
