@@ -15,6 +15,7 @@ calls.csv's error column); 2 on a bad config or output folder.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from servegym.envs.workloads.workload import TraceWorkload
 
 @hydra.main(config_path="../conf", config_name="replay", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per request
     hydra_cfg = HydraConfig.get()
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(hydra_cfg.runtime.output_dir)
     try:
