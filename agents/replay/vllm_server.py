@@ -99,3 +99,34 @@ def running_server(
 
 def _tail(path: Path, num_chars: int = 3000) -> str:
     return Path(path).read_text(errors="replace")[-num_chars:]
+
+
+def write_tiny_llama(path: Path, vocab_size: int = 1000) -> Path:
+    """A 2-layer random Llama and a word-level tokenizer (``w4`` .. ``w{vocab_size-1}``) saved
+    at ``path``: a model vLLM serves with nothing downloaded (the vLLM tests and
+    ``scripts/bench_vllm_replay.py``). Seeded, so every call writes the same weights."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(path)
+    return path
