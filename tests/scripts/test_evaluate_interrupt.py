@@ -52,6 +52,13 @@ def run(cwd: Path, out: Path, *overrides: str, decision_s: float = 0.0) -> subpr
     )
 
 
+def _default_sigint() -> None:
+    """A shell starts a foreground job with Ctrl-C at its default action. An ignored SIGINT is
+    inherited across exec, and Python then installs no KeyboardInterrupt handler, so a test
+    process that ignores it (a library or an earlier test may leave it so) must not pass that on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def journal_lines(out: Path) -> int:
     path = out / "runs.jsonl"
     return path.read_bytes().count(b"\n") if path.exists() else 0
@@ -69,6 +76,7 @@ def test_ctrl_c_keeps_the_finished_runs_and_resume_finishes_the_suite(tmp_path: 
         text=True,
         env=env(decision_s=0.2),
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 240
     while journal_lines(out) < 2 and suite.poll() is None and time.monotonic() < deadline:
