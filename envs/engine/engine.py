@@ -142,7 +142,9 @@ class Engine:
         # online statistics a policy may read through features (no privileged knowledge):
         self.output_stats: dict[tuple[int, int], list[float]] = {}  # (role, tenant) -> [sum, count]
         self.role_output_stats: dict[int, list[float]] = {}
-        self.output_stats_version = 0  # bumped with the two above (features.py caches their means)
+        # their means as a (role, tenant) table, built by features.py when a decision needs it;
+        # None whenever a call finished or a tenant appeared since (then rebuilt)
+        self.mean_outputs: np.ndarray | None = None
         self.tool_stats: dict[int, list[float]] = {}  # role -> [sum, count] of observed tool pauses
         self._tools_seen: set[int] = set()
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
@@ -348,6 +350,7 @@ class Engine:
         if tenant >= len(self.tenant_service):
             self.tenant_service = np.append(self.tenant_service, 0.0)
             self.tenant_backlog = np.append(self.tenant_backlog, 0)
+            self.mean_outputs = None  # one more tenant column
         if index == len(self.job_arrival_s):  # grow the per-job columns by doubling
             grow = max(16, index)
             for name, fill in _JOB_COLUMNS.items():
@@ -552,7 +555,7 @@ class Engine:
         ):
             stats[0] += output
             stats[1] += 1.0
-        self.output_stats_version += 1
+        self.mean_outputs = None
         release = self.now_s + spec.tool_latency_s
         for child in self.job_children[job_index][spec.call_id]:
             child_id = base + child

@@ -56,20 +56,17 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
 
 
 def _mean_outputs(engine: Engine) -> np.ndarray:
-    """(roles, tenants) table of the predictor's means, NaN where nothing finished yet; rebuilt
-    only when a call finished or a tenant appeared since the last decision (a lookup per
-    call then costs one fancy index, not a dictionary walk)."""
-    key = (engine.output_stats_version, len(engine.tenants))
-    cached = getattr(engine, "_mean_outputs_cache", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    table = np.full((len(KNOWN_ROLES), max(len(engine.tenants), 1)), np.nan)
-    for role, (total, count) in engine.role_output_stats.items():
-        table[role, :] = total / count
-    for (role, tenant), (total, count) in engine.output_stats.items():
-        table[role, tenant] = total / count
-    engine._mean_outputs_cache = (key, table)
-    return table
+    """(roles, tenants) table of the predictor's means, NaN where nothing finished yet, kept in
+    ``engine.mean_outputs`` until a call finishes or a tenant appears (the engine drops it then):
+    a lookup per call costs one fancy index, not a dictionary walk."""
+    if engine.mean_outputs is None:
+        table = np.full((len(KNOWN_ROLES), max(len(engine.tenants), 1)), np.nan)
+        for role, (total, count) in engine.role_output_stats.items():
+            table[role, :] = total / count
+        for (role, tenant), (total, count) in engine.output_stats.items():
+            table[role, tenant] = total / count
+        engine.mean_outputs = table
+    return engine.mean_outputs
 
 
 _TREE_STATE = CANDIDATE_FEATURES.index("tree_ready_log")
