@@ -51,10 +51,18 @@ def write_tables(result: SuiteResult, out_dir: Path | str) -> dict[str, Path]:
     return paths
 
 
-def report(result: SuiteResult, out_dir: Path | str, baseline: str = "fcfs", plots: bool = True) -> str:
+def report(
+    result: SuiteResult,
+    out_dir: Path | str,
+    baseline: str = "fcfs",
+    plots: bool = True,
+    metrics: dict[str, str] | None = None,
+) -> str:
     """Write the tables, summary.csv, summary.md and the plots, each by temporary file and
     rename; ``report.json`` is removed first and written last (the report is complete only with
-    it), and report files this report does not write are deleted. Returns the markdown."""
+    it), and report files this report does not write are deleted. Returns the markdown.
+    ``metrics`` (name -> column label) picks summary.md's columns, ``HEADLINE_METRICS`` if None
+    (e.g. ``{**HEADLINE_METRICS, **INFLATION_METRICS}`` adds tokens per tree and prompt growth)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suite_io.begin_report(out)
@@ -64,7 +72,7 @@ def report(result: SuiteResult, out_dir: Path | str, baseline: str = "fcfs", plo
     else:
         summary = summarise(result.runs, baseline=baseline)
         written.append(suite_io.write_csv_atomic(summary, out / "summary.csv"))
-        markdown = to_markdown(summary, baseline=baseline)
+        markdown = to_markdown(summary, metrics, baseline=baseline)
         if baseline not in set(result.runs["policy"]):
             markdown = (
                 f"No tree-time ratio column: the baseline {baseline!r} is not among the policies "

@@ -165,12 +165,15 @@ def _job_rows(task: RunTask, engine: Engine, unloaded: np.ndarray, slo: np.ndarr
     n = len(engine.jobs)
     calls = engine.calls
     outputs = np.bincount(calls.job[: calls.size], weights=calls.num_output[: calls.size], minlength=n)[:n]
+    # whole prompts of the tree's calls (0 for a call never ready): tokens per tree = prompt + output
+    prompts = np.bincount(calls.job[: calls.size], weights=calls.prompt_tokens[: calls.size], minlength=n)[:n]
     frame = pd.DataFrame(
         {
             "job_id": [job.job_id for job in engine.jobs],
             "tenant": [job.tenant for job in engine.jobs],
             "num_calls": [len(job.calls) for job in engine.jobs],
             "output_tokens": outputs.astype(np.int64),
+            "prompt_tokens": prompts.astype(np.int64),
             "arrival_s": engine.job_arrival_s[:n],
             "jct_s": jct,
             "unloaded_s": unloaded,

@@ -26,6 +26,19 @@ HEADLINE_METRICS: dict[str, str] = {
 }
 """Metrics shown in ``summary.md`` (``summary.csv`` holds every metric)."""
 
+INFLATION_METRICS: dict[str, str] = {
+    "tokens_per_tree_mean": "tokens/tree",
+    "prompt_tokens_per_tree_mean": "prompt tokens/tree",
+    "prompt_tokens_root_mean": "root prompt",
+    "prompt_growth_per_level": "prompt growth/level (x)",
+    "prompt_tokens_added_per_level": "prompt added/level",
+    "call_depth_max": "max depth",
+}
+"""Contextual-inflation metrics (``servegym.envs.engine.metrics``), for ``summary.md`` of deep
+ReAct or debate suites: ``to_markdown(summary, {**HEADLINE_METRICS, **INFLATION_METRICS})`` or
+``report(..., metrics=...)``. Mostly a property of the workload, so not a headline by default;
+a policy changes them only through what the trees generate (budget truncation, folding)."""
+
 _NOT_METRICS = ("stalled", "stall_reason", "wall_s", "complete", "first_rejection", "workload_seeded")
 
 

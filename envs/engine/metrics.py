@@ -9,7 +9,21 @@ cannot fit any replica's KV cache is rejected with its whole tree), ``calls_reje
 calls rejected with them, ``jobs_unfinished`` trees neither done nor failed (a stalled or
 truncated run), and ``complete`` is True only when every tree of ``jobs_total`` finished.
 Tree-time statistics (``jct_*``) cover finished trees only; a failed tree has no completion
-time, so a run with failures must be read with its ``jobs_failed``."""
+time, so a run with failures must be read with its ``jobs_failed``.
+
+Contextual inflation (ReAct and debate trees whose prompt grows with depth) is read from the
+calls of finished trees: ``tokens_per_tree_mean`` and ``prompt_tokens_per_tree_mean`` (a tree's
+prompt tokens are the sum of its calls' whole prompts, cached or not: what the model attends
+over and an API bills; ``prefix_hit_rate`` and ``recomputed_tokens`` say how much of it the
+cache saved or preemption cost again), and the growth per level: ``prompt_growth_per_level``
+(a ratio) and ``prompt_tokens_added_per_level`` (tokens) average over every step from depth d
+to d + 1 inside a tree (the tree's mean prompt at each level), so levels are compared within a
+tree, never across trees, and a deep level reached by two trees weighs two steps, not a whole
+level. ReAct growth is additive (each step appends its output and a tool result): the tokens
+added per level stay about constant while the ratio falls with depth (react_long: ~2x from
+level 0 to 1, ~1.05x past level 12), so read the ratio with ``call_depth_max``.
+``prompt_tokens_by_depth`` gives the per-level profile itself (not a ``RunMetrics`` field: its
+length varies with the workload, and ``RunMetrics`` stays flat scalars)."""
 
 from __future__ import annotations
 
@@ -92,6 +106,13 @@ class RunMetrics:
     calls_total: int  # calls of every tree: calls_completed + calls_rejected + calls not run
     complete: bool  # every tree finished: no rejected call, no failed or unfinished tree, no stall
     first_rejection: str  # "<job id> call <i>: <reason>" of the first rejected call, "" if none
+    # Contextual inflation, over the calls of finished trees (NaN, and depth 0, if none finished):
+    tokens_per_tree_mean: float  # sum over a tree's calls of prompt + output tokens, mean over trees
+    prompt_tokens_per_tree_mean: float  # sum over a tree's calls of their whole prompts, mean over trees
+    prompt_tokens_root_mean: float  # mean prompt of depth-0 calls (level 0 of prompt_tokens_by_depth)
+    prompt_growth_per_level: float  # mean over (tree, d) of the tree's mean prompt at d + 1 / at d
+    prompt_tokens_added_per_level: float  # mean over (tree, d) of the same difference, in tokens
+    call_depth_max: int  # deepest call (0: single-call trees); the levels are 0..call_depth_max
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +126,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
     jobs = len(engine.jobs)
     arrival_s, finish_s = engine.job_arrival_s[:jobs], engine.job_finish_s[:jobs]
     failed = engine.job_failed[:jobs]
-    done_jobs = ~np.isnan(finish_s) & ~failed
+    done_jobs = _done_jobs(engine)
     jct = (finish_s - arrival_s)[done_jobs]
     ttft = (calls.first_token_s[:n] - calls.ready_s[:n])[finished]
     tree_tokens = np.bincount(
@@ -169,7 +190,63 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         calls_total=int(n),
         complete=bool(done_jobs.all()) and engine.stall is None,
         first_rejection=_first_rejection(engine),
+        **_inflation(engine, done_jobs),
     )
+
+
+def _finished_tree_calls(engine: Engine, done_jobs: np.ndarray) -> np.ndarray:
+    """Ids of the calls of finished trees (every one of them finished)."""
+    calls = engine.calls
+    return np.flatnonzero(done_jobs[calls.job[: calls.size]]) if len(done_jobs) else np.zeros(0, np.int64)
+
+
+def _done_jobs(engine: Engine) -> np.ndarray:
+    jobs = len(engine.jobs)
+    return ~np.isnan(engine.job_finish_s[:jobs]) & ~engine.job_failed[:jobs]
+
+
+def _inflation(engine: Engine, done_jobs: np.ndarray) -> dict:
+    """The contextual-inflation fields of ``RunMetrics`` (see the module docstring), from the call
+    table's prompt tokens, output tokens and depths alone (no ``Job`` is read: a streaming run
+    has dropped them)."""
+    calls = engine.calls
+    ids = _finished_tree_calls(engine, done_jobs)
+    jobs = len(done_jobs)
+    job, depth = calls.job[ids], calls.depth[ids]
+    prompt = calls.prompt_tokens[ids].astype(np.float64)
+    tree_prompt = np.bincount(job, weights=prompt, minlength=jobs)[done_jobs]
+    tree_output = np.bincount(job, weights=calls.num_output[ids], minlength=jobs)[done_jobs]
+    # one row per (tree, depth) present, sorted by tree then depth; a tree's levels run 0..its
+    # deepest without a gap (a call at depth d > 0 has a parent at d - 1), so consecutive rows
+    # of one tree are a step d -> d + 1
+    levels = int(depth.max()) + 1 if len(ids) else 1
+    keys, inverse = np.unique(job * levels + depth, return_inverse=True)
+    level_mean = np.bincount(inverse, weights=prompt) / np.maximum(np.bincount(inverse), 1)
+    step = (keys[1:] // levels == keys[:-1] // levels) & (level_mean[:-1] > 0)
+    upper, lower = level_mean[1:][step], level_mean[:-1][step]
+    return {
+        "tokens_per_tree_mean": _mean(tree_prompt + tree_output),
+        "prompt_tokens_per_tree_mean": _mean(tree_prompt),
+        "prompt_tokens_root_mean": _mean(prompt[depth == 0]),
+        "prompt_growth_per_level": _mean(upper / lower),
+        "prompt_tokens_added_per_level": _mean(upper - lower),
+        "call_depth_max": int(depth.max()) if len(ids) else 0,
+    }
+
+
+def prompt_tokens_by_depth(engine: Engine) -> np.ndarray:
+    """(D + 1,) mean prompt tokens of the calls at depth d = 0..D, over the calls of finished
+    trees (D = ``RunMetrics.call_depth_max``; empty when no tree finished): the prompt-growth
+    profile of contextual inflation. Level d averages every tree that reaches it, so a deep
+    level reflects the few long trees; ``RunMetrics.prompt_growth_per_level`` compares levels
+    inside each tree instead."""
+    calls = engine.calls
+    ids = _finished_tree_calls(engine, _done_jobs(engine))
+    if not len(ids):
+        return np.zeros(0)
+    depth = calls.depth[ids]
+    total = np.bincount(depth, weights=calls.prompt_tokens[ids].astype(np.float64))
+    return total / np.bincount(depth)
 
 
 def _first_rejection(engine: Engine) -> str:
