@@ -42,6 +42,14 @@ def config_sha256(config: dict[str, Any] | str | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def env_fallback_node(config: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """The training config's ``env.fallback`` (resolved), which the sidecar carries so the
+    runtime answers the other decisions as training did."""
+    if not isinstance(config, dict):
+        return None
+    return (config.get("env") or {}).get("fallback")
+
+
 def export_policy(
     model,
     onnx_path: str | Path,
@@ -97,6 +105,7 @@ def export_policy(
         "opset": OPSET,
         "env_id": env_id,
         "config_sha256": config_sha256(config),
+        "fallback": env_fallback_node(config),
     }
     check_sidecar(meta, "export")
     paths = {"onnx": onnx_path, "sidecar": sidecar_path(onnx_path)}

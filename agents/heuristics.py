@@ -27,6 +27,7 @@ from servegym.envs.engine.policy import (
     RoundRobinRouting,
     column,
     fcfs_scores,
+    release_scores,
 )
 
 _WAIT = column("wait_s")
@@ -67,6 +68,8 @@ class FCFS(DefaultPolicy):
     def scores(self, decision: Decision) -> np.ndarray:
         if decision.kind == DecisionKind.ROUTE:
             return self.route_scores(decision)
+        if decision.kind == DecisionKind.RETAIN:  # vLLM keeps no pin; agents/retention.py does
+            return release_scores(decision)
         return self.call_scores(decision)
 
     def call_scores(self, decision: Decision) -> np.ndarray:

@@ -10,7 +10,7 @@ reproduces the trained one. ``OnnxPolicy`` is that wrapper over a ``ScoreRuntime
 Sidecar (JSON, written by ``servegym.agents.export``): ``format`` (this module's
 ``SIDECAR_FORMAT``), ``feature_schema_version``, ``layout`` (the slot tables of the env it was
 trained on: ``["candidates"]`` for Scheduling/Eviction, ``["replicas"]`` for Routing, both for
-Serving), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
+Serving, ``["options"]`` for Retention), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
 side by side, replica columns prefixed ``replica.``), ``candidate_features`` and
 ``global_features`` (names, in column order), ``normalisation``, ``action`` (``type``: ``scores`` — Box scores,
 clipped to [-1, 1], admission in descending order and eviction of the lowest — or ``logits``
@@ -19,12 +19,16 @@ it answers; others go to the fallback), ``max_candidates`` (K it was trained wit
 (optional, pick-next: the network emits K + 1 logits, the last STOP's, over the presorted
 candidate table of PickNext-v0)),
 ``role_vocabulary`` (the role names in ``role_id`` order: a role added to servegym would
-otherwise shift what the policy's ``role_id`` input means, silently), ``inputs``/``outputs``
-(tensor names), ``env_id``, ``config_sha256``.
+otherwise shift what the policy's ``role_id`` input means, silently), ``fallback`` (optional:
+the policy that answered the decisions it does not own in training, as ``{"_target_":
+"servegym....", **arguments}``; ``OnnxPolicy`` rebuilds it, so a RETAIN policy trained under
+tree-SRPT admission runs under it), ``inputs``/``outputs`` (tensor names), ``env_id``,
+``config_sha256``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -60,8 +64,9 @@ GLOBAL_COLUMNS = (*GLOBAL_FEATURES, *(f"kind_{kind.name.lower()}" for kind in De
 
 
 def slot_columns(layout: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The per-slot columns a policy of this layout reads, in order (replica columns prefixed)."""
-    prefix = {"candidates": "", "replicas": "replica."}
+    """The per-slot columns a policy of this layout reads, in order (replica and option columns
+    prefixed)."""
+    prefix = {"candidates": "", "replicas": "replica.", "options": "option."}
     return tuple(prefix[table] + name for table in layout for name in TABLE_FEATURES[table])
 
 
@@ -145,7 +150,30 @@ def check_sidecar(meta: dict[str, Any], source: str = "sidecar") -> dict[str, An
         raise SidecarError(f"{source}: action.max_candidates must be a positive int")
     if not isinstance(action.get("stop", False), bool) or (action.get("stop") and action["type"] != "logits"):
         raise SidecarError(f"{source}: action.stop must be a bool, and true only for logits")
+    fallback = meta.get("fallback")
+    if fallback is not None and not _is_target(fallback):
+        raise SidecarError(
+            f"{source}: fallback must be null or an object whose _target_ names a servegym class, got {fallback!r}"
+        )
     return meta
+
+
+def _is_target(node: Any) -> bool:
+    return isinstance(node, dict) and str(node.get("_target_", "")).startswith("servegym.")
+
+
+def build_target(node: Any) -> Any:
+    """Hydra's ``instantiate`` for the small nodes a sidecar holds (a servegym class and its
+    arguments, which may be such nodes themselves), without Hydra: the runtime stays lean."""
+    if isinstance(node, list):
+        return [build_target(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if not _is_target(node):
+        return {key: build_target(value) for key, value in node.items()}
+    module, _, name = node["_target_"].rpartition(".")
+    kwargs = {key: build_target(value) for key, value in node.items() if key != "_target_"}
+    return getattr(importlib.import_module(module), name)(**kwargs)
 
 
 class ScoreRuntime:
@@ -219,6 +247,12 @@ class LearnedPolicy:
         self.fallback = fallback or DefaultPolicy()
         self.layout = layout  # the slot tables of the env it was trained on (envs/observation.py)
         self._observe = LAYOUTS[layout]
+        # the engine must ask the RETAIN decisions it answers; the fallback's own hints (e.g.
+        # KVFlow's eviction order) hold for the rest
+        hints = dict(getattr(self.fallback, "retention", None) or {})
+        if DecisionKind.RETAIN in self.kinds:
+            hints["pin_ttl_rule"] = "policy"
+        self.retention = hints or None
 
     @property
     def routing_only(self) -> bool:
@@ -271,7 +305,10 @@ class OnnxPolicy(LearnedPolicy):
     """An exported policy file as a Policy (``agent=onnx agent.path=...``)."""
 
     def __init__(self, path: str, fallback: Policy | None = None, num_threads: int = 1) -> None:
+        """``fallback`` None: the sidecar's (the policy it was trained with), else FCFS."""
         self.runtime = ScoreRuntime(path, num_threads=num_threads)
+        if fallback is None and self.runtime.meta.get("fallback") is not None:
+            fallback = build_target(self.runtime.meta["fallback"])
         super().__init__(self.runtime.action, fallback, tuple(self.runtime.meta["layout"]))
 
     def slot_outputs(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -285,6 +322,7 @@ __all__ = [
     "OnnxPolicy",
     "ScoreRuntime",
     "SidecarError",
+    "build_target",
     "check_sidecar",
     "read_sidecar",
     "slot_columns",

@@ -35,7 +35,7 @@ from servegym.agents.input_baseline import ReferenceBaseline, SharedWorkloads
 from servegym.agents.learned import ALGORITHMS, SB3Policy
 from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
 from servegym.agents.pretrain import behaviour_clone, clone_choices, collect, collect_choices
-from servegym.envs.build import build_engine, build_env
+from servegym.envs.build import build_engine, build_env, env_fallback
 from servegym.envs.engine.policy import Policy
 
 
@@ -74,14 +74,13 @@ class CompareWithBaseline(BaseCallback):
         super().__init__(verbose)
         self.cfg, self.every, self.best_path = cfg, every, best_path
         self.seeds = list(cfg.train.eval_seeds)
-        self.kinds = tuple(cfg.env.config.decisions)
         self.baseline_s = mean_tree_time(cfg, heuristic_factory(cfg, cfg.train.baseline), self.seeds)
         self.best_s = float("inf")
         self.history: list[dict[str, float]] = []
         self._last = 0
 
     def evaluate(self) -> dict[str, float]:
-        policy_s = mean_tree_time(self.cfg, lambda: SB3Policy(model=self.model, kinds=self.kinds), self.seeds)
+        policy_s = mean_tree_time(self.cfg, lambda: trained_policy(self.model, self.cfg), self.seeds)
         row = {
             "timesteps": float(self.num_timesteps),
             "jct_mean_s": policy_s,
@@ -272,4 +271,5 @@ def warm_start(cfg: DictConfig, model) -> dict[str, Any]:
 
 
 def trained_policy(model, cfg: DictConfig) -> Policy:
-    return SB3Policy(model=model, kinds=tuple(cfg.env.config.decisions))
+    """The model as a Policy, with the env's fallback for the decisions it does not own."""
+    return SB3Policy(model=model, kinds=tuple(cfg.env.config.decisions), fallback=env_fallback(cfg))

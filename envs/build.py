@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from servegym.envs.engine.engine import Engine
+from servegym.envs.engine.policy import Policy
 
 
 def build_engine(cfg: DictConfig, seed: int | None = None) -> Engine:
@@ -24,6 +25,13 @@ def build_engine(cfg: DictConfig, seed: int | None = None) -> Engine:
     )
 
 
+def env_fallback(cfg: DictConfig) -> Policy | None:
+    """A fresh instance of ``cfg.env.fallback`` (the policy for the decisions the agent does not
+    own), or None for the env's default."""
+    node = cfg.env.get("fallback")
+    return None if node is None else instantiate(node)
+
+
 def build_env(cfg: DictConfig) -> gym.Env:
     """The Gymnasium env ``cfg.env.id`` over the config's workload, engine and cluster."""
     import servegym.envs  # noqa: F401 - registers the ids
@@ -34,4 +42,5 @@ def build_env(cfg: DictConfig) -> gym.Env:
         cluster=OmegaConf.to_object(cfg.cluster),
         engine=OmegaConf.to_object(cfg.engine),
         env=OmegaConf.to_object(cfg.env.config),
+        fallback=env_fallback(cfg),
     )

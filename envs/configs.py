@@ -5,6 +5,7 @@ key named, and ``__post_init__`` range checks run when the config is turned into
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -14,10 +15,16 @@ from servegym.envs.serving_env import EnvConfig
 
 @dataclass
 class EnvSpec:
-    """``env:`` group: a registered env id and its ``EnvConfig``."""
+    """``env:`` group: a registered env id, its ``EnvConfig``, and the policy that answers the
+    decisions the agent does not own."""
 
     id: str = "servegym/Scheduling-v0"
     config: EnvConfig = field(default_factory=EnvConfig)
+    fallback: Any = None
+    """A Hydra node (``_target_``) of that policy, e.g. ``{_target_: servegym.agents.heuristics.
+    PredictedTreeSRPT}`` so a Retention-v0 agent is trained and judged under the admission order
+    of the heuristic it is compared with; null: FCFS, newest evicted, round-robin, release
+    (``DefaultPolicy``). Training, evaluation during training and the exported sidecar use it."""
 
 
 def register_configs() -> None:

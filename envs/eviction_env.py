@@ -51,7 +51,7 @@ class EvictionEnv(MaskedChoiceEnv):
     ``ValueError``. Candidates beyond K are never chosen by a valid action.
 
     ## Observation space
-    As Scheduling-v0: ``Dict`` of ``global`` (G + 3,), ``candidates`` (K, F) rows of
+    As Scheduling-v0: ``Dict`` of ``global`` (G + kinds,), ``candidates`` (K, F) rows of
     ``CANDIDATE_FEATURES`` (the running calls), ``mask`` (K,).
 
     ## Rewards

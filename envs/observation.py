@@ -4,7 +4,8 @@ exactly the same table in training and in deployment. Numpy only.
 
 * ``observe``: the Dict observation: ``global`` = the decision's global features and a one-hot
   of its kind; ``candidates`` = the first K feature rows of an ORDER/EVICT decision,
-  zero-padded; ``mask`` = 1 for real rows.
+  zero-padded; ``mask`` = 1 for real rows. Routing-v0 shows ``replicas`` (ROUTE rows),
+  Retention-v0 ``options`` (RETAIN rows), in place of ``candidates``.
 * ``slot_scores``: a (K,) score action back to one score per candidate. Scores are clipped to
   [-1, 1] (``ClipAction`` semantics; NaN is an error); candidates beyond K rank after every
   slot, in the fallback policy's order (ORDER admits them last, EVICT never picks one before a
@@ -20,6 +21,7 @@ import numpy as np
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     GLOBAL_FEATURES,
+    RETAIN_FEATURES,
     ROUTE_FEATURES,
     Decision,
     DecisionKind,
@@ -34,12 +36,12 @@ scales would be clipped)."""
 GLOBAL_SIZE = len(GLOBAL_FEATURES) + len(DecisionKind)
 """Length of the ``global`` observation: the engine's global features and the kind one-hot."""
 
-TABLE_FEATURES = {"candidates": CANDIDATE_FEATURES, "replicas": ROUTE_FEATURES}
+TABLE_FEATURES = {"candidates": CANDIDATE_FEATURES, "replicas": ROUTE_FEATURES, "options": RETAIN_FEATURES}
 """The columns of each slot table an observation may hold."""
 
 
 def global_observation(decision: Decision | None) -> np.ndarray:
-    """(G + 3,): the decision's global features and its kind one-hot (zeros for None)."""
+    """(G + kinds,): the decision's global features and its kind one-hot (zeros for None)."""
     out = np.zeros(GLOBAL_SIZE, dtype=np.float32)
     if decision is not None:
         out[: len(GLOBAL_FEATURES)] = decision.global_features
@@ -51,7 +53,7 @@ def candidate_table(decision: Decision | None, k: int) -> tuple[np.ndarray, np.n
     """(K, F) candidate rows and the (K,) mask of an ORDER/EVICT decision, zero-padded."""
     candidates = np.zeros((k, len(CANDIDATE_FEATURES)), dtype=np.float32)
     mask = np.zeros(k, dtype=np.float32)
-    if decision is not None and decision.kind != DecisionKind.ROUTE:
+    if decision is not None and decision.kind in (DecisionKind.ORDER, DecisionKind.EVICT):
         n = min(len(decision), k)
         candidates[:n] = decision.features[:n]
         mask[:n] = 1.0
@@ -66,6 +68,21 @@ def replica_table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.
         replicas[: len(decision)] = decision.features
         mask[: len(decision)] = decision.mask
     return np.clip(replicas, -FEATURE_BOUND, FEATURE_BOUND), mask
+
+
+def option_table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, len(RETAIN_FEATURES)) option rows of a RETAIN decision and their mask."""
+    options = np.zeros((rows, len(RETAIN_FEATURES)), dtype=np.float32)
+    mask = np.zeros(rows, dtype=np.float32)
+    if decision is not None and decision.kind == DecisionKind.RETAIN:
+        if len(decision) > rows:
+            raise ValueError(
+                f"RETAIN decision with {len(decision)} options, the observation holds {rows}: the env and "
+                "the engine must share engine.retain_ttls_s"
+            )
+        options[: len(decision)] = decision.features
+        mask[: len(decision)] = decision.mask
+    return np.clip(options, -FEATURE_BOUND, FEATURE_BOUND), mask
 
 
 def observe(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
@@ -94,17 +111,24 @@ def observe_serving(decision: Decision | None, max_candidates: int) -> dict[str,
     }
 
 
+def observe_options(decision: Decision | None, num_options: int) -> dict[str, np.ndarray]:
+    """The Retention-v0 observation: global, ``options`` (O, len(RETAIN_FEATURES)), their mask."""
+    options, mask = option_table(decision, num_options)
+    return {"global": global_observation(decision), "options": options, "mask": mask}
+
+
 LAYOUTS = {
     ("candidates",): observe,
     ("replicas",): observe_replicas,
     ("candidates", "replicas"): observe_serving,
+    ("options",): observe_options,
 }
-"""Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving)."""
+"""Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving, Retention)."""
 
 
 def observation_layout(keys: Any) -> tuple[str, ...]:
     """The slot tables among an observation's keys, in the order policies concatenate them."""
-    tables = tuple(key for key in ("candidates", "replicas") if key in keys)
+    tables = tuple(key for key in TABLE_FEATURES if key in keys)
     if tables not in LAYOUTS:
         raise ValueError(f"no servegym observation has keys {sorted(keys)}")
     return tables
@@ -187,7 +211,9 @@ __all__ = [
     "LAYOUTS",
     "observation_layout",
     "observe",
+    "observe_options",
     "observe_replicas",
+    "option_table",
     "observe_serving",
     "pick_scores",
     "pick_valid",

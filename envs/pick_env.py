@@ -35,7 +35,7 @@ class PickNextEnv(MaskedChoiceEnv):
     For an EVICT decision (when the agent owns them) slot ``i`` preempts slot ``i``'s call.
 
     ## Observation space
-    As Scheduling-v0 (``global`` (G + 3,), ``candidates`` (K, F), ``mask`` (K,) for real rows),
+    As Scheduling-v0 (``global`` (G + kinds,), ``candidates`` (K, F), ``mask`` (K,) for real rows),
     with the candidates presorted by a documented key, oldest tree first, then oldest call
     (``presort_rows``), so when more than K calls wait the K oldest trees' calls
     are the ones shown. A call past slot K cannot be picked this step (the policy may STOP or

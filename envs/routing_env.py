@@ -50,7 +50,7 @@ class RoutingEnv(MaskedChoiceEnv):
     action that is not one integer raises ``ValueError``.
 
     ## Observation space
-    ``Dict``: ``global`` (G + 3,): the global features and the kind one-hot, with only the
+    ``Dict``: ``global`` (G + kinds,): the global features and the kind one-hot, with only the
     cluster-wide columns filled (``time_s``, ``live_trees_log``: a ROUTE decision has no
     deciding replica); ``replicas`` (R, len(ROUTE_FEATURES)): one row of ``ROUTE_FEATURES`` per
     replica (its load, KV, cached prefix of this call, model size, tree locality, and the

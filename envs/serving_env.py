@@ -36,7 +36,12 @@ from servegym.envs.render import RENDER_MODES, render_image, render_text
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
 
-KIND_NAMES = {"order": DecisionKind.ORDER, "evict": DecisionKind.EVICT, "route": DecisionKind.ROUTE}
+KIND_NAMES = {
+    "order": DecisionKind.ORDER,
+    "evict": DecisionKind.EVICT,
+    "route": DecisionKind.ROUTE,
+    "retain": DecisionKind.RETAIN,
+}
 
 
 @dataclass
@@ -104,8 +109,8 @@ class EngineEnv(gym.Env):
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
-    allowed_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
-    default_decisions: ClassVar[tuple[str, ...]] = tuple(KIND_NAMES)
+    allowed_decisions: ClassVar[tuple[str, ...]] = ("order", "evict", "route")
+    default_decisions: ClassVar[tuple[str, ...]] = ("order", "evict", "route")
     layout: ClassVar[tuple[str, ...]] = ("candidates",)
 
     def __init__(
@@ -303,7 +308,7 @@ class SchedulingEnv(EngineEnv):
     FCFS order. Values outside [-1, 1] are clipped (``ClipAction`` semantics); NaN is an error.
 
     ## Observation space
-    ``Dict``: ``global`` (G + 3,): the engine's global features (``GLOBAL_FEATURES``) and a
+    ``Dict``: ``global`` (G + kinds,): the engine's global features (``GLOBAL_FEATURES``) and a
     one-hot of the decision kind (ORDER, EVICT, ROUTE); ``candidates`` (K, F): one row of
     ``CANDIDATE_FEATURES`` per candidate, zero-padded; ``mask`` (K,): 1 for real candidates.
     Features are scaled by construction (see ``servegym.envs.engine.policy``); no privileged
@@ -354,7 +359,7 @@ class ServingEnv(EngineEnv):
 
     ## Observation space
     ``Dict`` with one mask over K slots for both tables, so a slot's row is read the same way
-    whatever the kind: ``global`` (G + 3,): global features and the kind one-hot (a ROUTE
+    whatever the kind: ``global`` (G + kinds,): global features and the kind one-hot (a ROUTE
     decision fills only the cluster-wide columns ``time_s`` and ``live_trees_log``);
     ``candidates`` (K, F): ``CANDIDATE_FEATURES`` rows of an ORDER/EVICT decision, zero for
     ROUTE; ``replicas`` (K, len(ROUTE_FEATURES)): for ROUTE, replica r's row in slot r (rows

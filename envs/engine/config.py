@@ -12,7 +12,7 @@ TORCH_TIMINGS = ("measured", "cost_model")
 """Values of ``engine.torch_timing``."""
 PREFIX_EVICTIONS = ("lru", "workflow")
 """Values of ``engine.prefix_eviction`` (see block_manager.py)."""
-PIN_TTL_RULES = ("off", "fixed", "tool_mean", "oracle")
+PIN_TTL_RULES = ("off", "fixed", "tool_mean", "oracle", "policy")
 """Values of ``engine.pin_ttl_rule`` (see ``EngineConfig.pin_ttl_rule``)."""
 RETENTION_FIELDS = ("pin_ttl_rule", "pin_ttl_s", "prefix_eviction")
 ADMISSIONS = ("rank", "pick")
@@ -50,11 +50,17 @@ class EngineConfig:
     """Continuum's TTL pinning of a finished call's KV across its tool pause, for the children
     that reuse its prefix: off (vLLM), fixed (TTL = pin_ttl_s), tool_mean (TTL = running mean of
     the tool pauses observed after calls of the same role + pin_ttl_s), oracle (TTL = the true
-    tool latency + network delay + pin_ttl_s). A pin ends at expiry or once every child of the
-    call was admitted; it is dropped early (oldest first) only when a running call would
-    otherwise be preempted or nothing could run."""
+    tool latency + network delay + pin_ttl_s), policy (a RETAIN decision per finished call picks
+    the TTL among ``retain_ttls_s``). A pin ends at expiry or once every child of the call was
+    admitted; it is dropped early (oldest first) only when a running call would otherwise be
+    preempted or nothing could run."""
     pin_ttl_s: float = 0.0
     """The TTL (fixed) or the grace added to the predicted tool pause (tool_mean, oracle)."""
+    retain_ttls_s: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    """pin_ttl_rule=policy: the options of a RETAIN decision, TTLs in seconds from the call's
+    finish, ascending; 0 releases the KV to the prefix cache at once. The defaults span the
+    agentic tool pauses (ANCHORS.md: 86.5% within 1 s, 95.1% within 10 s, up to 60 s) plus the
+    queueing that follows them."""
     vtc_lift: bool = True
     """VTC's counter lift: a tenant that becomes backlogged again gets max(its counter, the
     smallest counter among backlogged tenants), so idling banks no credit."""
@@ -106,6 +112,14 @@ class EngineConfig:
         _check_number("engine.pin_ttl_s", self.pin_ttl_s)
         if self.pin_ttl_rule == "fixed" and self.pin_ttl_s == 0:
             raise ValueError("engine.pin_ttl_rule=fixed needs engine.pin_ttl_s > 0 (the TTL)")
+        ttls = list(self.retain_ttls_s)
+        for i, ttl in enumerate(ttls):
+            _check_number(f"engine.retain_ttls_s[{i}]", ttl)
+        if not ttls or any(b <= a for a, b in zip(ttls, ttls[1:], strict=False)):
+            raise ValueError(
+                f"engine.retain_ttls_s must be a non-empty, strictly ascending list of TTLs in seconds "
+                f"(0 = release now), got {self.retain_ttls_s!r}"
+            )
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(
                 f"engine.preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"

@@ -1,7 +1,8 @@
 """The cluster engine: one discrete-event virtual clock over replicas, jobs and tools.
 
 Events are job arrivals, calls becoming ready (parents done, tools returned, network crossed),
-replica iterations ending and TTL pins expiring (Continuum; ``EngineConfig.pin_ttl_rule``). The engine does not call a policy: ``next_decision()`` advances
+replica iterations ending and TTL pins expiring (Continuum; ``EngineConfig.pin_ttl_rule``, whose
+TTL may itself be a RETAIN decision). The engine does not call a policy: ``next_decision()`` advances
 the clock until a choice is needed and returns it, ``decide(scores)`` applies the answer, and
 ``run(policy)`` is the plain driver loop that does both. Nothing here reads wall-clock time.
 
@@ -31,7 +32,7 @@ from servegym.envs.engine.block_manager import NextUse
 from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
-from servegym.envs.engine.features import candidate_decision, route_decision
+from servegym.envs.engine.features import candidate_decision, retain_decision, route_decision
 from servegym.envs.engine.invariants import check_drained, check_live
 from servegym.envs.engine.metrics import KvSamples, RunMetrics, collect_metrics
 from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
@@ -585,6 +586,7 @@ class Engine:
         if batch is not None and len(batch.calls):
             replica.take_run_blocks(batch, batch.num_iterations)
             self._apply(replica, batch, batch.num_iterations)
+            yield from self._finish_run(replica, batch)
             replica.account(batch)
         replica.in_flight = None
         batch = yield from replica.schedule()
@@ -604,8 +606,8 @@ class Engine:
         self._push_step(replica)
 
     def _apply(self, replica: Replica, batch: Batch, upto: int) -> None:
-        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1``; at the run's end,
-        finish the calls that reached their stop."""
+        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1`` (the run's calls that
+        reach their stop finish in ``_finish_run``, when the run ends)."""
         steps = upto - batch.applied
         if steps <= 0:
             return
@@ -627,12 +629,15 @@ class Engine:
         np.add.at(self.job_service, jobs, tokens)
         # VTC's weights: a prompt token costs 1, a generated token 2 (processed once, sampled once)
         np.add.at(self.tenant_service, self.job_tenant[jobs], tokens + outputs)
-        if upto < batch.num_iterations:
-            return
+
+    def _finish_run(self, replica: Replica, batch: Batch) -> Generator[Decision, np.ndarray, None]:
+        """The run ended: its calls that reached their stop finish, in batch order, each
+        releasing its KV first (a RETAIN decision when ``pin_ttl_rule=policy``)."""
+        calls, ids = self.calls, batch.calls
         done = ids[calls.num_output[ids] >= calls.target_tokens[ids]]
         for call in done.tolist():
+            yield from self._release_finished(replica, call)  # asked while it holds slot and KV
             replica.running.remove(call)
-            self._release_finished(replica, call)
             self._finish(call)
 
     # ------------------------------------------------------------------ KV retention
@@ -657,9 +662,11 @@ class Engine:
         base = self.job_first_call[job_index]
         return [base + c for c in children], reuse, lengths[0] if spec.prompt else 0
 
-    def _release_finished(self, replica: Replica, call: int) -> None:
+    def _release_finished(self, replica: Replica, call: int) -> Generator[Decision, np.ndarray, None]:
         """Free a finished call's blocks with their next use (KVFlow), keeping the prefix its
-        children reuse pinned for a TTL (Continuum) when pinning is on."""
+        children reuse pinned for a TTL (Continuum) when pinning is on; with
+        ``pin_ttl_rule=policy`` the TTL is a RETAIN decision, asked only when there is a prefix
+        to keep for a child."""
         cfg, calls, bs = self.config, self.calls, self.config.block_size
         if cfg.pin_ttl_rule == "off" and cfg.prefix_eviction == "lru":
             replica.release_blocks(call)
@@ -671,7 +678,14 @@ class Engine:
             NextUse.NEXT if i < reuse_blocks else NextUse.SHARED if i < system_blocks else NextUse.NEVER
             for i in range(held)
         ]
-        ttl_s = self._pin_ttl_s(call) if children and reuse_blocks else 0.0
+        ttl_s = 0.0
+        if children and reuse_blocks and cfg.pin_ttl_rule == "policy":
+            self._sync_all()
+            pin_blocks = min(reuse_blocks, int(calls.num_computed[call]) // bs)
+            scores = yield retain_decision(self, replica, call, len(children), pin_blocks)
+            ttl_s = float(cfg.retain_ttls_s[int(np.argmax(scores))])
+        elif children and reuse_blocks:
+            ttl_s = self._pin_ttl_s(call)
         pinned = replica.release_blocks(call, levels, reuse_blocks if ttl_s > 0 else 0)
         if pinned:
             replica.pin(call, pinned, children)
@@ -679,7 +693,7 @@ class Engine:
 
     def _pin_ttl_s(self, call: int) -> float:
         cfg = self.config
-        if cfg.pin_ttl_rule == "off":
+        if cfg.pin_ttl_rule in ("off", "policy"):  # policy: a RETAIN decision, not a rule
             return 0.0
         if cfg.pin_ttl_rule == "fixed":
             return cfg.pin_ttl_s

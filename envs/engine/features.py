@@ -11,6 +11,7 @@ from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     GLOBAL_FEATURES,
     PRIVILEGED_FEATURES,
+    RETAIN_FEATURES,
     ROUTE_FEATURES,
     Decision,
     DecisionKind,
@@ -221,11 +222,56 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     )
 
 
+def retain_decision(engine: Engine, replica: Replica, call: int, children: int, pin_blocks: int) -> Decision:
+    """Rows are the TTL options of ``retain_ttls_s`` for the finished ``call``, whose
+    ``children`` will reuse its first ``pin_blocks`` blocks. Asked before the call turns
+    FINISHED and leaves the running list, so it still counts as running in its tree's state
+    and in the replica's global features (it holds its slot and blocks until the answer)."""
+    calls = engine.calls
+    ttls = np.asarray(replica.config.retain_ttls_s, dtype=np.float64)
+    role = int(calls.role[call])
+    total, seen = engine.tool_stats.get(role, (0.0, 0.0))
+    tool_mean = total / seen if seen else 0.0
+    expected = tool_mean + engine.cluster.network_delay_s
+    num_blocks = replica.blocks.num_blocks
+    job = int(calls.job[call])
+    table = np.empty((len(ttls), len(RETAIN_FEATURES)), dtype=np.float32)
+    table[:, 0] = ttls / engine.time_scale_s
+    table[:, 1] = ttls == 0
+    table[:, 2] = np.minimum(ttls / expected, 8.0) if expected > 0 else np.where(ttls > 0, 8.0, 0.0)
+    table[:, 3] = expected / engine.time_scale_s
+    table[:, 4] = np.log1p(seen)
+    table[:, 5] = pin_blocks / num_blocks
+    table[:, 6] = np.log1p(calls.prompt_tokens[call] + calls.num_output[call])
+    table[:, 7] = np.log1p(children)
+    table[:, 8] = role
+    table[:, 9] = calls.depth[call]
+    table[:, 10] = (engine.now_s - engine.job_arrival_s[job]) / engine.time_scale_s
+    table[:, 11] = tree_state(engine, np.array([job]))[0, 4]
+    table[:, 12] = sum(len(blocks) for blocks in replica.pins.values()) / num_blocks
+    table[:, 13] = np.log1p(len(replica.pins))
+    privileged = np.zeros((len(ttls), len(PRIVILEGED_FEATURES)), dtype=np.float32)
+    true_pause = calls.tool_latency_s[call] + engine.cluster.network_delay_s
+    privileged[:, PRIVILEGED_FEATURES.index("true_tool_latency_s")] = true_pause
+    return Decision(
+        kind=DecisionKind.RETAIN,
+        replica=replica.index,
+        candidates=np.arange(len(ttls), dtype=np.int64),
+        features=table,
+        privileged=privileged,
+        global_features=global_features(engine, replica, replica.config.max_num_batched_tokens),
+        mask=np.ones(len(ttls), dtype=bool),
+        call=call,
+        now_s=engine.now_s,
+    )
+
+
 __all__ = [
     "TREE_STATE_COLUMNS",
     "candidate_decision",
     "global_features",
     "predicted_output_tokens",
+    "retain_decision",
     "route_decision",
     "tree_state",
 ]

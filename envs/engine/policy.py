@@ -16,6 +16,12 @@ a global feature vector, and a validity mask. A policy answers with one score pe
   could not get a block included); the lowest score is preempted.
 * ``ROUTE``: candidates are replicas (rows of ``ROUTE_FEATURES``); the highest valid score
   receives the call.
+* ``RETAIN`` (with ``EngineConfig.pin_ttl_rule="policy"``): a call finished, its tool runs, and
+  its children will reuse a prefix of its KV. Candidates are the retention options of
+  ``EngineConfig.retain_ttls_s`` (rows of ``RETAIN_FEATURES``, ``candidates`` their indices):
+  pin that prefix for the option's TTL (0: release it to the prefix cache now, vLLM's
+  behaviour). The highest score is taken. A pin ends early once every child was admitted, or
+  under memory pressure (oldest first), as the TTL rules' pins do.
 
 Scale by construction: token counts enter as ``log1p``, block counts as fractions of the
 replica's capacity, times over ``time_scale_s`` (a config value), so a network needs no running
@@ -32,9 +38,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 3
+FEATURE_SCHEMA_VERSION = 4
 """v2 added predicted_output_log and pinned_prefix_frac; v3 the tree-state columns (tree_ready_log
-to tree_depth_left) and the global free_slots_frac."""
+to tree_depth_left) and the global free_slots_frac; v4 the RETAIN decision kind (its one-hot in
+the global observation) and its option table ``RETAIN_FEATURES``."""
 
 CANDIDATE_FEATURES: tuple[str, ...] = (
     "is_running",  # 1 for a running call (EVICT), 0 for a waiting one
@@ -103,6 +110,31 @@ ROUTE_FEATURES: tuple[str, ...] = (
     "call_role_id",
 )
 
+RETAIN_FEATURES: tuple[str, ...] = (
+    # the option
+    "ttl_s",  # the option's TTL / time_scale_s (0: release now)
+    "is_release",  # 1 for a TTL of 0
+    "ttl_over_tool_mean",  # TTL / (predicted tool pause + network delay), at most 8; 8 when none
+    # is predicted yet and the TTL is positive
+    # the finished call and what its children would reuse
+    "tool_mean_s",  # expected wait until its children are ready: the mean tool pause observed
+    # after calls of its role (0 until one is) + the cluster's network delay, / time_scale_s
+    "tools_seen_log",  # log1p(tool pauses observed for its role): how much the mean is worth
+    "pin_blocks_frac",  # blocks the pin would hold / replica blocks
+    "context_tokens_log",  # log1p(its prompt + output tokens)
+    "children_log",  # log1p(children that will reuse the prefix)
+    "role_id",
+    "depth",
+    "tree_age_s",  # time since its job arrived / time_scale_s
+    "tree_predicted_left_log",  # as the candidate column: predicted output left in its tree
+    # the replica's retention state
+    "pinned_frac",  # blocks held by pins now / replica blocks
+    "pins_log",  # log1p(pins held now)
+)
+"""Columns of a RETAIN decision's rows, one row per option; non-privileged. The oracle's truth
+is ``PRIVILEGED_FEATURES``' ``true_tool_latency_s`` of every row: the call's true tool latency
+plus the network delay (when its children become ready, as ``tool_mean_s`` predicts it)."""
+
 
 def column(name: str, schema: tuple[str, ...] = CANDIDATE_FEATURES) -> int:
     """Index of a feature column, failing loudly on a name the schema lacks."""
@@ -116,6 +148,7 @@ class DecisionKind(IntEnum):
     ORDER = 0
     EVICT = 1
     ROUTE = 2
+    RETAIN = 3
 
 
 @dataclass
@@ -123,13 +156,13 @@ class Decision:
     """A choice the engine needs made. Rows of ``features`` align with ``candidates``."""
 
     kind: DecisionKind
-    replica: int  # deciding replica (ORDER/EVICT) or -1 (ROUTE)
-    candidates: np.ndarray  # (K,) int64: engine call ids, or replica ids for ROUTE
+    replica: int  # deciding replica (ORDER/EVICT/RETAIN) or -1 (ROUTE)
+    candidates: np.ndarray  # (K,) int64: engine call ids, replica ids (ROUTE), option indices (RETAIN)
     features: np.ndarray  # (K, F) float32
     privileged: np.ndarray  # (K, P) float32; never part of an RL observation
     global_features: np.ndarray  # (G,) float32
     mask: np.ndarray  # (K,) bool: candidates the engine may accept
-    call: int = -1  # ROUTE: the call being routed
+    call: int = -1  # ROUTE: the call being routed; RETAIN: the call that finished
     now_s: float = 0.0
     stop: bool = False  # pick-next ORDER: the answer may carry a STOP score (see ``pick``)
 
@@ -195,10 +228,16 @@ class RoundRobinRouting:
         raise ValueError("route decision with no eligible replica")
 
 
+def release_scores(decision: Decision) -> np.ndarray:
+    """RETAIN as vLLM: the shortest TTL (0, release now when offered) scores highest."""
+    return -decision.features[:, RETAIN_FEATURES.index("ttl_s")].astype(np.float64)
+
+
 class DefaultPolicy:
     """What vLLM does when nobody else decides: FCFS admission, the newest running call
-    preempted, round-robin routing. The envs answer the decisions an agent does not own with
-    it; ``servegym.agents.heuristics.FCFS`` is the same policy as a named baseline."""
+    preempted, round-robin routing, a finished call's KV released to the prefix cache. The envs
+    answer the decisions an agent does not own with it; ``servegym.agents.heuristics.FCFS`` is
+    the same policy as a named baseline."""
 
     def __init__(self) -> None:
         self.router = RoundRobinRouting()
@@ -206,4 +245,6 @@ class DefaultPolicy:
     def scores(self, decision: Decision) -> np.ndarray:
         if decision.kind == DecisionKind.ROUTE:
             return self.router.route(decision)
+        if decision.kind == DecisionKind.RETAIN:
+            return release_scores(decision)
         return fcfs_scores(decision)

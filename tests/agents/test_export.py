@@ -67,7 +67,7 @@ def exported(model, tmp_path_factory):
 def _observations(rng: np.random.Generator, batch: int, k: int) -> dict[str, np.ndarray]:
     mask = (rng.random((batch, k)) < 0.8).astype(np.float32)
     return {
-        "global": rng.normal(size=(batch, len(GLOBAL_FEATURES) + 3)).astype(np.float32),
+        "global": rng.normal(size=(batch, len(GLOBAL_FEATURES) + len(DecisionKind))).astype(np.float32),
         "candidates": rng.normal(size=(batch, k, F)).astype(np.float32) * 3,
         "mask": mask,
     }

@@ -30,6 +30,7 @@ from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
     GLOBAL_FEATURES,
     PRIVILEGED_FEATURES,
+    RETAIN_FEATURES,
     ROUTE_FEATURES,
     Decision,
     DecisionKind,
@@ -73,10 +74,11 @@ class Linear:
         rng = np.random.default_rng(seed)
         self.w = rng.normal(size=len(CANDIDATE_FEATURES))
         self.w_route = rng.normal(size=len(ROUTE_FEATURES))
+        self.w_retain = rng.normal(size=len(RETAIN_FEATURES))  # drawn last: w, w_route as before
 
     def scores(self, decision: Decision) -> np.ndarray:
-        w = self.w_route if decision.kind == DecisionKind.ROUTE else self.w
-        return decision.features.astype(np.float64) @ w
+        weights = {DecisionKind.ROUTE: self.w_route, DecisionKind.RETAIN: self.w_retain}
+        return decision.features.astype(np.float64) @ weights.get(decision.kind, self.w)
 
 
 class Stopper:
@@ -131,6 +133,10 @@ class Recorder:
 
 
 # ---------------------------------------------------------------- scenarios
+RETAIN_TTLS_S = [0.0, 0.01, 0.05, 1.0]
+"""pin_ttl_rule=policy: a RETAIN menu on these scenarios' millisecond time scale."""
+
+
 @dataclass(frozen=True)
 class Scenario:
     generator: str
@@ -176,7 +182,7 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         network_delay_s=draw(st.sampled_from([0.0, 0.0, 0.003])),
         policy=draw(st.sampled_from(POLICIES)),
         policy_seed=draw(st.integers(0, 2**16)),
-        pin_ttl_rule=draw(st.sampled_from(["off", "off", "fixed", "tool_mean", "oracle"])),
+        pin_ttl_rule=draw(st.sampled_from(["off", "off", "fixed", "tool_mean", "oracle", "policy"])),
         prefix_eviction=draw(st.sampled_from(["lru", "workflow"])),
         admission=draw(st.sampled_from(["rank", "rank", "pick"])),
     )
@@ -214,6 +220,7 @@ def build(sc: Scenario) -> Engine:
         fast_forward=sc.fast_forward,
         pin_ttl_rule=sc.pin_ttl_rule,
         pin_ttl_s=0.05 if sc.pin_ttl_rule != "off" else 0.0,
+        retain_ttls_s=RETAIN_TTLS_S,
         prefix_eviction=sc.prefix_eviction,
         admission=sc.admission,
     )
@@ -243,6 +250,9 @@ def check_decision(engine: Engine, decision: Decision) -> None:
         assert decision.mask.sum() >= 2  # a single eligible replica needs no decision
         return
     replica = engine.replicas[decision.replica]
+    if decision.kind == DecisionKind.RETAIN:
+        check_retain(engine, replica, decision)
+        return
     assert decision.features.shape == (k, len(CANDIDATE_FEATURES))
     assert decision.features.dtype == np.float32
     picking = replica.config.admission == "pick" and decision.kind == DecisionKind.ORDER
@@ -269,6 +279,25 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     free_slots = decision.global_features[column("free_slots_frac", GLOBAL_FEATURES)]
     assert np.isclose(free_slots, 1 - len(replica.running) / replica.config.max_num_seqs)
     check_tree_state(engine, decision)
+
+
+def check_retain(engine: Engine, replica, decision: Decision) -> None:
+    """A RETAIN decision: asked for a call that just stopped (still RUNNING and on the running
+    list, holding its blocks), one row per option of the menu."""
+    calls, call, ttls = engine.calls, decision.call, np.asarray(replica.config.retain_ttls_s)
+    assert replica.config.pin_ttl_rule == "policy"
+    assert decision.features.shape == (len(ttls), len(RETAIN_FEATURES))
+    assert (decision.candidates == np.arange(len(ttls))).all() and decision.mask.all()
+    assert calls.state[call] == CallState.RUNNING and call in replica.running
+    assert calls.num_output[call] >= calls.target_tokens[call] and call not in replica.pins
+    ttl = decision.features[:, column("ttl_s", RETAIN_FEATURES)] * engine.time_scale_s
+    assert np.allclose(ttl, ttls, atol=1e-4)
+    assert (decision.features[:, column("is_release", RETAIN_FEATURES)] == (ttls == 0)).all()
+    pinned = sum(len(b) for b in replica.pins.values()) / replica.blocks.num_blocks
+    assert np.isclose(decision.features[0, column("pinned_frac", RETAIN_FEATURES)], pinned)
+    assert 0 < decision.features[0, column("pin_blocks_frac", RETAIN_FEATURES)] <= 1
+    truth = decision.privileged[:, PRIVILEGED_FEATURES.index("true_tool_latency_s")]
+    assert np.allclose(truth, calls.tool_latency_s[call] + engine.cluster.network_delay_s, atol=1e-5)
 
 
 TREE_STATE = ("tree_ready_log", "tree_running_log", "tree_blocked_log", "tree_tool_paused_log")

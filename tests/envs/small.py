@@ -8,7 +8,7 @@ from typing import Any
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.serving_env import EnvConfig
 from servegym.envs.soak import random_action  # noqa: F401  (the tests' random actions)
-from servegym.envs.workloads.generators import MapReduce, TreeOfThoughts
+from servegym.envs.workloads.generators import MapReduce, ReactChain, TreeOfThoughts
 from servegym.envs.workloads.workload import Workload
 
 TINY = dict(  # short prompts and outputs: episodes of a few hundred iterations
@@ -48,6 +48,11 @@ def small_kwargs(env_id: str) -> dict[str, Any]:
             cluster=ClusterConfig(num_replicas=2),
             engine=TIGHT,
             env=EnvConfig(max_candidates=8),
+        )
+    if name == "Retention-v0":  # short ReAct chains: a RETAIN decision after every tool turn
+        return dict(
+            workload=Workload(generator=ReactChain(turns_mean=4.0, **TINY), arrival_rate=20.0, num_jobs=6),
+            engine=EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=400, max_num_seqs=4),
         )
     raise KeyError(f"no small setting for {env_id!r}")
 

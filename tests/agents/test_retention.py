@@ -1,0 +1,198 @@
+"""RETAIN: KV retention across tool pauses as a decision (engine.pin_ttl_rule=policy), its
+rules (agents/retention.py), Retention-v0, and the exported policy with its sidecar fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+
+import servegym.envs  # noqa: F401  (registers the ids)
+from servegym.agents.export import export_policy
+from servegym.agents.heuristics import FCFS, PredictedTreeSRPT, ProgramFCFS, ProgramFCFSPinning
+from servegym.agents.learned import SB3Policy
+from servegym.agents.retention import Retaining, option_scores
+from servegym.agents.runtime import OnnxPolicy, SidecarError, build_target, check_sidecar
+from servegym.envs.engine.config import EngineConfig
+from servegym.envs.engine.engine import Engine
+from servegym.envs.engine.policy import DecisionKind
+from servegym.envs.workloads.generators import ReactChain
+from servegym.envs.workloads.workload import Workload
+from tests.envs.small import TINY
+
+MENU = [0.0, 0.5, 2.0, 8.0]
+
+
+def _workload(num_jobs: int = 8) -> Workload:
+    return Workload(generator=ReactChain(turns_mean=5.0, **TINY), arrival_rate=4.0, num_jobs=num_jobs)
+
+
+def _config(**changes) -> EngineConfig:
+    base = EngineConfig(
+        profile="tiny_cpu", block_size=4, num_gpu_blocks=300, max_num_seqs=4, retain_ttls_s=MENU
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _run(policy, seed: int = 0, **changes) -> tuple[dict, list]:
+    engine = Engine(_workload().build(seed), engine=_config(**changes))
+    engine.apply_retention(policy)
+    kinds = []
+    while (decision := engine.next_decision()) is not None:
+        kinds.append(decision.kind)
+        engine.decide(policy.scores(decision))
+    engine.check_invariants()
+    return engine.metrics().as_dict(), kinds
+
+
+def test_option_scores_take_the_smallest_ttl_at_least_the_target() -> None:
+    ttls = np.array(MENU)
+    assert int(np.argmax(option_scores(ttls, 0.0))) == 0
+    assert int(np.argmax(option_scores(ttls, 0.3))) == 1
+    assert int(np.argmax(option_scores(ttls, 2.0))) == 2
+    assert int(np.argmax(option_scores(ttls, 99.0))) == 3  # past the menu: the longest
+
+
+def test_release_under_policy_is_exactly_no_pinning() -> None:
+    """The default answer (vLLM's release) under pin_ttl_rule=policy is the engine without pins."""
+    asked, kinds = _run(FCFS(), pin_ttl_rule="policy")
+    plain, plain_kinds = _run(FCFS(), pin_ttl_rule="off")
+    assert DecisionKind.RETAIN in kinds and DecisionKind.RETAIN not in plain_kinds
+    np.testing.assert_equal(asked, plain)  # NaN-safe, exact
+
+
+@pytest.mark.parametrize("ttl", [0.5, 2.0, 8.0])
+def test_a_fixed_rule_as_retain_answers_equals_the_engine_rule(ttl: float) -> None:
+    """Retaining(rule=fixed) over a menu holding its TTL makes exactly the engine's fixed pins."""
+    asked, _ = _run(Retaining(ProgramFCFS(), rule="fixed", grace_s=ttl))
+    engine_rule, _ = _run(ProgramFCFS(), pin_ttl_rule="fixed", pin_ttl_s=ttl)
+    np.testing.assert_equal(asked, engine_rule)
+    released, _ = _run(ProgramFCFS())
+    assert asked["jct_mean_s"] != released["jct_mean_s"]  # the pins changed the run
+
+
+def test_retaining_sets_the_policy_rule_and_keeps_other_hints() -> None:
+    from servegym.agents.heuristics import KVFlow
+
+    wrapped = Retaining(KVFlow(), rule="tool_mean")
+    assert wrapped.retention == {"prefix_eviction": "workflow", "pin_ttl_rule": "policy"}
+    with pytest.raises(ValueError, match="pins by its own rule"):
+        Retaining(ProgramFCFSPinning())
+    with pytest.raises(ValueError, match="rule must be one of"):
+        Retaining(FCFS(), rule="forever")
+    with pytest.raises(ValueError, match="grace_s > 0"):
+        Retaining(FCFS(), rule="fixed", grace_s=0.0)
+
+
+@pytest.mark.parametrize("rule", ["release", "tool_mean", "oracle", "fixed"])
+def test_every_rule_drains_with_invariants(rule: str) -> None:
+    metrics, kinds = _run(Retaining(PredictedTreeSRPT(), rule=rule, grace_s=1.0, min_kv_free=0.05))
+    assert metrics["jobs_completed"] == 8 and metrics["calls_rejected"] == 0
+    assert DecisionKind.RETAIN in kinds
+
+
+@pytest.mark.parametrize(
+    ("menu", "message"),
+    [([], "non-empty"), ([0.0, 2.0, 1.0], "strictly ascending"), ([0.0, -1.0], "retain_ttls_s\\[1\\]")],
+)
+def test_a_bad_menu_is_refused(menu, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(retain_ttls_s=menu)
+
+
+def test_retention_env_mask_and_invalid_action() -> None:
+    env = gym.make(
+        "servegym/Retention-v0", workload=_workload(4), engine=_config(pin_ttl_rule="off")
+    )  # the env sets pin_ttl_rule=policy itself
+    obs, info = env.reset(seed=0)
+    assert info["decision"] == "retain"
+    assert obs["options"].shape == (len(MENU), len(obs["options"][0])) and obs["mask"].all()
+    _, _, _, _, info = env.step(len(MENU))  # out of range: the fallback's release, flagged
+    assert info["invalid_action"]
+    _, _, _, _, info = env.step(1)
+    assert not info["invalid_action"]
+
+
+def test_the_env_fallback_answers_admission() -> None:
+    """Retention-v0 with a tree-SRPT fallback runs the same episode as Retaining(tree-SRPT)
+    answering RETAIN with the same options: the env's other decisions come from the fallback."""
+    env = gym.make(
+        "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
+    )
+    rule = Retaining(PredictedTreeSRPT(), rule="fixed", grace_s=2.0)
+    env.reset(seed=0, options={"workload_seed": 5})
+    done = False
+    while not done:
+        decision = env.unwrapped._decision
+        _, _, terminated, truncated, info = env.step(int(np.argmax(rule.scores(decision))))
+        done = terminated or truncated
+    direct, _ = _run(Retaining(PredictedTreeSRPT(), rule="fixed", grace_s=2.0), seed=5)
+    assert info["metrics"]["jct_mean_s"] == direct["jct_mean_s"]
+
+
+@pytest.mark.slow
+def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallback(tmp_path) -> None:
+    """MaskablePPO on Retention-v0 under a tree-SRPT fallback: the exported ONNX policy, which
+    rebuilds that fallback from its sidecar, makes the SB3 policy's decisions, RETAIN included."""
+    from sb3_contrib import MaskablePPO
+
+    from servegym.agents.networks import MaskableSetActorCriticPolicy
+
+    th.manual_seed(0)
+    env = gym.make(
+        "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
+    )
+    model = MaskablePPO(
+        MaskableSetActorCriticPolicy,
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        policy_kwargs={"hidden": 16},
+    )
+    model.learn(64)
+    fallback = {"_target_": "servegym.agents.heuristics.PredictedTreeSRPT"}
+    paths = export_policy(
+        model,
+        tmp_path / "policy.onnx",
+        ("retain",),
+        env_id="servegym/Retention-v0",
+        config={"env": {"fallback": fallback}},
+    )
+    meta = json.loads(paths["sidecar"].read_text())
+    assert meta["layout"] == ["options"] and meta["fallback"] == fallback
+    with pytest.raises(SidecarError, match="fallback must be null"):  # a sidecar is data, not code
+        check_sidecar({**meta, "fallback": {"_target_": "os.system", "command": "true"}})
+    onnx = OnnxPolicy(str(paths["onnx"]))
+    assert isinstance(onnx.fallback, PredictedTreeSRPT) and onnx.retention == {"pin_ttl_rule": "policy"}
+
+    def run(policy):
+        engine = Engine(_workload().build(3), engine=_config(pin_ttl_rule="off"))  # the policy asks
+        engine.apply_retention(policy)
+        decisions = []
+        while (decision := engine.next_decision()) is not None:
+            scores = policy.scores(decision)
+            decisions.append((decision.kind, int(np.argmax(scores))))
+            engine.decide(scores)
+        return decisions
+
+    sb3 = run(SB3Policy(model=model, kinds=("retain",), fallback=PredictedTreeSRPT()))
+    assert sum(kind == DecisionKind.RETAIN for kind, _ in sb3) > 5
+    assert run(onnx) == sb3
+
+
+def test_a_sidecar_fallback_is_built_without_hydra() -> None:
+    node = {
+        "_target_": "servegym.agents.retention.Retaining",
+        "policy": {"_target_": "servegym.agents.heuristics.ProgramFCFS"},
+        "rule": "fixed",
+        "grace_s": 2.0,
+    }
+    policy = build_target(node)
+    assert isinstance(policy, Retaining) and isinstance(policy.policy, ProgramFCFS)
+    assert policy.rule == "fixed" and policy.grace_s == 2.0
