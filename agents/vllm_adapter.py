@@ -761,6 +761,12 @@ class SchedulerAdapter:
             raise ValueError(f"horizon_s must be >= 0 (inf: no guard), got {horizon_s!r}")
         self.policy = policy
         self.kinds = getattr(policy, "kinds", {DecisionKind.ORDER, DecisionKind.EVICT})
+        if not set(self.kinds) & {DecisionKind.ORDER, DecisionKind.EVICT}:
+            raise ValueError(
+                f"the policy answers {sorted(k.name for k in self.kinds)} decisions only; inside vLLM's "
+                "scheduler servegym makes ORDER and EVICT choices (vLLM has no router or KV pins to "
+                "hand a ROUTE or RETAIN policy), so it would change nothing"
+            )
         self.time_scale_s = time_scale_s
         self.clock = clock if clock is not None else StepClock()
         self.horizon_s = horizon_s

@@ -355,6 +355,13 @@ def test_a_policy_answers_only_its_kinds(evict_only_policy) -> None:
     assert adapter.num_orderings == 0
 
 
+def test_a_policy_with_nothing_to_answer_inside_vllm_is_refused() -> None:
+    """A RETAIN-only (or ROUTE-only) policy would change nothing in vLLM's scheduler: refused."""
+    policy = SimpleNamespace(kinds={DecisionKind.RETAIN}, scores=lambda decision: None)
+    with pytest.raises(ValueError, match="RETAIN"):
+        SchedulerAdapter(policy, clock=lambda: NOW_S)
+
+
 def test_policy_from_env_says_what_to_set(monkeypatch) -> None:
     monkeypatch.delenv(POLICY_ENV, raising=False)
     with pytest.raises(RuntimeError, match=POLICY_ENV):
