@@ -104,6 +104,7 @@ def execute(
     if plan.note():
         console.print(f"note: {plan.note()}", highlight=False, markup=False, soft_wrap=True)
     records: list[dict] = []
+    journal_start = journal.num_recorded() if journal is not None else 0
     failed = 0
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -141,7 +142,10 @@ def execute(
         if results is not None and hasattr(results, "close"):
             with contextlib.suppress(BaseException):  # joblib (or Ray) stops and ends its workers here
                 results.close()
-        total = kept + len(records)
+        # what the journal holds is what a resume sees: the signal may land between a record's
+        # write and the line that counts it
+        finished = journal.num_recorded() - journal_start if journal is not None else len(records)
+        total = kept + finished
         raise SuiteInterrupted(
             f"interrupted: {total} of {kept + len(tasks)} runs finished; not saved (no output folder)",
             kept=total,

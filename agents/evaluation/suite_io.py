@@ -166,6 +166,11 @@ class RunJournal:
         os.fsync(self._fd)
         self.records.append(record)
 
+    def num_recorded(self) -> int:
+        """Whole lines in the file now, as a resume will read them (``execute`` counts the runs
+        an interrupted suite kept by it)."""
+        return sum(1 for line in self.path.read_bytes().splitlines(keepends=True) if line.endswith(b"\n"))
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
