@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
 from servegym.envs.engine.config import EngineConfig
-from servegym.envs.serving_env import MaskedChoiceEnv
+from servegym.envs.serving_env import RowChoiceEnv
 from servegym.envs.workloads.generators import ReactChain
 from servegym.envs.workloads.workload import Workload
 
@@ -32,7 +30,7 @@ def retention_engine() -> EngineConfig:
     )
 
 
-class RetentionEnv(MaskedChoiceEnv):
+class RetentionEnv(RowChoiceEnv):
     """KV retention across tool pauses in a paged-KV inference engine serving agent trees.
 
     ## Description
@@ -88,11 +86,3 @@ class RetentionEnv(MaskedChoiceEnv):
 
     def default_engine(self) -> EngineConfig:
         return retention_engine()
-
-    def _valid_slots(self) -> np.ndarray:
-        if self._decision is None:
-            return np.zeros(self.num_slots, dtype=bool)
-        return self._decision.mask.astype(bool).copy()
-
-    def _choice_scores(self, slot: int) -> np.ndarray:
-        return np.eye(self.num_slots)[slot]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from servegym.envs.engine.config import ClusterConfig
-from servegym.envs.serving_env import MaskedChoiceEnv
+from servegym.envs.serving_env import RowChoiceEnv
 from servegym.envs.workloads.generators import MapReduce
 from servegym.envs.workloads.workload import Workload
 
@@ -32,7 +30,7 @@ def routing_workload() -> Workload:
     return Workload(generator=generator, arrival_rate=6.0, num_jobs=40)
 
 
-class RoutingEnv(MaskedChoiceEnv):
+class RoutingEnv(RowChoiceEnv):
     """Which replica of a (heterogeneous) cluster serves each call of agent trees.
 
     ## Description
@@ -82,11 +80,3 @@ class RoutingEnv(MaskedChoiceEnv):
 
     def default_cluster(self) -> ClusterConfig:
         return routing_cluster()
-
-    def _valid_slots(self) -> np.ndarray:
-        if self._decision is None:
-            return np.zeros(self.num_replicas, dtype=bool)
-        return self._decision.mask.astype(bool).copy()
-
-    def _choice_scores(self, slot: int) -> np.ndarray:
-        return np.eye(self.num_replicas)[slot]

@@ -459,6 +459,19 @@ class MaskedChoiceEnv(EngineEnv):
         return obs, reward, terminated, truncated, info
 
 
+class RowChoiceEnv(MaskedChoiceEnv):
+    """A masked choice whose slots are the decision's rows one to one (Routing-v0's replicas,
+    Retention-v0's options): valid slots are the decision's mask, and the choice scores 1."""
+
+    def _valid_slots(self) -> np.ndarray:
+        if self._decision is None:
+            return np.zeros(self.num_slots, dtype=bool)
+        return self._decision.mask.astype(bool).copy()
+
+    def _choice_scores(self, slot: int) -> np.ndarray:
+        return np.eye(self.num_slots)[slot]
+
+
 def _slot(action: Any) -> int:
     value = np.asarray(action)
     if value.size != 1:
