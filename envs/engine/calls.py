@@ -47,6 +47,7 @@ _INT_COLUMNS = (
     "pending_parents",
     "prefix_hits",  # while waiting: leading blocks the prefix cache holds (prefix_watch.py)
     "prefix_free_hits",  # while waiting: how many of those sit unreferenced in the free queue
+    "tool_failures",  # failed attempts of its tool (ClusterConfig.tool_failure_prob)
 )
 _FLOAT_COLUMNS = (
     "ready_s",
@@ -54,7 +55,8 @@ _FLOAT_COLUMNS = (
     "first_token_s",
     "finish_s",
     "release_s",  # earliest time its children may start (max over parents of finish + tool)
-    "tool_latency_s",
+    "tool_latency_s",  # from its finish to its children's readiness, less network_delay_s:
+    # the tool's latency, plus failed attempts' timeouts and network jitter when faults are on
     "path_service",  # critical-path service (tokens) through this call, for ATLAS
 )
 

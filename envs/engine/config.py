@@ -149,12 +149,37 @@ class ClusterConfig:
     """Explicit profile per replica for a heterogeneous cluster, e.g. [llama8b_h100, llama70b_h100x4]."""
     network_delay_s: float = 0.0
     """Delay between a call finishing and its children reaching the cluster (after the tool)."""
+    network_jitter_s: float = 0.0
+    """Mean of an exponential extra delay on each call's hop to its children (0: none)."""
+    tool_failure_prob: float = 0.0
+    """Probability that one attempt of a call's tool fails: it hangs until ``tool_timeout_s``,
+    then the agent framework retries it (a fresh attempt, same latency if it succeeds)."""
+    tool_timeout_s: float = 30.0
+    """How long a failing tool attempt holds its tree before the framework gives up on it."""
+    tool_retries: int = 2
+    """Retries after a failed attempt; when the last fails too, its error goes back to the
+    model after the timeout and the tree goes on (agent frameworks surface tool errors)."""
+    fault_seed: int = 0
+    """Seed of the fault draws. A call's draws depend only on (fault_seed, its job's index, its
+    call index), never on the schedule, so every policy meets the same faults."""
 
     def __post_init__(self) -> None:
         _check_int("cluster.num_replicas", self.num_replicas, minimum=1)
         _check_number("cluster.network_delay_s", self.network_delay_s)
+        _check_number("cluster.network_jitter_s", self.network_jitter_s)
+        _check_number("cluster.tool_timeout_s", self.tool_timeout_s)
+        _check_int("cluster.tool_retries", self.tool_retries, minimum=0)
+        _check_int("cluster.fault_seed", self.fault_seed, minimum=0)
+        p = self.tool_failure_prob
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"cluster.tool_failure_prob must be a probability in [0, 1], got {p!r}")
         if not all(isinstance(name, str) and name for name in self.replicas):
             raise ValueError(f"cluster.replicas must be a list of profile names, got {self.replicas!r}")
+
+    @property
+    def faults(self) -> bool:
+        """Whether tool failures or network jitter are on."""
+        return self.tool_failure_prob > 0 or self.network_jitter_s > 0
 
     def profiles(self, default: str) -> list[str]:
         return list(self.replicas) if self.replicas else [default] * self.num_replicas

@@ -383,15 +383,42 @@ class Engine:
             calls.true_output_tokens[call] = spec.output_tokens
             calls.target_tokens[call] = spec.generated_tokens
             calls.tool_latency_s[call] = spec.tool_latency_s
+            calls.tool_failures[call] = 0
             calls.role[call] = role_id(spec.role)
             calls.depth[call] = depth
             calls.pending_parents[call] = len(spec.parents)
             calls.release_s[call] = job.arrival_s
             calls.path_service[call] = 0.0
+        if self.cluster.faults:
+            self._draw_faults(index, ids, job)
         self.num_live_jobs += 1
         for call, spec in zip(ids, job.calls, strict=True):
             if not spec.parents:
                 self._push(job.arrival_s, EventKind.READY, call)
+
+    def _draw_faults(self, index: int, ids: range, job: Job) -> None:
+        """Each call's tool attempts and hop jitter, from a generator keyed by (fault_seed, job
+        index, call index) alone, so a call meets the same faults under every schedule. A
+        failed attempt costs the timeout; the pause is the timeouts, the successful attempt's
+        latency (none when every attempt failed: the error returns at the last timeout) and the
+        jitter. Only calls that run a tool (latency > 0) fail."""
+        cluster, calls = self.cluster, self.calls
+        for call, spec in zip(ids, job.calls, strict=True):
+            rng = np.random.default_rng((cluster.fault_seed, index, spec.call_id))
+            pause = 0.0
+            if spec.tool_latency_s > 0 and cluster.tool_failure_prob > 0:
+                attempts = cluster.tool_retries + 1
+                succeeded = np.flatnonzero(rng.random(attempts) >= cluster.tool_failure_prob)
+                failures = int(succeeded[0]) if len(succeeded) else attempts
+                calls.tool_failures[call] = failures
+                pause = failures * cluster.tool_timeout_s + (
+                    spec.tool_latency_s if failures < attempts else 0.0
+                )
+            else:
+                pause = spec.tool_latency_s
+            if cluster.network_jitter_s > 0:
+                pause += float(rng.exponential(cluster.network_jitter_s))
+            calls.tool_latency_s[call] = pause
 
     def _resolve_prompt(self, call: int) -> None:
         """Turn the call's segments into (content id, tokens) now that its ancestors ran."""
@@ -557,7 +584,7 @@ class Engine:
             stats[0] += output
             stats[1] += 1.0
         self.mean_outputs = None
-        release = self.now_s + spec.tool_latency_s
+        release = self.now_s + calls.tool_latency_s[call]
         for child in self.job_children[job_index][spec.call_id]:
             child_id = base + child
             calls.release_s[child_id] = max(calls.release_s[child_id], release)

@@ -113,6 +113,8 @@ class RunMetrics:
     prompt_growth_per_level: float  # mean over (tree, d) of the tree's mean prompt at d + 1 / at d
     prompt_tokens_added_per_level: float  # mean over (tree, d) of the same difference, in tokens
     call_depth_max: int  # deepest call (0: single-call trees); the levels are 0..call_depth_max
+    # Faults (ClusterConfig.tool_failure_prob, network_jitter_s), over finished calls:
+    tool_failures: int  # failed tool attempts (each held its tree for tool_timeout_s)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -191,6 +193,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         complete=bool(done_jobs.all()) and engine.stall is None,
         first_rejection=_first_rejection(engine),
         **_inflation(engine, done_jobs),
+        tool_failures=int(calls.tool_failures[:n][finished].sum()),
     )
 
 

@@ -134,6 +134,8 @@ class Recorder:
 
 # ---------------------------------------------------------------- scenarios
 RETAIN_TTLS_S = [0.0, 0.01, 0.05, 1.0]
+FAULTS = dict(tool_failure_prob=0.3, tool_timeout_s=0.02, tool_retries=1, network_jitter_s=0.002)
+"""Scenario.faults: faults on the scenarios' millisecond time scale."""
 """pin_ttl_rule=policy: a RETAIN menu on these scenarios' millisecond time scale."""
 
 
@@ -160,6 +162,7 @@ class Scenario:
     pin_ttl_rule: str = "off"
     prefix_eviction: str = "lru"
     admission: str = "rank"
+    faults: bool = False  # tool failures (retried after a timeout) and network jitter
 
 
 @st.composite
@@ -185,6 +188,7 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         pin_ttl_rule=draw(st.sampled_from(["off", "off", "fixed", "tool_mean", "oracle", "policy"])),
         prefix_eviction=draw(st.sampled_from(["lru", "workflow"])),
         admission=draw(st.sampled_from(["rank", "rank", "pick"])),
+        faults=draw(st.sampled_from([False, False, True])),
     )
 
 
@@ -224,10 +228,13 @@ def build(sc: Scenario) -> Engine:
         prefix_eviction=sc.prefix_eviction,
         admission=sc.admission,
     )
+    faults = FAULTS if sc.faults else {}
     if sc.replicas == "hetero":
-        cluster = ClusterConfig(replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s)
+        cluster = ClusterConfig(
+            replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s, **faults
+        )
     else:
-        cluster = ClusterConfig(num_replicas=int(sc.replicas), network_delay_s=sc.network_delay_s)
+        cluster = ClusterConfig(num_replicas=int(sc.replicas), network_delay_s=sc.network_delay_s, **faults)
     return Engine(source, cluster, config)
 
 
@@ -361,9 +368,19 @@ def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:
             assert calls.prompt_tokens[call] == job.prompt_tokens(spec.call_id)
             # the last sampled token is never computed: KV holds prompt + output - 1 tokens
             assert calls.num_computed[call] == calls.prompt_tokens[call] + calls.num_output[call] - 1
+            # its pause: the tool's latency; with faults, failed attempts' timeouts and jitter too
+            pause, failures = calls.tool_latency_s[call], int(calls.tool_failures[call])
+            if not engine.cluster.faults:
+                assert pause == spec.tool_latency_s and failures == 0
+            else:
+                c = engine.cluster
+                tries = c.tool_retries + 1
+                bare = failures * c.tool_timeout_s + (spec.tool_latency_s if failures < tries else 0.0)
+                assert 0 <= failures <= (tries if spec.tool_latency_s > 0 else 0)
+                assert pause >= bare - 1e-12 and (c.network_jitter_s > 0 or pause == bare)
             # ready exactly when the last parent finished, its tool returned and the network crossed
             if spec.parents:
-                release = max(calls.finish_s[base + p] + job.calls[p].tool_latency_s for p in spec.parents)
+                release = max(calls.finish_s[base + p] + calls.tool_latency_s[base + p] for p in spec.parents)
                 assert calls.ready_s[call] == max(job.arrival_s, release) + delay
             else:
                 assert calls.ready_s[call] == job.arrival_s
