@@ -140,6 +140,31 @@ def _check_number(name: str, value: object, positive: bool = False) -> None:
 
 
 @dataclass
+class Slowdown:
+    """A replica that runs ``factor`` times slower from ``start_s`` for ``duration_s`` (a
+    thermal throttle, a noisy neighbour, a stall when the factor is large): every iteration that
+    starts in the window takes ``factor`` times its time (the one in flight when it opens or
+    closes keeps the speed it started with)."""
+
+    replica: int = 0
+    start_s: float = 0.0
+    duration_s: float = 1.0
+    factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_int("cluster.slowdowns[].replica", self.replica, minimum=0)
+        _check_number("cluster.slowdowns[].start_s", self.start_s)
+        _check_number("cluster.slowdowns[].duration_s", self.duration_s, positive=True)
+        _check_number("cluster.slowdowns[].factor", self.factor, positive=True)
+        if not 1.0 <= self.factor <= 1e4:
+            raise ValueError(f"cluster.slowdowns[].factor must be in [1, 1e4], got {self.factor!r}")
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+
+@dataclass
 class ClusterConfig:
     """Replicas (possibly of different model sizes) and the network between them."""
 
@@ -159,6 +184,8 @@ class ClusterConfig:
     tool_retries: int = 2
     """Retries after a failed attempt; when the last fails too, its error goes back to the
     model after the timeout and the tree goes on (agent frameworks surface tool errors)."""
+    slowdowns: list[Slowdown] = field(default_factory=list)
+    """Windows in which a replica runs slower (``Slowdown``); windows of one replica may not overlap."""
     fault_seed: int = 0
     """Seed of the fault draws. A call's draws depend only on (fault_seed, its job's index, its
     call index), never on the schedule, so every policy meets the same faults."""
@@ -173,6 +200,19 @@ class ClusterConfig:
         p = self.tool_failure_prob
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
             raise ValueError(f"cluster.tool_failure_prob must be a probability in [0, 1], got {p!r}")
+        self.slowdowns = [s if isinstance(s, Slowdown) else Slowdown(**s) for s in self.slowdowns]
+        count = len(self.replicas) or self.num_replicas
+        windows = sorted((s.replica, s.start_s, s.end_s) for s in self.slowdowns)
+        for (replica, _, end), (other, start, _) in zip(windows, windows[1:], strict=False):
+            if replica == other and start < end:
+                raise ValueError(
+                    f"cluster.slowdowns: two windows of replica {replica} overlap at {start!r} s"
+                )
+        for replica, _, _ in windows:
+            if replica >= count:
+                raise ValueError(
+                    f"cluster.slowdowns: replica {replica} does not exist (the cluster has {count})"
+                )
         if not all(isinstance(name, str) and name for name in self.replicas):
             raise ValueError(f"cluster.replicas must be a list of profile names, got {self.replicas!r}")
 

@@ -95,6 +95,7 @@ class EventKind(IntEnum):
     READY = 1
     STEP = 2
     UNPIN = 3  # a TTL pin expires (key: the pinned call, payload: its replica)
+    SLOW = 4  # a slowdown window opens or closes (key: the replica, payload: its new speed factor)
 
 
 class Engine:
@@ -160,6 +161,9 @@ class Engine:
         self._answer: np.ndarray | None = None
         self._started = False
         self._arrivals: Iterator[Job] | None = None  # a streaming source's jobs not pulled yet
+        for window in self.cluster.slowdowns:
+            self._push(window.start_s, EventKind.SLOW, window.replica, float(window.factor))
+            self._push(window.end_s, EventKind.SLOW, window.replica, 1.0)
         if self.streaming:
             self._arrivals = iter(source.initial_jobs())
             self._pull_arrival()
@@ -274,6 +278,9 @@ class Engine:
                 yield from self._route(key)
             elif kind == EventKind.UNPIN:
                 self._expire_pin(self.replicas[payload], key)
+            elif kind == EventKind.SLOW:
+                self._cut_run(self.replicas[key])  # what starts from now runs at the new speed
+                self.replicas[key].slowdown = payload
             else:
                 yield from self._step(self.replicas[key])
         self._drain_arrivals()

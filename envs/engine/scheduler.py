@@ -119,6 +119,7 @@ class Replica:
         self.in_flight: Batch | None = None
         self.swap_listener: SwapListener | None = None  # set by a backend that holds real KV
         self.step_version = 0  # only the latest STEP event pushed for this replica counts
+        self.slowdown = 1.0  # iteration time factor of an open ClusterConfig.slowdowns window
         # statistics
         self.num_iterations = 0
         self.busy_s = 0.0
@@ -587,6 +588,8 @@ class Replica:
         lazily, in stepping's order (iteration, then running order).
         """
         dt0 = self.backend.iteration_time_s(batch)
+        if self.slowdown != 1.0:
+            dt0 *= self.slowdown
         batch.starts = np.array([now_s, now_s + dt0])
         batch.used_blocks_0 = self.blocks.num_used_blocks
         if not batch.fast_forwardable:
@@ -616,6 +619,8 @@ class Replica:
                 return
         k = np.arange(1, n, dtype=np.int64)
         batch.decode_times_s = self.backend.decode_run_times_s(num, int(c1.sum()) + k * num)
+        if self.slowdown != 1.0:
+            batch.decode_times_s = batch.decode_times_s * self.slowdown
         batch.starts = np.cumsum(np.concatenate(([now_s, dt0], batch.decode_times_s)))
         counts = np.where(first <= n - 1, (n - 1 - first) // bs + 1, 0)
         total = int(counts.sum())

@@ -134,7 +134,13 @@ class Recorder:
 
 # ---------------------------------------------------------------- scenarios
 RETAIN_TTLS_S = [0.0, 0.01, 0.05, 1.0]
-FAULTS = dict(tool_failure_prob=0.3, tool_timeout_s=0.02, tool_retries=1, network_jitter_s=0.002)
+FAULTS = dict(
+    tool_failure_prob=0.3,
+    tool_timeout_s=0.02,
+    tool_retries=1,
+    network_jitter_s=0.002,
+    slowdowns=[{"replica": 0, "start_s": 0.005, "duration_s": 0.03, "factor": 8.0}],
+)
 """Scenario.faults: faults on the scenarios' millisecond time scale."""
 """pin_ttl_rule=policy: a RETAIN menu on these scenarios' millisecond time scale."""
 

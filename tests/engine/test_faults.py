@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from servegym.agents.heuristics import FCFS, PredictedTreeSRPT
-from servegym.envs.engine.config import ClusterConfig, EngineConfig
+from servegym.envs.engine.config import ClusterConfig, EngineConfig, Slowdown
 from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.workloads.generators import ReactChain
 from servegym.envs.workloads.workload import Workload
@@ -89,3 +89,45 @@ def test_no_faults_is_the_engine_as_before() -> None:
 def test_bad_fault_settings_are_refused(key: str, value) -> None:
     with pytest.raises(ValueError, match=f"cluster.{key}"):
         ClusterConfig(**{key: value})
+
+
+def test_a_slowdown_window_slows_only_what_runs_in_it() -> None:
+    plain = _run(FCFS(), ClusterConfig())
+    end = float(np.nanmax(plain.calls.finish_s[: plain.calls.size]))
+    late = _run(FCFS(), ClusterConfig(slowdowns=[Slowdown(0, start_s=end + 1.0, duration_s=5.0)]))
+    np.testing.assert_equal(late.metrics().as_dict(), plain.metrics().as_dict())  # after the work: nothing
+    slow = _run(FCFS(), ClusterConfig(slowdowns=[Slowdown(0, start_s=0.0, duration_s=end, factor=4.0)]))
+    assert slow.replicas[0].busy_s > 2.5 * plain.replicas[0].busy_s  # compute, not tool pauses
+    assert slow.metrics().jct_mean_s > plain.metrics().jct_mean_s
+    assert slow.metrics().jobs_completed == 10
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_slowdown_equals_under_stepping_and_folding(fast_forward: bool) -> None:
+    """A window opening in the middle of a folded decode run cuts it there: folding and
+    stepping give the same clock, bit for bit."""
+    cluster = ClusterConfig(slowdowns=[Slowdown(0, start_s=0.137, duration_s=0.31, factor=3.0)])
+    workload = Workload(generator=ReactChain(turns_mean=5.0, **TINY), arrival_rate=4.0, num_jobs=10)
+
+    def finish(ff: bool) -> np.ndarray:
+        engine = Engine(
+            workload.build(1), cluster=cluster, engine=dataclasses.replace(ENGINE, fast_forward=ff)
+        )
+        engine.run(FCFS())
+        return engine.calls.finish_s[: engine.calls.size]
+
+    np.testing.assert_array_equal(finish(fast_forward), finish(False))
+
+
+@pytest.mark.parametrize(
+    ("windows", "message"),
+    [
+        ([Slowdown(0, 1.0, 2.0), Slowdown(0, 2.5, 1.0)], "overlap"),
+        ([Slowdown(3, 1.0, 2.0)], "does not exist"),
+    ],
+)
+def test_bad_slowdowns_are_refused(windows, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(num_replicas=2, slowdowns=windows)
+    with pytest.raises(ValueError, match="factor"):
+        Slowdown(0, 0.0, 1.0, factor=0.5)
