@@ -117,13 +117,30 @@ def observe_options(decision: Decision | None, num_options: int) -> dict[str, np
     return {"global": global_observation(decision), "options": options, "mask": mask}
 
 
+def observe_pick_retain(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
+    """The PickRetain-v0 observation: Serving-v0's idea for admission and retention, both tables
+    with K rows and one mask (the table of the other kind is zero), RETAIN's options in the
+    first slots."""
+    candidates, mask = candidate_table(decision, max_candidates)
+    options, option_mask = option_table(decision, max_candidates)
+    is_retain = decision is not None and decision.kind == DecisionKind.RETAIN
+    return {
+        "global": global_observation(decision),
+        "candidates": candidates,
+        "options": options,
+        "mask": option_mask if is_retain else mask,
+    }
+
+
 LAYOUTS = {
     ("candidates",): observe,
     ("replicas",): observe_replicas,
     ("candidates", "replicas"): observe_serving,
     ("options",): observe_options,
+    ("candidates", "options"): observe_pick_retain,
 }
-"""Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving, Retention)."""
+"""Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving, Retention,
+PickRetain)."""
 
 
 def observation_layout(keys: Any) -> tuple[str, ...]:
@@ -161,7 +178,10 @@ def slot_scores(decision: Decision, action: Any, max_candidates: int, fallback: 
 def presort_rows(decision: Decision) -> np.ndarray:
     """Row order of a pick-next candidate table (PickNext-v0): oldest tree first
     (``tree_age_s`` descending), then the longest-waiting call (``wait_s`` descending), then
-    queue order. When more than K calls wait, the K oldest trees' calls are the ones shown."""
+    queue order. When more than K calls wait, the K oldest trees' calls are the ones shown.
+    A RETAIN decision's options keep their menu order (PickRetain-v0)."""
+    if decision.kind == DecisionKind.RETAIN:
+        return np.arange(len(decision))
     tree_age = decision.features[:, CANDIDATE_FEATURES.index("tree_age_s")]
     wait = decision.features[:, CANDIDATE_FEATURES.index("wait_s")]
     return np.lexsort((np.arange(len(decision)), -wait, -tree_age))
@@ -184,7 +204,7 @@ def pick_scores(decision: Decision, rows: np.ndarray, slot: int, k: int) -> np.n
         scores[-1] = 1.0
         return scores
     scores = np.zeros(len(decision))
-    scores[rows[slot]] = 1.0 if decision.kind == DecisionKind.ORDER else -1.0
+    scores[rows[slot]] = -1.0 if decision.kind == DecisionKind.EVICT else 1.0  # EVICT: lowest goes
     return scores
 
 
@@ -212,6 +232,7 @@ __all__ = [
     "observation_layout",
     "observe",
     "observe_options",
+    "observe_pick_retain",
     "observe_replicas",
     "option_table",
     "observe_serving",

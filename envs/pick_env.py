@@ -12,6 +12,7 @@ from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.policy import DecisionKind, Policy, check_scores, pick
 from servegym.envs.observation import pick_scores, pick_valid, presort_rows, subset
 from servegym.envs.serving_env import MaskedChoiceEnv
+from servegym.envs.workloads.workload import Workload
 
 
 class PickNextEnv(MaskedChoiceEnv):
@@ -115,7 +116,7 @@ class PickNextEnv(MaskedChoiceEnv):
             return k, best
         rows = self._rows[:k]
         valid = self._valid_slots()[: len(rows)]
-        sign = 1.0 if decision.kind == DecisionKind.ORDER else -1.0  # EVICT: the lowest goes
+        sign = -1.0 if decision.kind == DecisionKind.EVICT else 1.0  # EVICT: the lowest goes
         shown = np.where(valid, sign * scores[rows], -np.inf)
         best[: len(rows)] = valid & (shown == shown.max())
         slot = np.flatnonzero(rows == choice) if choice is not None else []
@@ -135,3 +136,57 @@ class PickNextEnv(MaskedChoiceEnv):
 
     def _choice_scores(self, slot: int) -> np.ndarray:
         return pick_scores(self._decision, self._rows, slot, self.config.max_candidates)
+
+
+class PickRetainEnv(PickNextEnv):
+    """Two levers at once: pick-next admission with STOP and KV retention across tool pauses.
+
+    ## Description
+    PickNext-v0 whose engine also runs ``pin_ttl_rule="policy"``: between admissions, each
+    call that finishes with children reusing its prefix asks a RETAIN decision (Retention-v0):
+    how long to pin that prefix, one of ``engine.retain_ttls_s``. One policy answers both, so it
+    can pin what it means to admit next, and admit what it pinned.
+
+    ## Action space
+    ``Discrete(K + 1)``. ORDER: as PickNext-v0 (slot ``K`` is STOP). RETAIN: slot ``i`` takes
+    option ``i`` (the first ``len(engine.retain_ttls_s)`` slots; STOP is invalid).
+
+    ## Observation space
+    ``Dict``: ``global`` (G + kinds,), ``candidates`` (K, F) and ``options`` (K,
+    len(RETAIN_FEATURES)), the table of the other kind zero, and one ``mask`` (K,).
+
+    ## Rewards, episode end
+    As Scheduling-v0.
+
+    ## Arguments
+    As PickNext-v0; ``engine.admission`` is ``pick`` and ``engine.pin_ttl_rule`` is
+    ``policy``; ``env.decisions`` a subset of order, evict, retain (default order, retain);
+    ``env.max_candidates`` must be at least the number of options.
+
+    ## Version history
+    v0: pick-next ORDER with STOP and RETAIN over a TTL menu, one masked ``Discrete(K + 1)``.
+    """
+
+    allowed_decisions = ("order", "evict", "retain")
+    default_decisions = ("order", "retain")
+    layout = ("candidates", "options")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine_config = replace(self.engine_config, pin_ttl_rule="policy")
+        options = len(self.engine_config.retain_ttls_s)
+        if self.config.max_candidates < options:
+            raise ValueError(
+                f"env.max_candidates ({self.config.max_candidates}) must be >= the {options} options of "
+                "engine.retain_ttls_s: RETAIN decisions put them in the first slots"
+            )
+
+    def default_engine(self) -> EngineConfig:
+        from servegym.envs.retention_env import retention_engine
+
+        return replace(retention_engine(), admission="pick")
+
+    def default_workload(self) -> Workload:
+        from servegym.envs.retention_env import retention_workload
+
+        return retention_workload()

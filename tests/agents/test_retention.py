@@ -196,3 +196,73 @@ def test_a_sidecar_fallback_is_built_without_hydra() -> None:
     policy = build_target(node)
     assert isinstance(policy, Retaining) and isinstance(policy.policy, ProgramFCFS)
     assert policy.rule == "fixed" and policy.grace_s == 2.0
+
+
+def _pick_retain_env(**kwargs):
+    from servegym.envs.serving_env import EnvConfig
+
+    config = _config(admission="pick")
+    return gym.make(
+        "servegym/PickRetain-v0",
+        workload=_workload(),
+        engine=config,
+        env=EnvConfig(max_candidates=8),
+        **kwargs,
+    )
+
+
+def test_pick_retain_env_driven_by_a_heuristic_reproduces_its_run() -> None:
+    """Driving PickRetain-v0 with a heuristic's own answers (``policy_slot``) makes the run the
+    heuristic makes through the engine: both levers go through the env's slots faithfully."""
+    heuristic = Retaining(PredictedTreeSRPT(), rule="fixed", grace_s=2.0)
+    env = _pick_retain_env()
+    env.reset(seed=0, options={"workload_seed": 4})
+    kinds, done = set(), False
+    while not done:
+        inner = env.unwrapped
+        if inner._decision is not None:
+            kinds.add(inner._decision.kind)
+        slot, _ = inner.policy_slot(heuristic)
+        _, _, terminated, truncated, info = env.step(slot)
+        assert not info["invalid_action"]
+        done = terminated or truncated
+    assert kinds == {DecisionKind.ORDER, DecisionKind.RETAIN}
+    direct, _ = _run(Retaining(PredictedTreeSRPT(), rule="fixed", grace_s=2.0), seed=4, admission="pick")
+    assert info["metrics"]["jct_mean_s"] == direct["jct_mean_s"]
+
+
+@pytest.mark.slow
+def test_exported_pick_retain_policy_makes_the_sb3_decisions(tmp_path) -> None:
+    from sb3_contrib import MaskablePPO
+
+    from servegym.agents.networks import MaskableSetActorCriticPolicy
+
+    th.manual_seed(0)
+    env = _pick_retain_env()
+    model = MaskablePPO(
+        MaskableSetActorCriticPolicy,
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        policy_kwargs={"hidden": 16},
+    )
+    model.learn(64)
+    kinds = ("order", "retain")
+    paths = export_policy(model, tmp_path / "policy.onnx", kinds, env_id="servegym/PickRetain-v0")
+    meta = json.loads(paths["sidecar"].read_text())
+    assert meta["layout"] == ["candidates", "options"] and meta["action"]["stop"]
+
+    def run(policy):
+        engine = Engine(_workload().build(2), engine=_config(admission="pick", pin_ttl_rule="policy"))
+        decisions = []
+        while (decision := engine.next_decision()) is not None:
+            scores = policy.scores(decision)
+            decisions.append((decision.kind, np.round(scores, 6).tolist()))
+            engine.decide(scores)
+        return decisions
+
+    sb3 = run(SB3Policy(model=model, kinds=kinds))
+    assert {kind for kind, _ in sb3} == {DecisionKind.ORDER, DecisionKind.RETAIN}
+    assert run(OnnxPolicy(str(paths["onnx"]))) == sb3

@@ -49,6 +49,12 @@ def small_kwargs(env_id: str) -> dict[str, Any]:
             engine=TIGHT,
             env=EnvConfig(max_candidates=8),
         )
+    if name == "PickRetain-v0":  # Retention-v0's world with pick-next admission
+        return dict(
+            workload=Workload(generator=ReactChain(turns_mean=4.0, **TINY), arrival_rate=20.0, num_jobs=6),
+            engine=EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=400, max_num_seqs=4),
+            env=EnvConfig(max_candidates=8),
+        )
     if name == "Retention-v0":  # short ReAct chains: a RETAIN decision after every tool turn
         return dict(
             workload=Workload(generator=ReactChain(turns_mean=4.0, **TINY), arrival_rate=20.0, num_jobs=6),
