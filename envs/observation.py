@@ -97,18 +97,23 @@ def observe_replicas(decision: Decision | None, num_replicas: int) -> dict[str, 
     return {"global": global_observation(decision), "replicas": replicas, "mask": mask}
 
 
-def observe_serving(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
-    """The Serving-v0 observation: both tables with K rows and one mask (the table of the other
-    kind is zero), so slot i means the same thing whatever the decision."""
-    candidates, mask = candidate_table(decision, max_candidates)
-    replicas, route_mask = replica_table(decision, max_candidates)
-    is_route = decision is not None and decision.kind == DecisionKind.ROUTE
-    return {
-        "global": global_observation(decision),
-        "candidates": candidates,
-        "replicas": replicas,
-        "mask": route_mask if is_route else mask,
-    }
+def _with_candidates(key: str, table: Any, kind: DecisionKind) -> Any:
+    """An observation builder with the candidate table and a second one (``key``, filled by
+    ``table`` for decisions of ``kind``), both with K rows and one mask, the table of the other
+    kind zero: slot i means the same thing whatever the decision."""
+
+    def build(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
+        candidates, mask = candidate_table(decision, max_candidates)
+        second, second_mask = table(decision, max_candidates)
+        is_second = decision is not None and decision.kind == kind
+        return {
+            "global": global_observation(decision),
+            "candidates": candidates,
+            key: second,
+            "mask": second_mask if is_second else mask,
+        }
+
+    return build
 
 
 def observe_options(decision: Decision | None, num_options: int) -> dict[str, np.ndarray]:
@@ -117,19 +122,10 @@ def observe_options(decision: Decision | None, num_options: int) -> dict[str, np
     return {"global": global_observation(decision), "options": options, "mask": mask}
 
 
-def observe_pick_retain(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
-    """The PickRetain-v0 observation: Serving-v0's idea for admission and retention, both tables
-    with K rows and one mask (the table of the other kind is zero), RETAIN's options in the
-    first slots."""
-    candidates, mask = candidate_table(decision, max_candidates)
-    options, option_mask = option_table(decision, max_candidates)
-    is_retain = decision is not None and decision.kind == DecisionKind.RETAIN
-    return {
-        "global": global_observation(decision),
-        "candidates": candidates,
-        "options": options,
-        "mask": option_mask if is_retain else mask,
-    }
+observe_serving = _with_candidates("replicas", replica_table, DecisionKind.ROUTE)
+"""The Serving-v0 observation: candidates and replicas (ROUTE's replicas in the first slots)."""
+observe_pick_retain = _with_candidates("options", option_table, DecisionKind.RETAIN)
+"""The PickRetain-v0 observation: candidates and options (RETAIN's options in the first slots)."""
 
 
 LAYOUTS = {

@@ -41,22 +41,17 @@ WORLD = [
 def run_one(args: tuple[str, str, int, list[str]]) -> tuple[str, str, int, float, float]:
     fault, policy, seed, extra = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from hydra import compose, initialize_config_dir
-
-    from servegym.agents.configs import register_configs
+    from servegym.agents.evaluation.config import compose_config
     from servegym.agents.train import heuristic_factory
     from servegym.envs.build import build_engine
 
-    register_configs()
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=[*WORLD, *extra, *FAULTS[fault]])
+    cfg = compose_config([*WORLD, *extra, *FAULTS[fault]])
     metrics = build_engine(cfg, seed).run(heuristic_factory(cfg, policy)())
     return fault, policy, seed, metrics.jct_mean_s, metrics.jct_p99_s
 
 
 def table(rows: list[tuple[str, str, int, float, float]], faults: list[str], policies: list[str]) -> str:
-    from servegym.agents.evaluation.stats import ratio_interval, t_interval
+    from servegym.agents.evaluation.stats import paired_ratio, t_interval
 
     by = {(f, p, s): (m, q) for f, p, s, m, q in rows}
     seeds = sorted({s for _, _, s, _, _ in rows})
@@ -71,10 +66,8 @@ def table(rows: list[tuple[str, str, int, float, float]], faults: list[str], pol
             calm = np.array([by[("none", policy, s)][1] for s in seeds])
             m, h = t_interval(mean)
             q, qh = t_interval(p99)
-            lo, hi = ratio_interval(p99 / calm)
-            ratio = float(np.exp(np.mean(np.log(p99 / calm))))
             lines.append(
-                f"| {fault} | {policy} | {m:.1f} ± {h:.1f} | {q:.0f} ± {qh:.0f} | {ratio:.2f} [{lo:.2f}, {hi:.2f}] |"
+                f"| {fault} | {policy} | {m:.1f} ± {h:.1f} | {q:.0f} ± {qh:.0f} | {paired_ratio(p99, calm)} |"
             )
     return "\n".join(lines)
 

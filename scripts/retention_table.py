@@ -32,18 +32,14 @@ RULES = {  # name -> (rule, grace_s, min_kv_free)
 def run_one(args: tuple[str, int, int, str, str | None]) -> tuple[str, int, int, float, float]:
     name, blocks, seed, order, onnx = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
 
-    from servegym.agents.configs import register_configs
+    from servegym.agents.evaluation.config import compose_config
     from servegym.agents.retention import Retaining
     from servegym.agents.runtime import OnnxPolicy
     from servegym.envs.build import build_engine
 
-    register_configs()
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=retention", f"engine.num_gpu_blocks={blocks}"])
+    cfg = compose_config(["experiment=retention", f"engine.num_gpu_blocks={blocks}"])
     if name == "learned":
         policy = OnnxPolicy(onnx)
     else:
@@ -54,7 +50,7 @@ def run_one(args: tuple[str, int, int, str, str | None]) -> tuple[str, int, int,
 
 
 def table(rows: list[tuple[str, int, int, float, float]], names: list[str], blocks: list[int]) -> str:
-    from servegym.agents.evaluation.stats import ratio_interval, t_interval
+    from servegym.agents.evaluation.stats import paired_ratio, t_interval
 
     by = {(n, b, s): (m, p) for n, b, s, m, p in rows}
     seeds = sorted({s for _, _, s, _, _ in rows})
@@ -68,11 +64,9 @@ def table(rows: list[tuple[str, int, int, float, float]], names: list[str], bloc
             mean = np.array([by[(n, b, s)][0] for s in seeds])
             p99 = np.array([by[(n, b, s)][1] for s in seeds])
             m, h = t_interval(mean)
-            lo, hi = ratio_interval(mean / base)
-            ratio = float(np.exp(np.mean(np.log(mean / base))))
             pm, ph = t_interval(p99)
             lines.append(
-                f"| {b} | {n} | {m:.1f} ± {h:.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] | {pm:.0f} ± {ph:.0f} |"
+                f"| {b} | {n} | {m:.1f} ± {h:.1f} | {paired_ratio(mean, base)} | {pm:.0f} ± {ph:.0f} |"
             )
     return "\n".join(lines)
 

@@ -55,6 +55,14 @@ def bounded_interval(mean: float, half: float, metric: str) -> tuple[float, floa
     return max(mean - half, low), min(mean + half, high)
 
 
+def paired_ratio(values: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray) -> str:
+    """ "r [lo, hi]": the geometric mean of per-seed ratios values / base and its log-scale t
+    interval (``ratio_interval``), as the tables print it."""
+    ratios = np.asarray(values, dtype=np.float64) / np.asarray(base, dtype=np.float64)
+    low, high = ratio_interval(ratios)
+    return f"{float(np.exp(np.mean(np.log(ratios)))):.3f} [{low:.3f}, {high:.3f}]"
+
+
 def ratio_interval(ratios: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """(low, high) of a t-interval on the log scale of positive ratios, exponentiated back: always
     > 0. Ratios that are not finite and > 0 are left out; NaN, NaN for fewer than 2."""

@@ -38,6 +38,26 @@ def _config(**changes) -> EngineConfig:
     return dataclasses.replace(base, **changes)
 
 
+def _tiny_model(env):
+    """A MaskablePPO set policy trained 64 steps (weights off their initialisation), for parity tests."""
+    from sb3_contrib import MaskablePPO
+
+    from servegym.agents.networks import MaskableSetActorCriticPolicy
+
+    th.manual_seed(0)
+    model = MaskablePPO(
+        MaskableSetActorCriticPolicy,
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        policy_kwargs={"hidden": 16},
+    )
+    model.learn(64)
+    return model
+
+
 def _run(policy, seed: int = 0, **changes) -> tuple[dict, list]:
     engine = Engine(_workload().build(seed), engine=_config(**changes))
     engine.apply_retention(policy)
@@ -138,24 +158,10 @@ def test_the_env_fallback_answers_admission() -> None:
 def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallback(tmp_path) -> None:
     """MaskablePPO on Retention-v0 under a tree-SRPT fallback: the exported ONNX policy, which
     rebuilds that fallback from its sidecar, makes the SB3 policy's decisions, RETAIN included."""
-    from sb3_contrib import MaskablePPO
-
-    from servegym.agents.networks import MaskableSetActorCriticPolicy
-
-    th.manual_seed(0)
     env = gym.make(
         "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
     )
-    model = MaskablePPO(
-        MaskableSetActorCriticPolicy,
-        env,
-        n_steps=32,
-        batch_size=32,
-        n_epochs=1,
-        seed=0,
-        policy_kwargs={"hidden": 16},
-    )
-    model.learn(64)
+    model = _tiny_model(env)
     fallback = {"_target_": "servegym.agents.heuristics.PredictedTreeSRPT"}
     paths = export_policy(
         model,
@@ -233,22 +239,8 @@ def test_pick_retain_env_driven_by_a_heuristic_reproduces_its_run() -> None:
 
 @pytest.mark.slow
 def test_exported_pick_retain_policy_makes_the_sb3_decisions(tmp_path) -> None:
-    from sb3_contrib import MaskablePPO
-
-    from servegym.agents.networks import MaskableSetActorCriticPolicy
-
-    th.manual_seed(0)
     env = _pick_retain_env()
-    model = MaskablePPO(
-        MaskableSetActorCriticPolicy,
-        env,
-        n_steps=32,
-        batch_size=32,
-        n_epochs=1,
-        seed=0,
-        policy_kwargs={"hidden": 16},
-    )
-    model.learn(64)
+    model = _tiny_model(env)
     kinds = ("order", "retain")
     paths = export_policy(model, tmp_path / "policy.onnx", kinds, env_id="servegym/PickRetain-v0")
     meta = json.loads(paths["sidecar"].read_text())
