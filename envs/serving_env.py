@@ -471,6 +471,20 @@ class RowChoiceEnv(MaskedChoiceEnv):
     def _choice_scores(self, slot: int) -> np.ndarray:
         return np.eye(self.num_slots)[slot]
 
+    def policy_slot(self, policy: Policy) -> tuple[int, np.ndarray]:
+        """The action that carries out ``policy``'s answer to the pending decision (its
+        highest-scored valid row), and the mask of the rows tied with it: what cloning a
+        heuristic into the slot policy (``agents/pretrain.py``) learns from."""
+        best = np.zeros(self.num_slots, dtype=bool)
+        if self._decision is None:  # the episode's last step: any action
+            best[0] = True
+            return 0, best
+        scores = np.asarray(policy.scores(self._decision), dtype=np.float64)
+        valid = self._valid_slots()
+        shown = np.where(valid, scores[: self.num_slots], -np.inf)
+        best[:] = valid & (shown == shown.max())
+        return int(np.argmax(shown)), best
+
 
 def _slot(action: Any) -> int:
     value = np.asarray(action)

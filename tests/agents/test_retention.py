@@ -258,3 +258,20 @@ def test_exported_pick_retain_policy_makes_the_sb3_decisions(tmp_path) -> None:
     sb3 = run(SB3Policy(model=model, kinds=kinds))
     assert {kind for kind, _ in sb3} == {DecisionKind.ORDER, DecisionKind.RETAIN}
     assert run(OnnxPolicy(str(paths["onnx"]))) == sb3
+
+
+def test_retention_env_policy_slot_carries_out_a_rule() -> None:
+    """Driving Retention-v0 with a rule's own slots (what cloning learns from) is that rule's run."""
+    rule = Retaining(PredictedTreeSRPT(), rule="tool_mean", grace_s=1.0)
+    env = gym.make(
+        "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
+    )
+    env.reset(seed=0, options={"workload_seed": 6})
+    done = False
+    while not done:
+        slot, best = env.unwrapped.policy_slot(rule)
+        assert best[slot]
+        _, _, terminated, truncated, info = env.step(slot)
+        done = terminated or truncated
+    direct, _ = _run(Retaining(PredictedTreeSRPT(), rule="tool_mean", grace_s=1.0), seed=6)
+    assert info["metrics"]["jct_mean_s"] == direct["jct_mean_s"]
