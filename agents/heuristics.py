@@ -260,7 +260,7 @@ class PredictedTreeSRPT(FCFS):
     over the tree's ready, running, blocked and tool-paused calls) first, FCFS among equals.
     EVICT: a call of the tree with the most predicted work left.
 
-    The non-clairvoyant twin of the ``TreeSRPT`` bound (``agents/bounds.py``), which reads the
+    The non-clairvoyant twin of the ``TreeSRPT`` bound (``agents/bounds/``), which reads the
     true lengths. It needs schema v3's tree-state columns and nothing private, so it runs from
     an exported policy's inputs and in the vLLM adapter (there on the requests vLLM has seen).
     Agent trees make it strong: a tree's remaining call count is known from its structure and

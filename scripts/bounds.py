@@ -1,5 +1,5 @@
 """The headroom table: FCFS, the best tuned heuristic, the rollout-improved policy and the
-clairvoyant bound per scenario family and load, on held-out seeds (agents/bounds.py defines each).
+clairvoyant bound per scenario family and load, on held-out seeds (agents/bounds/ defines each).
 
 python scripts/bounds.py                                          # conf/bounds.yaml: mapreduce, debate at load 0.5, 8
 python scripts/bounds.py bounds.families=[react,mixed] bounds.loads=[4.0]

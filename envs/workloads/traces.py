@@ -336,7 +336,7 @@ def utf8_lines(path: Path) -> Iterator[Iterator[tuple[int, str]]]:
     ``UnicodeDecodeError``. Line ends are kept (the CSV reader needs them).
 
     Read with ``os.pread`` at an offset of its own: a stream left open while the process forks
-    (``agents/bounds.py`` forks engines to roll out branches) shares the descriptor, and a
+    (``agents/bounds/`` forks engines to roll out branches) shares the descriptor, and a
     child reading through it must not move the parent's position."""
     fd = os.open(path, os.O_RDONLY)
     try:

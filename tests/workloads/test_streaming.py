@@ -349,7 +349,7 @@ def test_a_stalled_stream_counts_the_trees_that_never_arrived(tmp_path: Path) ->
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_reading_the_stream_leaves_the_parents_position(tmp_path: Path) -> None:
-    """bounds.py forks engines mid-run; a child reading the shared trace must not move the
+    """agents/bounds/ forks engines mid-run; a child reading the shared trace must not move the
     parent's place in it."""
     path = write_arrivals(tmp_path / "t.jsonl", [float(i) for i in range(3000)])
     stream = iter_jobs(path, reorder_window_s=0.0)
