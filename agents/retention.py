@@ -84,7 +84,6 @@ class Retaining:
         self.rule, self.grace_s, self.min_kv_free = rule, grace_s, min_kv_free
         self.time_scale_s = time_scale_s
         self.retention: dict[str, Any] = {**hints, "pin_ttl_rule": "policy"}
-        self.routing_only = False
 
     def ttl_s(self, decision: Decision) -> float:
         """The TTL this rule wants for the decision's call, in seconds."""

@@ -412,7 +412,6 @@ class Engine:
         cluster, calls = self.cluster, self.calls
         for call, spec in zip(ids, job.calls, strict=True):
             rng = np.random.default_rng((cluster.fault_seed, index, spec.call_id))
-            pause = 0.0
             if spec.tool_latency_s > 0 and cluster.tool_failure_prob > 0:
                 attempts = cluster.tool_retries + 1
                 succeeded = np.flatnonzero(rng.random(attempts) >= cluster.tool_failure_prob)
@@ -713,30 +712,40 @@ class Engine:
             for i in range(held)
         ]
         ttl_s = 0.0
-        if children and reuse_blocks and cfg.pin_ttl_rule == "policy":
-            self._sync_all()
-            pin_blocks = min(reuse_blocks, int(calls.num_computed[call]) // bs)
-            scores = yield retain_decision(self, replica, call, len(children), pin_blocks)
-            ttl_s = float(cfg.retain_ttls_s[int(np.argmax(scores))])
-        elif children and reuse_blocks:
-            ttl_s = self._pin_ttl_s(call)
+        if children and reuse_blocks:
+            ttl_s = yield from self._pin_ttl_s(replica, call, len(children), reuse_blocks)
         pinned = replica.release_blocks(call, levels, reuse_blocks if ttl_s > 0 else 0)
         if pinned:
             replica.pin(call, pinned, children)
             self._push(self.now_s + ttl_s, EventKind.UNPIN, call, replica.index)
 
-    def _pin_ttl_s(self, call: int) -> float:
+    def _pin_ttl_s(
+        self, replica: Replica, call: int, children: int, reuse_blocks: int
+    ) -> Generator[Decision, np.ndarray, float]:
+        """How long to pin the first ``reuse_blocks`` blocks of a finished call for its
+        ``children``: by ``pin_ttl_rule``, or with ``policy`` the option a RETAIN decision picks."""
         cfg = self.config
-        if cfg.pin_ttl_rule in ("off", "policy"):  # policy: a RETAIN decision, not a rule
+        if cfg.pin_ttl_rule == "off":
             return 0.0
+        if cfg.pin_ttl_rule == "policy":
+            self._sync_all()
+            pin_blocks = min(reuse_blocks, int(self.calls.num_computed[call]) // cfg.block_size)
+            scores = yield retain_decision(self, replica, call, children, pin_blocks)
+            return float(cfg.retain_ttls_s[int(np.argmax(scores))])
         if cfg.pin_ttl_rule == "fixed":
             return cfg.pin_ttl_s
         if cfg.pin_ttl_rule == "oracle":
             predicted = float(self.calls.tool_latency_s[call]) + self.cluster.network_delay_s
         else:
-            total, count = self.tool_stats.get(int(self.calls.role[call]), (0.0, 0.0))
-            predicted = total / count + self.cluster.network_delay_s if count else 0.0
+            mean, count = self.observed_tool_pause_s(int(self.calls.role[call]))
+            predicted = mean + self.cluster.network_delay_s if count else 0.0
         return predicted + cfg.pin_ttl_s
+
+    def observed_tool_pause_s(self, role: int) -> tuple[float, float]:
+        """(mean, count) of the tool pauses observed after finished calls of ``role`` (0, 0
+        before the first): what Continuum's TTL and the RETAIN features predict from."""
+        total, count = self.tool_stats.get(role, (0.0, 0.0))
+        return (total / count if count else 0.0), count
 
     def _expire_pin(self, replica: Replica, call: int) -> None:
         """A TTL ran out: the pinned blocks join the prefix cache, and the replica sees them at

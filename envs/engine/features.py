@@ -230,8 +230,7 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     calls = engine.calls
     ttls = np.asarray(replica.config.retain_ttls_s, dtype=np.float64)
     role = int(calls.role[call])
-    total, seen = engine.tool_stats.get(role, (0.0, 0.0))
-    tool_mean = total / seen if seen else 0.0
+    tool_mean, seen = engine.observed_tool_pause_s(role)
     expected = tool_mean + engine.cluster.network_delay_s
     num_blocks = replica.blocks.num_blocks
     job = int(calls.job[call])
