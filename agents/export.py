@@ -27,7 +27,8 @@ from servegym.agents.runtime import (
     sidecar_path,
     slot_columns,
 )
-from servegym.envs.engine.policy import CANDIDATE_FEATURES, FEATURE_SCHEMA_VERSION
+from servegym.envs.engine.policy import CANDIDATE_FEATURES
+from servegym.envs.engine.schema import FEATURE_SCHEMA_VERSION
 from servegym.envs.observation import observation_layout
 from servegym.envs.workloads.job import KNOWN_ROLES
 

@@ -37,13 +37,13 @@ import numpy as np
 
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
-    FEATURE_SCHEMA_VERSION,
     GLOBAL_FEATURES,
     Decision,
     DecisionKind,
     DefaultPolicy,
     Policy,
 )
+from servegym.envs.engine.schema import FEATURE_SCHEMA_VERSION
 from servegym.envs.observation import (
     LAYOUTS,
     TABLE_FEATURES,

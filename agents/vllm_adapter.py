@@ -30,50 +30,14 @@ with ``LLM.generate`` and with the OpenAI server's ``vllm_xargs``) or as the req
 chars>`` inside the engine, which parsing ignores). ``extra_args`` wins when both are present.
 A request without a tag is a tree of its own (its id is the tree id, role ``other``, depth 0).
 
-Feature mapping (exactly ``CANDIDATE_FEATURES`` and ``GLOBAL_FEATURES``, scaled as in
-``servegym.envs.engine.features``); columns vLLM cannot know get a documented neutral value:
-
-=============================  =====================================================================
-is_running                     1 for a running request (EVICT), else 0
-is_swapped                     0: vLLM V1 recomputes preempted requests, it has no swap tier
-prompt_tokens_log              log1p(num_prompt_tokens)
-cached_prefix_frac             prefix-cache hit tokens / prompt tokens: a waiting request with no
-                               computed tokens asks the KV cache manager (``get_computed_blocks``,
-                               vLLM's own lookup, so a hit counts only what vLLM would reuse); a
-                               running one uses min(num_computed_tokens, prompt)
-computed_tokens_log            log1p(num_computed_tokens)
-output_tokens_log              log1p(num_output_tokens)
-budget_left_log                log1p(max(max_tokens - num_output_tokens, 0))
-blocks_held_frac               blocks the request holds / KV blocks (waiting requests hold none)
-blocks_needed_frac             waiting: new blocks its first chunk (at most max_num_batched_tokens)
-                               needs beyond its prefix hit; running: 1 (as the simulator); / blocks
-wait_s                         (now - arrival or last preemption) / time_scale_s
-tree_age_s                     (now - first arrival seen for its tree) / time_scale_s
-role_id, depth                 from the tree tag (``KNOWN_ROLES``; unknown roles map to ``other``)
-tree_service_log               log1p(tokens computed for its tree so far: the adapter sums vLLM's
-                               scheduled tokens per step; prefix-cache hits are not service and
-                               recomputation after a preemption counts again, as in the simulator)
-critical_path_service_log      0 (neutral: the tag carries no parent links, so "no finished ancestor")
-tree_calls_done                calls of its tree that finished (any finish, aborts included)
-tree_calls_total_log           log1p(calls of its tree seen so far): a lower bound, vLLM never
-                               learns a tree's final size
-tenant_vtc_log                 0 (neutral: every request's tenant is the least-served one)
-preemptions                    request.num_preemptions
-replica                        0 (one engine is one replica)
-predicted_output_log           log1p(mean output tokens of this role's finished requests), else of
-                               max_tokens: the engine's online predictor without the tenant level
-pinned_prefix_frac             0: vLLM pins no finished request's KV (no Continuum-style TTL)
-tree_ready_log                 log1p(its tree's requests among this decision's rows) when they are the
-                               waiting queue (ORDER), else log1p(its tree's live requests - those rows)
-tree_running_log               the mirror image: rows of its tree for EVICT (the running set), else
-                               live requests of its tree minus its waiting rows
-tree_blocked_log,              0: vLLM sees a call only once the framework submits it, so no call is
-tree_tool_paused_log           ever blocked on a parent or paused on a tool inside the engine
-tree_predicted_left_log        log1p(sum over its tree's rows of predicted output - output so far): a
-                               lower bound, calls not yet submitted are unknown
-tree_depth_left                deepest minus shallowest depth among its tree's rows, plus 1
-free_slots_frac (global)       (max_num_seqs - running) / max_num_seqs; 1 when the view has no cap
-=============================  =====================================================================
+Feature mapping: the adapter reads raw quantities from vLLM's state (``candidate_table``,
+``global_vector``) and the feature schema scales them, the same encoder the simulated engine uses.
+How each column is read inside vLLM, and the neutral value of those vLLM cannot know (no swap
+tier, no tenants, no parent links, nothing blocked on a tool inside the engine), is declared beside
+the column's definition in ``servegym.envs.engine.schema`` (``Feature.vllm``, ``vllm_reading``,
+``neutral``); ``python -m servegym.envs.engine.schema`` prints it as a table.
+``tests/vllm_adapter/test_schema_parity.py`` runs the engine, mirrors each decision's candidates
+into stand-in requests, and checks that every column marked EXACT reads the same here.
 
 Time. Every time column (``wait_s``, ``tree_age_s``, ``time_s``) is read from the adapter's clock,
 ``SERVEGYM_CLOCK``: ``step`` (the default) counts vLLM scheduler steps and calls each one
@@ -134,13 +98,13 @@ import numpy as np
 
 from servegym.agents.runtime import LearnedPolicy, ScoreRuntime
 from servegym.envs.engine.policy import (
-    CANDIDATE_FEATURES,
     PRIVILEGED_FEATURES,
     Decision,
     DecisionKind,
     Policy,
     check_scores,
 )
+from servegym.envs.engine.schema import CANDIDATE, GLOBAL, ScaleContext
 from servegym.envs.workloads.job import role_id
 
 VLLM_VERSION = "0.32.0"
@@ -171,7 +135,6 @@ TREE_IDLE_TTL_S = 3600.0
 """Counters of a tree with no request in the engine for this long are dropped."""
 
 _TAG = re.compile(r"^(?P<tree>[^:]+):(?P<call>\d+):(?P<role>[^:]+):(?P<depth>\d+)(?:[-:].*)?$", re.DOTALL)
-_COL = {name: i for i, name in enumerate(CANDIDATE_FEATURES)}
 
 
 # --------------------------------------------------------------------------- tree identity
@@ -342,8 +305,13 @@ class KvView:
     num_cached_free_blocks: int = 0
     max_num_seqs: int = 0
     """vLLM's running-request cap (``max_num_seqs``); 0 when unknown (free_slots_frac reads 1)."""
+    long_prefill_token_threshold: int = 0
+    """vLLM's cap on one prefill chunk (0: none), as the engine's ``long_prefill_token_threshold``."""
     cached_tokens: Callable[[Any], int] = field(default=lambda request: 0)
     """Prefix-cache hit tokens of a waiting request."""
+    cached_free_blocks: Callable[[Any], int] = field(default=lambda request: 0)
+    """Of a waiting request's prefix-hit blocks, those in the free queue (ref count 0): admitting it
+    takes them from the free pool, so vLLM's allocation check counts them, as the engine does."""
     held_blocks: Callable[[Any], int] = field(default=lambda request: 0)
     """Blocks a request holds."""
 
@@ -375,73 +343,86 @@ def candidate_table(
     kv: KvView,
     now_s: float,
     time_scale_s: float = DEFAULT_TIME_SCALE_S,
+    budget_tokens: int | None = None,
 ) -> np.ndarray:
-    """(N, len(CANDIDATE_FEATURES)) float32 rows for vLLM requests (see the module docstring).
-    ORDER candidates are waiting requests, EVICT candidates running ones."""
+    """(N, len(CANDIDATE_FEATURES)) float32 rows for vLLM requests: raw quantities read from
+    vLLM's state, scaled by the schema (each column's reading is its ``Feature.vllm`` in
+    ``servegym.envs.engine.schema``; the columns vLLM cannot know get their neutral value).
+    ORDER candidates are waiting requests, EVICT candidates running ones; a waiting request's
+    first chunk is capped by ``budget_tokens`` (the step's token budget left; default all of
+    ``max_num_batched_tokens``)."""
+    budget = kv.max_num_batched_tokens if budget_tokens is None else max(int(budget_tokens), 0)
     running = kind == DecisionKind.EVICT
-    table = np.zeros((len(requests), len(CANDIDATE_FEATURES)), dtype=np.float32)
-    for i, request in enumerate(requests):
+    rows = []
+    for request in requests:
         entry = book.entry(request, now_s)
         tree = book.trees[entry.tag.tree_id]
         prompt = int(request.num_prompt_tokens)
         computed = int(request.num_computed_tokens)
         output = int(request.num_output_tokens)
+        max_tokens = _max_tokens(request)
         if running or computed > 0:
             hit = min(computed, prompt)
             needed = 1 if running else 0
         else:
-            hit = min(int(kv.cached_tokens(request)), prompt)
-            chunk = min(prompt + output - hit, kv.max_num_batched_tokens)
-            needed = _cdiv(hit + chunk, kv.block_size) - hit // kv.block_size
-        row = table[i]
-        row[_COL["is_running"]] = running
-        row[_COL["prompt_tokens_log"]] = np.log1p(prompt)
-        row[_COL["cached_prefix_frac"]] = hit / max(prompt, 1)
-        row[_COL["computed_tokens_log"]] = np.log1p(computed)
-        row[_COL["output_tokens_log"]] = np.log1p(output)
-        row[_COL["budget_left_log"]] = np.log1p(max(_max_tokens(request) - output, 0))
-        row[_COL["blocks_held_frac"]] = (kv.held_blocks(request) if running else 0) / kv.num_blocks
-        row[_COL["blocks_needed_frac"]] = needed / kv.num_blocks
-        row[_COL["wait_s"]] = (now_s - entry.enqueue_s) / time_scale_s
-        row[_COL["tree_age_s"]] = (now_s - tree.first_arrival_s) / time_scale_s
-        row[_COL["role_id"]] = role_id(entry.tag.role)
-        row[_COL["depth"]] = entry.tag.depth
-        row[_COL["tree_service_log"]] = np.log1p(tree.service_tokens)
-        row[_COL["tree_calls_done"]] = tree.calls_done
-        row[_COL["tree_calls_total_log"]] = np.log1p(tree.calls_seen)
-        row[_COL["preemptions"]] = getattr(request, "num_preemptions", 0)
-        row[_COL["predicted_output_log"]] = np.log1p(
-            book.predicted_output(entry.tag.role, _max_tokens(request))
+            hit = int(kv.cached_tokens(request))  # may cover a preempted request's output too
+            chunk = min(prompt + output - hit, budget)
+            if kv.long_prefill_token_threshold:
+                chunk = min(chunk, kv.long_prefill_token_threshold)
+            needed = _cdiv(hit + chunk, kv.block_size) - hit // kv.block_size + kv.cached_free_blocks(request)
+        rows.append(
+            {
+                "is_running": float(running),
+                "prompt_tokens_log": prompt,
+                "cached_prefix_frac": hit / max(prompt, 1),
+                "computed_tokens_log": computed,
+                "output_tokens_log": output,
+                "budget_left_log": max(max_tokens - output, 0),
+                "blocks_held_frac": kv.held_blocks(request) if running else 0,
+                "blocks_needed_frac": needed,
+                "wait_s": now_s - entry.enqueue_s,
+                "tree_age_s": now_s - tree.first_arrival_s,
+                "role_id": role_id(entry.tag.role),
+                "depth": entry.tag.depth,
+                "tree_service_log": tree.service_tokens,
+                "tree_calls_done": tree.calls_done,
+                "tree_calls_total_log": tree.calls_seen,
+                "preemptions": getattr(request, "num_preemptions", 0),
+                "predicted_output_log": book.predicted_output(entry.tag.role, max_tokens),
+            }
         )
-        # is_swapped, critical_path_service_log, tenant_vtc_log, replica, pinned_prefix_frac: 0 (docstring)
-    _tree_state_columns(table, requests, book, running)
-    return table
+    if not rows:
+        return np.zeros((0, len(CANDIDATE)), dtype=np.float32)
+    cols = {name: [row[name] for row in rows] for name in rows[0]}
+    _tree_state_columns(cols, requests, book, running)
+    raw = {name: np.asarray(values) for name, values in cols.items()}
+    context = ScaleContext(time_scale_s, kv.num_blocks, kv.max_num_batched_tokens)
+    return CANDIDATE.encode(raw, context, len(rows), neutral_for_missing=True)
 
 
-def _tree_state_columns(table: np.ndarray, requests: Sequence[Any], book: TreeBook, running: bool) -> None:
+def _tree_state_columns(
+    cols: dict[str, list[float]], requests: Sequence[Any], book: TreeBook, running: bool
+) -> None:
     """Schema v3's tree-state columns from what vLLM shows: the decision's rows (the whole
-    waiting queue or running set) and each tree's live request count (see the docstring)."""
+    waiting queue or running set) and each tree's live request count (see the schema)."""
     rows_of: dict[str, list[int]] = {}
     for i, request in enumerate(requests):
         rows_of.setdefault(book.requests[str(request.request_id)].tag.tree_id, []).append(i)
     mine, other = (
         ("tree_running_log", "tree_ready_log") if running else ("tree_ready_log", "tree_running_log")
     )
+    predicted, output, depth = cols["predicted_output_log"], cols["output_tokens_log"], cols["depth"]
+    for name in (mine, other, "tree_predicted_left_log", "tree_depth_left"):
+        cols[name] = [0.0] * len(requests)
     for tree_id, rows in rows_of.items():
         live = book.trees[tree_id].live
-        work = sum(
-            max(
-                np.expm1(table[i, _COL["predicted_output_log"]])
-                - np.expm1(table[i, _COL["output_tokens_log"]]),
-                0.0,
-            )
-            for i in rows
-        )
-        depths = table[rows, _COL["depth"]]
-        table[rows, _COL[mine]] = np.log1p(len(rows))
-        table[rows, _COL[other]] = np.log1p(max(live - len(rows), 0))
-        table[rows, _COL["tree_predicted_left_log"]] = np.log1p(work)
-        table[rows, _COL["tree_depth_left"]] = depths.max() - depths.min() + 1
+        work = sum(max(predicted[i] - output[i], 0.0) for i in rows)
+        depths = [depth[i] for i in rows]
+        for i in rows:
+            cols[mine][i] = len(rows)
+            cols[other][i] = max(live - len(rows), 0)
+            cols["tree_predicted_left_log"][i] = work
+            cols["tree_depth_left"][i] = max(depths) - min(depths) + 1
 
 
 def global_vector(
@@ -449,25 +430,25 @@ def global_vector(
     num_waiting: int,
     num_running: int,
     num_live_trees: int,
-    time_s: float,
+    elapsed_s: float,
     token_budget_left: int,
+    time_scale_s: float = DEFAULT_TIME_SCALE_S,
 ) -> np.ndarray:
-    """(len(GLOBAL_FEATURES),) float32, as ``servegym.envs.engine.features.global_features``."""
-    return np.array(
-        [
-            time_s,
-            kv.num_used_blocks / kv.num_blocks,
-            kv.num_cached_free_blocks / kv.num_blocks,
-            kv.num_free_blocks / kv.num_blocks,
-            0.0,  # host_used_frac: no swap tier
-            np.log1p(num_waiting),
-            np.log1p(num_running),
-            np.log1p(num_live_trees),
-            max(token_budget_left, 0) / kv.max_num_batched_tokens,
-            (kv.max_num_seqs - num_running) / kv.max_num_seqs if kv.max_num_seqs > 0 else 1.0,
-        ],
-        dtype=np.float32,
-    )
+    """(len(GLOBAL_FEATURES),) float32 from vLLM's queues and block pool, scaled by the schema
+    (``elapsed_s``: clock seconds since the scheduler started)."""
+    raw = {
+        "time_s": elapsed_s,
+        "kv_used_frac": kv.num_used_blocks,
+        "kv_cached_frac": kv.num_cached_free_blocks,
+        "kv_free_frac": kv.num_free_blocks,
+        "waiting_log": num_waiting,
+        "running_log": num_running,
+        "live_trees_log": num_live_trees,
+        "token_budget_left_frac": max(token_budget_left, 0),
+        "free_slots_frac": (kv.max_num_seqs - num_running) / kv.max_num_seqs if kv.max_num_seqs > 0 else 1.0,
+    }
+    context = ScaleContext(time_scale_s, kv.num_blocks, kv.max_num_batched_tokens)
+    return GLOBAL.encode(raw, context, 1, neutral_for_missing=True)[0]
 
 
 def make_decision(
@@ -704,8 +685,9 @@ class PriorityRoute:
             len(requests),
             0,
             self.book.num_live_trees,
-            (now_s - self.epoch_s) / self.time_scale_s,
+            now_s - self.epoch_s,
             self.kv.max_num_batched_tokens,
+            self.time_scale_s,
         )
         decision = make_decision(DecisionKind.ORDER, requests, table, globals_, now_s)
         scores = check_scores(decision, self.policy.scores(decision)).astype(np.float64)
@@ -789,8 +771,16 @@ class SchedulerAdapter:
         cache = getattr(getattr(pool, "cached_block_hash_to_block", None), "_cache", None)
         cached_free = max(0, min(len(cache) - (num_blocks - num_free), num_free)) if cache is not None else 0
 
-        def cached_tokens(request: Any) -> int:
-            return int(manager.get_computed_blocks(request)[1])
+        hits: dict[str, tuple[int, int]] = {}  # one prefix lookup per request and step
+
+        def prefix_hit(request: Any) -> tuple[int, int]:
+            key = str(request.request_id)
+            if key not in hits:
+                found = manager.get_computed_blocks(request)
+                groups = getattr(found[0], "blocks", None)  # KVCacheBlocks: one list per KV group
+                blocks = groups[0] if groups else ()
+                hits[key] = (int(found[1]), sum(1 for block in blocks if block.ref_cnt == 0))
+            return hits[key]
 
         def held_blocks(request: Any) -> int:
             return len(manager.get_block_ids(request.request_id)[0])
@@ -802,25 +792,30 @@ class SchedulerAdapter:
             max_num_batched_tokens=int(scheduler.max_num_scheduled_tokens),
             num_cached_free_blocks=cached_free,
             max_num_seqs=int(getattr(scheduler, "max_num_running_reqs", 0)),
-            cached_tokens=cached_tokens,
+            long_prefill_token_threshold=int(
+                getattr(getattr(scheduler, "scheduler_config", None), "long_prefill_token_threshold", 0) or 0
+            ),
+            cached_tokens=lambda request: prefix_hit(request)[0],
+            cached_free_blocks=lambda request: prefix_hit(request)[1],
             held_blocks=held_blocks,
         )
 
     def decision(self, scheduler: Any, kind: DecisionKind, requests: Sequence[Any], kv: KvView) -> Decision:
         now_s = self.clock()
-        table = candidate_table(requests, kind, self.book, kv, now_s, self.time_scale_s)
         running = scheduler.running
         budget = kv.max_num_batched_tokens - sum(
             max(_num_tokens(r) - r.num_computed_tokens, 1) for r in running
         )
+        table = candidate_table(requests, kind, self.book, kv, now_s, self.time_scale_s, budget)
         num_waiting = len(scheduler.waiting) + len(getattr(scheduler, "kv_holding_waiting", ()))
         globals_ = global_vector(
             kv,
             num_waiting,
             len(running),
             self.book.num_live_trees,
-            (now_s - self.start_s) / self.time_scale_s,
+            now_s - self.start_s,
             budget,
+            self.time_scale_s,
         )
         return make_decision(kind, requests, table, globals_, now_s)
 

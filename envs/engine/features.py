@@ -1,4 +1,6 @@
-"""Builds the feature tables of ``Decision``s (schema and scaling documented in policy.py)."""
+"""Reads the engine's state into the feature tables of ``Decision``s. Each builder measures raw
+quantities by column name and ``servegym.envs.engine.schema`` scales and orders them, so nothing
+here knows a column's position or scale."""
 
 from __future__ import annotations
 
@@ -7,15 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from servegym.envs.engine.calls import CallState
-from servegym.envs.engine.policy import (
-    CANDIDATE_FEATURES,
-    GLOBAL_FEATURES,
-    PRIVILEGED_FEATURES,
-    RETAIN_FEATURES,
-    ROUTE_FEATURES,
-    Decision,
-    DecisionKind,
-)
+from servegym.envs.engine.policy import Decision, DecisionKind
+from servegym.envs.engine.schema import CANDIDATE, GLOBAL, PRIVILEGED, RETAIN, ROUTE, ScaleContext
 from servegym.envs.workloads.job import KNOWN_ROLES
 
 if TYPE_CHECKING:
@@ -25,21 +20,23 @@ if TYPE_CHECKING:
 
 def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.ndarray:
     bm = replica.blocks
-    return np.array(
-        [
-            engine.now_s / engine.time_scale_s,
-            bm.num_used_blocks / bm.num_blocks,
-            bm.num_cached_free_blocks / bm.num_blocks,
-            bm.num_free_blocks / bm.num_blocks,
-            bm.num_host_used_blocks / max(bm.num_host_blocks, 1),
-            np.log1p(len(replica.waiting)),
-            np.log1p(len(replica.running)),
-            np.log1p(engine.num_live_jobs),
-            budget_left / replica.config.max_num_batched_tokens,
-            (replica.config.max_num_seqs - len(replica.running)) / replica.config.max_num_seqs,
-        ],
-        dtype=np.float32,
-    )
+    raw = {
+        "time_s": engine.now_s,
+        "kv_used_frac": bm.num_used_blocks,
+        "kv_cached_frac": bm.num_cached_free_blocks,
+        "kv_free_frac": bm.num_free_blocks,
+        "host_used_frac": bm.num_host_used_blocks / max(bm.num_host_blocks, 1),
+        "waiting_log": len(replica.waiting),
+        "running_log": len(replica.running),
+        "live_trees_log": engine.num_live_jobs,
+        "token_budget_left_frac": budget_left,
+        "free_slots_frac": (replica.config.max_num_seqs - len(replica.running)) / replica.config.max_num_seqs,
+    }
+    return GLOBAL.encode(raw, _context(engine, replica), 1)[0]
+
+
+def _context(engine: Engine, replica: Replica) -> ScaleContext:
+    return ScaleContext(engine.time_scale_s, replica.blocks.num_blocks, replica.config.max_num_batched_tokens)
 
 
 def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
@@ -70,8 +67,16 @@ def _mean_outputs(engine: Engine) -> np.ndarray:
     return engine.mean_outputs
 
 
-_TREE_STATE = CANDIDATE_FEATURES.index("tree_ready_log")
-TREE_STATE_COLUMNS = 6  # tree_ready_log .. tree_depth_left, consecutive in CANDIDATE_FEATURES
+TREE_STATE_COLUMNS = (
+    "tree_ready_log",
+    "tree_running_log",
+    "tree_blocked_log",
+    "tree_tool_paused_log",
+    "tree_predicted_left_log",
+    "tree_depth_left",
+)
+"""The candidate columns ``tree_state`` measures, in its output's column order."""
+_PREDICTED_LEFT = TREE_STATE_COLUMNS.index("tree_predicted_left_log")
 
 
 # call state -> tree-state category: 0 queued, 1 running, 3 pending (2 once a parent is
@@ -82,7 +87,8 @@ _NO_DEPTH = np.iinfo(np.int64).max
 
 
 def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
-    """(len(jobs), TREE_STATE_COLUMNS): the tree-state columns of each row's tree (schema v3).
+    """(len(jobs), len(TREE_STATE_COLUMNS)) raw tree state of each row's tree (schema v3): counts
+    of ready, running, blocked and tool-paused calls, predicted work left, levels left.
 
     Computed when a decision is built, not kept up to date on every transition: a job's calls
     hold consecutive ids (``_arrive``), so one gather over the distinct trees' id ranges and one
@@ -98,7 +104,7 @@ def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
     category = _CATEGORY[calls.state[ids]]
     category -= (category == 3) & (calls.pending_parents[ids] > 0)
     counts = np.bincount(group * _CATEGORIES + category, minlength=n * _CATEGORIES)
-    out = np.empty((n, TREE_STATE_COLUMNS), dtype=np.float64)
+    out = np.empty((n, len(TREE_STATE_COLUMNS)), dtype=np.float64)
     out[:, :4] = counts.reshape(n, _CATEGORIES)[:, :4]
     unfinished = category < 4
     left = ids[unfinished]
@@ -108,7 +114,6 @@ def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
     deepest = np.maximum.reduceat(np.where(unfinished, depth, -1), starts)
     shallowest = np.minimum.reduceat(np.where(unfinished, depth, _NO_DEPTH), starts)
     out[:, 5] = np.where(deepest >= 0, deepest - shallowest + 1, 0)
-    np.log1p(out[:, :5], out=out[:, :5])
     return out[row_tree]
 
 
@@ -122,7 +127,6 @@ def candidate_decision(
 ) -> Decision:
     calls = engine.calls
     ids = np.array(candidates, dtype=np.int64)
-    num_blocks = replica.blocks.num_blocks
     prompt = calls.prompt_tokens[ids]
     jobs = calls.job[ids]
     if needs is not None:
@@ -132,45 +136,49 @@ def candidate_decision(
         hit = np.minimum(calls.num_computed[ids], prompt).astype(np.float64)
         needed = np.ones(len(ids))
     tenant_vtc = engine.tenant_service[engine.job_tenant[jobs]]
-    table = np.empty((len(ids), len(CANDIDATE_FEATURES)), dtype=np.float32)
     state = calls.state[ids]
-    table[:, 0] = state == CallState.RUNNING
-    table[:, 1] = state == CallState.SWAPPED
-    table[:, 2] = np.log1p(prompt)
-    table[:, 3] = hit / np.maximum(prompt, 1)
-    table[:, 4] = np.log1p(calls.num_computed[ids])
-    table[:, 5] = np.log1p(calls.num_output[ids])
-    table[:, 6] = np.log1p(calls.max_tokens[ids] - calls.num_output[ids])
-    table[:, 7] = calls.num_held_blocks[ids] / num_blocks
-    table[:, 8] = needed / num_blocks
-    table[:, 9] = (engine.now_s - calls.enqueue_s[ids]) / engine.time_scale_s
-    table[:, 10] = (engine.now_s - engine.job_arrival_s[jobs]) / engine.time_scale_s
-    table[:, 11] = calls.role[ids]
-    table[:, 12] = calls.depth[ids]
-    table[:, 13] = np.log1p(engine.job_service[jobs])
-    table[:, 14] = np.log1p(calls.path_service[ids])
-    table[:, 15] = engine.job_calls_done[jobs]
-    table[:, 16] = np.log1p(engine.job_num_calls[jobs])
-    table[:, 17] = np.log1p(tenant_vtc - tenant_vtc.min())
-    table[:, 18] = calls.num_preemptions[ids]
-    table[:, 19] = replica.index
-    table[:, 20] = np.log1p(predicted_output_tokens(engine, ids))
+    output = calls.num_output[ids]
     pinned = np.zeros(len(ids))
     if replica.pins_of_child:
         pins, of_child = replica.pins, replica.pins_of_child
         for i, call in enumerate(candidates):
             pinned[i] = sum(len(pins[p]) for p in of_child.get(call, ()))
-    table[:, 21] = np.minimum(pinned * replica.config.block_size / np.maximum(prompt, 1), 1.0)
-    table[:, _TREE_STATE : _TREE_STATE + TREE_STATE_COLUMNS] = tree_state(engine, jobs)
-    privileged = np.empty((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32)
-    privileged[:, 0] = calls.target_tokens[ids] - calls.num_output[ids]
-    privileged[:, 1] = calls.tool_latency_s[ids]
+    raw = {
+        "is_running": state == CallState.RUNNING,
+        "is_swapped": state == CallState.SWAPPED,
+        "prompt_tokens_log": prompt,
+        "cached_prefix_frac": hit / np.maximum(prompt, 1),
+        "computed_tokens_log": calls.num_computed[ids],
+        "output_tokens_log": output,
+        "budget_left_log": calls.max_tokens[ids] - output,
+        "blocks_held_frac": calls.num_held_blocks[ids],
+        "blocks_needed_frac": needed,
+        "wait_s": engine.now_s - calls.enqueue_s[ids],
+        "tree_age_s": engine.now_s - engine.job_arrival_s[jobs],
+        "role_id": calls.role[ids],
+        "depth": calls.depth[ids],
+        "tree_service_log": engine.job_service[jobs],
+        "critical_path_service_log": calls.path_service[ids],
+        "tree_calls_done": engine.job_calls_done[jobs],
+        "tree_calls_total_log": engine.job_num_calls[jobs],
+        "tenant_vtc_log": tenant_vtc - tenant_vtc.min(),
+        "preemptions": calls.num_preemptions[ids],
+        "replica": replica.index,
+        "predicted_output_log": predicted_output_tokens(engine, ids),
+        "pinned_prefix_frac": np.minimum(pinned * replica.config.block_size / np.maximum(prompt, 1), 1.0),
+    }
+    raw.update(zip(TREE_STATE_COLUMNS, tree_state(engine, jobs).T, strict=True))
+    privileged = {
+        "true_remaining_output_tokens": calls.target_tokens[ids] - output,
+        "true_tool_latency_s": calls.tool_latency_s[ids],
+    }
+    context = _context(engine, replica)
     return Decision(
         kind=kind,
         replica=replica.index,
         candidates=ids,
-        features=table,
-        privileged=privileged,
+        features=CANDIDATE.encode(raw, context, len(ids)),
+        privileged=PRIVILEGED.encode(privileged, context, len(ids)),
         global_features=global_features(engine, replica, budget_left),
         mask=np.ones(len(ids), dtype=bool),
         now_s=engine.now_s,
@@ -181,45 +189,54 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     """Rows are replicas; ``eligible`` masks those that serve the call's model and can fit it."""
     calls = engine.calls
     prompt = int(calls.prompt_tokens[call])
-    table = np.zeros((len(engine.replicas), len(ROUTE_FEATURES)), dtype=np.float32)
     tree_replicas = engine.job_replicas[int(calls.job[call])]
-    for r, replica in enumerate(engine.replicas):
-        bm, bs = replica.blocks, replica.config.block_size
-        max_hit = (prompt - 1) // bs
-        hits = len(bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit)) if max_hit else 0
-        if len(replica.waiting) <= 16:  # a short queue: numpy's fixed cost exceeds the sum
-            queued = sum(int(calls.prompt_tokens[c] - calls.num_computed[c]) for c in replica.waiting)
-        else:
-            waiting = np.fromiter(replica.waiting, dtype=np.int64, count=len(replica.waiting))
-            queued = int((calls.prompt_tokens[waiting] - calls.num_computed[waiting]).sum())
-        table[r] = (
-            bm.num_used_blocks / bm.num_blocks,
-            bm.num_free_blocks / bm.num_blocks,
-            np.log1p(len(replica.waiting)),
-            np.log1p(len(replica.running)),
-            np.log1p(max(queued, 0)),
-            hits * bs / max(prompt, 1),
-            np.log10(replica.profile.num_params),
-            r in tree_replicas,
-            np.log1p(prompt),
-            calls.role[call],
-        )
+    rows = [_route_row(engine, replica, call, prompt, tree_replicas) for replica in engine.replicas]
+    raw = {name: np.array([row[name] for row in rows]) for name in rows[0]}
+    raw["call_prompt_tokens_log"] = prompt
+    raw["call_role_id"] = calls.role[call]
+    num_blocks = np.array([replica.blocks.num_blocks for replica in engine.replicas])
+    table = ROUTE.encode(raw, ScaleContext(engine.time_scale_s, num_blocks), len(rows))
     ids = np.arange(len(engine.replicas), dtype=np.int64)
     # no deciding replica: only the cluster-wide global columns mean something
-    global_features = np.zeros(len(GLOBAL_FEATURES), dtype=np.float32)
-    global_features[GLOBAL_FEATURES.index("time_s")] = engine.now_s / engine.time_scale_s
-    global_features[GLOBAL_FEATURES.index("live_trees_log")] = np.log1p(engine.num_live_jobs)
+    global_features = np.zeros(len(GLOBAL), dtype=np.float32)
+    global_features[GLOBAL.index("time_s")] = engine.now_s / engine.time_scale_s
+    global_features[GLOBAL.index("live_trees_log")] = np.log1p(engine.num_live_jobs)
     return Decision(
         kind=DecisionKind.ROUTE,
         replica=-1,
         candidates=ids,
         features=table,
-        privileged=np.zeros((len(ids), len(PRIVILEGED_FEATURES)), dtype=np.float32),
+        privileged=np.zeros((len(ids), len(PRIVILEGED)), dtype=np.float32),
         global_features=global_features,
         mask=eligible.copy(),
         call=call,
         now_s=engine.now_s,
     )
+
+
+def _route_row(
+    engine: Engine, replica: Replica, call: int, prompt: int, tree_replicas: set[int]
+) -> dict[str, float]:
+    """The raw per-replica ROUTE columns of one replica for routing ``call``."""
+    calls = engine.calls
+    bm, bs = replica.blocks, replica.config.block_size
+    max_hit = (prompt - 1) // bs
+    hits = len(bm.match_prefix(calls.hash_chain(call, max_hit, bs), max_hit)) if max_hit else 0
+    if len(replica.waiting) <= 16:  # a short queue: numpy's fixed cost exceeds the sum
+        queued = sum(int(calls.prompt_tokens[c] - calls.num_computed[c]) for c in replica.waiting)
+    else:
+        waiting = np.fromiter(replica.waiting, dtype=np.int64, count=len(replica.waiting))
+        queued = int((calls.prompt_tokens[waiting] - calls.num_computed[waiting]).sum())
+    return {
+        "kv_used_frac": bm.num_used_blocks,
+        "kv_free_frac": bm.num_free_blocks,
+        "waiting_log": len(replica.waiting),
+        "running_log": len(replica.running),
+        "queued_prefill_tokens_log": max(queued, 0),
+        "cached_prefix_frac": hits * bs / max(prompt, 1),
+        "model_params_log10": float(np.log10(replica.profile.num_params)),
+        "is_tree_replica": replica.index in tree_replicas,
+    }
 
 
 def retain_decision(engine: Engine, replica: Replica, call: int, children: int, pin_blocks: int) -> Decision:
@@ -232,32 +249,34 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     role = int(calls.role[call])
     tool_mean, seen = engine.observed_tool_pause_s(role)
     expected = tool_mean + engine.cluster.network_delay_s
-    num_blocks = replica.blocks.num_blocks
     job = int(calls.job[call])
-    table = np.empty((len(ttls), len(RETAIN_FEATURES)), dtype=np.float32)
-    table[:, 0] = ttls / engine.time_scale_s
-    table[:, 1] = ttls == 0
-    table[:, 2] = np.minimum(ttls / expected, 8.0) if expected > 0 else np.where(ttls > 0, 8.0, 0.0)
-    table[:, 3] = expected / engine.time_scale_s
-    table[:, 4] = np.log1p(seen)
-    table[:, 5] = pin_blocks / num_blocks
-    table[:, 6] = np.log1p(calls.prompt_tokens[call] + calls.num_output[call])
-    table[:, 7] = np.log1p(children)
-    table[:, 8] = role
-    table[:, 9] = calls.depth[call]
-    table[:, 10] = (engine.now_s - engine.job_arrival_s[job]) / engine.time_scale_s
-    table[:, 11] = tree_state(engine, np.array([job]))[0, 4]
-    table[:, 12] = sum(len(blocks) for blocks in replica.pins.values()) / num_blocks
-    table[:, 13] = np.log1p(len(replica.pins))
-    privileged = np.zeros((len(ttls), len(PRIVILEGED_FEATURES)), dtype=np.float32)
+    raw = {
+        "ttl_s": ttls,
+        "is_release": ttls == 0,
+        "ttl_over_tool_mean": (
+            np.minimum(ttls / expected, 8.0) if expected > 0 else np.where(ttls > 0, 8.0, 0.0)
+        ),
+        "tool_mean_s": expected,
+        "tools_seen_log": seen,
+        "pin_blocks_frac": pin_blocks,
+        "context_tokens_log": calls.prompt_tokens[call] + calls.num_output[call],
+        "children_log": children,
+        "role_id": role,
+        "depth": calls.depth[call],
+        "tree_age_s": engine.now_s - engine.job_arrival_s[job],
+        "tree_predicted_left_log": tree_state(engine, np.array([job]))[0, _PREDICTED_LEFT],
+        "pinned_frac": sum(len(blocks) for blocks in replica.pins.values()),
+        "pins_log": len(replica.pins),
+    }
     true_pause = calls.tool_latency_s[call] + engine.cluster.network_delay_s
-    privileged[:, PRIVILEGED_FEATURES.index("true_tool_latency_s")] = true_pause
+    privileged = {"true_remaining_output_tokens": 0.0, "true_tool_latency_s": true_pause}
+    context = _context(engine, replica)
     return Decision(
         kind=DecisionKind.RETAIN,
         replica=replica.index,
         candidates=np.arange(len(ttls), dtype=np.int64),
-        features=table,
-        privileged=privileged,
+        features=RETAIN.encode(raw, context, len(ttls)),
+        privileged=PRIVILEGED.encode(privileged, context, len(ttls)),
         global_features=global_features(engine, replica, replica.config.max_num_batched_tokens),
         mask=np.ones(len(ttls), dtype=bool),
         call=call,
