@@ -4,9 +4,13 @@ them drives the engine to completion."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from servegym.agents import heuristics as H
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
@@ -180,26 +184,36 @@ def routed_once(router: H.RoundRobinRouting, d: Decision) -> int:
     return int(np.argmax(router.route(d)))
 
 
-POLICIES = [
-    H.FCFS,
-    H.SGLangLPM,
-    H.VTC,
-    H.OracleSJF,
-    H.AutellixPLAS,
-    lambda: H.AutellixPLAS(critical_path=True),
-    H.ProgramFCFS,
-    H.ProgramFCFSPinning,
-    lambda: H.ProgramFCFSPinning(ttl="oracle"),
-    H.KVFlow,
-    H.LTRSJF,
-    H.PredictedTreeSRPT,
-    H.LlumnixRouting,
-    H.AutellixRouting,
-    H.ThresholdModelRouting,
-]
+CONF_AGENTS = Path(__file__).parents[2] / "conf" / "agent"
 
 
-@pytest.mark.parametrize("make", POLICIES)
+def heuristic_agents() -> dict[str, Any]:
+    """Every agent config in ``conf/agent/`` that builds a policy on its own (not a trained one,
+    which needs a checkpoint or an exported file): a new heuristic's YAML joins the drain test
+    without editing this file."""
+    root = OmegaConf.create({"time_scale_s": 30.0, "seed": 0})
+    agents = {}
+    for path in sorted(CONF_AGENTS.glob("*.yaml")):
+        node = OmegaConf.load(path)
+        if {"checkpoint", "path"} & set(node.keys()):  # a trained policy: needs its file
+            continue
+        merged = OmegaConf.merge(root, {"agent": node})
+        agents[path.stem] = OmegaConf.to_container(merged.agent, resolve=True)
+    return agents
+
+
+HEURISTIC_AGENTS = heuristic_agents()
+
+
+def test_the_drain_test_covers_every_heuristic_in_the_agent_configs() -> None:
+    assert len(HEURISTIC_AGENTS) >= 18 and "tree_srpt_retain_tool_mean" in HEURISTIC_AGENTS
+    assert not {"ppo", "maskable_ppo", "onnx"} & set(HEURISTIC_AGENTS)
+
+
+POLICIES = [lambda cfg=cfg: instantiate(cfg) for cfg in HEURISTIC_AGENTS.values()]
+
+
+@pytest.mark.parametrize("make", POLICIES, ids=list(HEURISTIC_AGENTS))
 def test_every_baseline_drains_a_tight_two_replica_run(make) -> None:
     workload = Workload(generator=MapReduce(fan_out=4, max_tokens=256), arrival_rate=4.0, num_jobs=12)
     engine = Engine(
