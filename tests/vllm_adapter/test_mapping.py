@@ -179,7 +179,9 @@ def test_tree_book_counts_service_calls_and_restarts_the_wait_on_preemption() ->
 
 def test_global_vector_is_the_engines_schema() -> None:
     view = kv(num_cached_free_blocks=10)
-    g = global_vector(view, num_waiting=3, num_running=2, num_live_trees=4, elapsed_s=15.0, token_budget_left=64)
+    g = global_vector(
+        view, num_waiting=3, num_running=2, num_live_trees=4, elapsed_s=15.0, token_budget_left=64
+    )
     assert g.shape == (len(GLOBAL_FEATURES),)
     expected = [0.5, 0.4, 0.1, 0.6, 0.0, np.log1p(3), np.log1p(2), np.log1p(4), 0.25, 1.0]
     assert g.tolist() == pytest.approx(expected)  # no max_num_seqs in the view: every slot free

@@ -17,13 +17,13 @@ import pytest
 
 from servegym.agents.vllm_adapter import KvView, TreeBook, TreeStats, TreeTag, candidate_table, global_vector
 from servegym.agents.vllm_adapter import _RequestEntry as RequestEntry
-from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import Decision, DecisionKind, fcfs_scores
 from servegym.envs.engine.schema import CANDIDATE, GLOBAL, VllmReading
 from servegym.envs.workloads.generators import TreeOfThoughts
 from servegym.envs.workloads.job import KNOWN_ROLES
 from servegym.envs.workloads.workload import Workload
+from tests.envs.small import TIGHT, TINY
 
 EXACT_CANDIDATE = [f.name for f in CANDIDATE.features if f.vllm_reading is VllmReading.EXACT]
 EXACT_GLOBAL = [f.name for f in GLOBAL.features if f.vllm_reading is VllmReading.EXACT]
@@ -118,17 +118,8 @@ class MirrorCheck:
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_the_adapter_reads_every_exact_column_as_the_engine_does(seed: int) -> None:
-    generator = TreeOfThoughts(
-        depth=2,
-        system_tokens=64,
-        input_tokens_mean=48.0,
-        output_tokens_mean=40.0,
-        tool_tokens_mean=16.0,
-        max_tokens=64,
-        max_context_tokens=768,
-    )
-    workload = Workload(generator=generator, arrival_rate=20.0, num_jobs=10)
-    config = EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=192, max_num_seqs=16)
+    workload = Workload(generator=TreeOfThoughts(depth=2, **TINY), arrival_rate=20.0, num_jobs=10)
+    config = TIGHT
     check = MirrorCheck()
     engine = Engine(workload.build(seed), engine=config)
     check.engine = engine
