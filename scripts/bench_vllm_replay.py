@@ -58,7 +58,7 @@ def policy_env(mode: str, policy: str) -> dict[str, str]:
     if mode == "servegym":
         return {"SERVEGYM_POLICY": policy}
     if mode == "program_fcfs":
-        return {"SERVEGYM_POLICY": "servegym.agents.heuristics:ProgramFCFS"}
+        return {"SERVEGYM_POLICY": "servegym.agents.policies.heuristics:ProgramFCFS"}
     return {}
 
 

@@ -38,7 +38,8 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 BASE_MODULES = (
     "servegym.envs",
     "servegym.envs.observation",
-    "servegym.agents.heuristics",
+    "servegym.agents.policies.heuristics",
+    "servegym.agents.policies.retention",
     "servegym.agents.runtime",
     "servegym.agents.vllm_adapter",
 )

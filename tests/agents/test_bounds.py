@@ -32,7 +32,7 @@ from servegym.agents.bounds import (
     write,
 )
 from servegym.agents.evaluate import DEFAULT_CONF_DIR, compose_config
-from servegym.agents.heuristics import FCFS, OracleSJF, ProgramFCFS
+from servegym.agents.policies.heuristics import FCFS, OracleSJF, ProgramFCFS
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind

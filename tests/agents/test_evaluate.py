@@ -21,7 +21,7 @@ from servegym.agents.evaluate import (
     t_quantile,
     to_markdown,
 )
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from tests.agents.conftest import tiny_suite
 
 

@@ -21,7 +21,7 @@ from servegym.agents.evaluate import (
     run_suite_full,
 )
 from servegym.agents.evaluation import suite_io
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from tests.agents.conftest import tiny_suite as shared_tiny_suite
 
 REAL_RUN_ONE = suite_module.run_one

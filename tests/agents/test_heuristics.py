@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from servegym.agents import heuristics as H
+from servegym.agents.policies import heuristics as H
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.engine.policy import (

@@ -43,7 +43,7 @@ def test_family_is_deterministic_under_a_seed(name: str) -> None:
 def test_family_runs_every_call_of_every_tree_exactly_once(name: str) -> None:
     """A short run on the default engine (llama8b_h100) drains: every call finished once, every
     block back, no rejection (react_long's longest contexts fit the 8B/H100 cache)."""
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.build import build_engine
     from servegym.envs.engine.calls import CallState
 
