@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch as th
 
-from servegym.agents.learned import action_semantics
-from servegym.agents.networks import ScoreNetwork
+from servegym.agents.rl.learned import action_semantics
+from servegym.agents.rl.networks import ScoreNetwork
 from servegym.agents.runtime import (
     GLOBAL_COLUMNS,
     INPUT_NAMES,

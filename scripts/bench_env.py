@@ -235,7 +235,7 @@ def case_presets(index: int, seed: int) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
     import servegym
-    from servegym.agents.configs import register_configs
+    from servegym.agents.rl.configs import register_configs
     from servegym.envs.build import build_env
 
     register_configs()

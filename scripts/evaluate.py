@@ -34,7 +34,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from servegym.agents.configs import register_configs
 from servegym.agents.evaluate import (
     OutputFolderError,
     SuiteConfigError,
@@ -48,6 +47,7 @@ from servegym.agents.evaluate import (
     suite_from_cfg,
 )
 from servegym.agents.evaluation import suite_io
+from servegym.agents.rl.configs import register_configs
 
 register_configs()
 register_suite_schema()

@@ -25,12 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from servegym.agents.configs import exit_on_config_error, register_configs, train_config
 from servegym.agents.evaluate import SuiteConfig, evaluate
 from servegym.agents.export import export_policy
-from servegym.agents.learned import load_model
+from servegym.agents.rl.configs import exit_on_config_error, register_configs, train_config
+from servegym.agents.rl.learned import load_model
+from servegym.agents.rl.train import train
 from servegym.agents.runtime import OnnxPolicy
-from servegym.agents.train import train
 from servegym.envs.build import build_env
 
 register_configs()
@@ -70,8 +70,8 @@ def main(cfg: DictConfig) -> None:
         exit_on_config_error(error)
         raise
     if cfg.get("trainer") is not None and cfg.trainer.get("name") == "rllib":  # +trainer=rllib
-        from servegym.agents.rllib_module import exportable
-        from servegym.agents.rllib_train import train_rllib
+        from servegym.agents.rl.rllib_module import exportable
+        from servegym.agents.rl.rllib_train import train_rllib
 
         result = train_rllib(cfg, run_dir)
         model = exportable(result.pop("module"))

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from servegym.agents.configs import register_configs
+from servegym.agents.rl.configs import register_configs
 
 register_configs()
 REPO_ROOT = Path(__file__).resolve().parents[2]

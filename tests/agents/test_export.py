@@ -13,8 +13,8 @@ from stable_baselines3 import PPO
 
 import servegym.envs  # noqa: F401
 from servegym.agents.export import export_policy, max_abs_difference
-from servegym.agents.learned import SB3Policy
-from servegym.agents.networks import SetActorCriticPolicy
+from servegym.agents.rl.learned import SB3Policy
+from servegym.agents.rl.networks import SetActorCriticPolicy
 from servegym.agents.runtime import OnnxPolicy, ScoreRuntime, SidecarError, sidecar_path
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
@@ -175,7 +175,7 @@ def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str
     layout, and the ONNX policy makes the SB3 policy's decisions in the engine, ROUTE included."""
     from sb3_contrib import MaskablePPO
 
-    from servegym.agents.networks import MaskableSetActorCriticPolicy
+    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy
     from servegym.envs.engine.config import ClusterConfig
 
     th.manual_seed(0)

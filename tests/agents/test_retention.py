@@ -13,9 +13,9 @@ import torch as th
 
 import servegym.envs  # noqa: F401  (registers the ids)
 from servegym.agents.export import export_policy
-from servegym.agents.learned import SB3Policy
 from servegym.agents.policies.heuristics import FCFS, PredictedTreeSRPT, ProgramFCFS, ProgramFCFSPinning
 from servegym.agents.policies.retention import Retaining, option_scores
+from servegym.agents.rl.learned import SB3Policy
 from servegym.agents.runtime import OnnxPolicy, SidecarError, build_target, check_sidecar
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
@@ -42,7 +42,7 @@ def _tiny_model(env):
     """A MaskablePPO set policy trained 64 steps (weights off their initialisation), for parity tests."""
     from sb3_contrib import MaskablePPO
 
-    from servegym.agents.networks import MaskableSetActorCriticPolicy
+    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy
 
     th.manual_seed(0)
     model = MaskablePPO(
