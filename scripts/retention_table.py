@@ -34,9 +34,9 @@ def run_one(args: tuple[str, int, int, str, str | None]) -> tuple[str, int, int,
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from hydra.utils import get_class
 
+    from servegym.agents.deploy.runtime import OnnxPolicy
     from servegym.agents.evaluation.config import compose_config
     from servegym.agents.policies.retention import Retaining
-    from servegym.agents.runtime import OnnxPolicy
     from servegym.envs.build import build_engine
 
     cfg = compose_config(["experiment=retention", f"engine.num_gpu_blocks={blocks}"])

@@ -40,8 +40,8 @@ BASE_MODULES = (
     "servegym.envs.observation",
     "servegym.agents.policies.heuristics",
     "servegym.agents.policies.retention",
-    "servegym.agents.runtime",
-    "servegym.agents.vllm_adapter",
+    "servegym.agents.deploy.runtime",
+    "servegym.agents.deploy.vllm_adapter",
 )
 """What a serving install uses besides every module of envs/engine and envs/workloads."""
 TORCH_MODULES = {"model", "torch_backend"}

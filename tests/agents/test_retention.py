@@ -12,11 +12,11 @@ import pytest
 import torch as th
 
 import servegym.envs  # noqa: F401  (registers the ids)
-from servegym.agents.export import export_policy
+from servegym.agents.deploy.export import export_policy
+from servegym.agents.deploy.runtime import OnnxPolicy, SidecarError, build_target, check_sidecar
 from servegym.agents.policies.heuristics import FCFS, PredictedTreeSRPT, ProgramFCFS, ProgramFCFSPinning
 from servegym.agents.policies.retention import Retaining, option_scores
 from servegym.agents.rl.learned import SB3Policy
-from servegym.agents.runtime import OnnxPolicy, SidecarError, build_target, check_sidecar
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind

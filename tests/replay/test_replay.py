@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
+from servegym.agents.deploy.vllm_adapter import parse_tree_tag
 from servegym.agents.replay import PromptBuilder, ReplayConfig, calls_frame, jobs_frame, replay, run_row
 from servegym.agents.replay.runner import tree_id_of
-from servegym.agents.vllm_adapter import parse_tree_tag
 from servegym.envs.workloads.job import Output, Text
 from servegym.envs.workloads.source import FixedJobs
 from tests.replay.workloads import small_trees

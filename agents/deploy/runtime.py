@@ -7,7 +7,7 @@ scorer as a servegym ``Policy`` with exactly the env's action semantics (the sam
 as training, ``servegym.envs.observation``), so an exported policy run through the engine
 reproduces the trained one. ``OnnxPolicy`` is that wrapper over a ``ScoreRuntime``.
 
-Sidecar (JSON, written by ``servegym.agents.export``): ``format`` (this module's
+Sidecar (JSON, written by ``servegym.agents.deploy.export``): ``format`` (this module's
 ``SIDECAR_FORMAT``), ``feature_schema_version``, ``layout`` (the slot tables of the env it was
 trained on: ``["candidates"]`` for Scheduling/Eviction, ``["replicas"]`` for Routing, both for
 Serving, ``["options"]`` for Retention), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
@@ -87,7 +87,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise SidecarError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); a truncated "
-            "or hand-edited sidecar: re-export the policy (servegym.agents.export.export_policy)"
+            "or hand-edited sidecar: re-export the policy (servegym.agents.deploy.export.export_policy)"
         ) from err
     except UnicodeDecodeError as err:
         raise SidecarError(
