@@ -34,7 +34,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from servegym.agents.evaluate import (
+from servegym.agents.evaluation import suite_io
+from servegym.agents.evaluation.api import (
     OutputFolderError,
     SuiteConfigError,
     SuiteInterrupted,
@@ -46,7 +47,6 @@ from servegym.agents.evaluate import (
     report,
     suite_from_cfg,
 )
-from servegym.agents.evaluation import suite_io
 from servegym.agents.rl.configs import register_configs
 
 register_configs()

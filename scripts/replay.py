@@ -23,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import servegym.agents.evaluate  # noqa: F401 - registers the ${servegym.or:...} resolvers conf/replay.yaml uses
+import servegym.agents.evaluation.api  # noqa: F401 - registers the ${servegym.or:...} resolvers conf/replay.yaml uses
 from servegym.agents.replay import ReplayConfig, write_report
 from servegym.agents.replay.sweep import replay_sweep
 from servegym.envs.workloads.workload import TraceWorkload

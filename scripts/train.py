@@ -27,7 +27,7 @@ from rich.console import Console
 
 from servegym.agents.deploy.export import export_policy
 from servegym.agents.deploy.runtime import OnnxPolicy
-from servegym.agents.evaluate import SuiteConfig, evaluate
+from servegym.agents.evaluation.api import SuiteConfig, evaluate
 from servegym.agents.rl.configs import exit_on_config_error, register_configs, train_config
 from servegym.agents.rl.learned import load_model
 from servegym.agents.rl.train import train

@@ -28,7 +28,7 @@ from stable_baselines3.common import vec_env as sb3_vec_env
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
 from stable_baselines3.common.monitor import Monitor
 
-from servegym.agents.evaluate import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
+from servegym.agents.evaluation.api import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
 from servegym.agents.rl import configs
 from servegym.agents.rl.configs import train_config
 from servegym.agents.rl.input_baseline import ReferenceBaseline, SharedWorkloads

@@ -193,7 +193,7 @@ def test_train_defaults_are_written_once() -> None:
     vector-env names live in configs.VEC_ENVS alone (train.VEC_ENVS is derived from them)."""
     from omegaconf import OmegaConf
 
-    from servegym.agents.evaluate import DEFAULT_CONF_DIR
+    from servegym.agents.evaluation.api import DEFAULT_CONF_DIR
     from servegym.agents.rl import configs, train
 
     assert "train" not in OmegaConf.load(DEFAULT_CONF_DIR / "config.yaml")
