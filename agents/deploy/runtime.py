@@ -171,9 +171,27 @@ def build_target(node: Any) -> Any:
         return node
     if not _is_target(node):
         return {key: build_target(value) for key, value in node.items()}
-    module, _, name = node["_target_"].rpartition(".")
+    target = node["_target_"]
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not module_name.startswith(error.name):
+            raise  # the module exists but a package it imports is missing: that message names it
+        raise SidecarError(_unknown_target(target, f"there is no module {error.name}")) from error
+    if not hasattr(module, name):
+        raise SidecarError(_unknown_target(target, f"{module_name} has no {name}"))
     kwargs = {key: build_target(value) for key, value in node.items() if key != "_target_"}
-    return getattr(importlib.import_module(module), name)(**kwargs)
+    return getattr(module, name)(**kwargs)
+
+
+def _unknown_target(target: str, why: str) -> str:
+    return (
+        f"sidecar fallback _target_ {target!r} names no class ({why}). A policy exported before "
+        "servegym.agents was split into subpackages names the old path: re-export it, or write the "
+        "class's current path into the sidecar's fallback (agents/README.md, Layout), e.g. "
+        "servegym.agents.heuristics.FCFS -> servegym.agents.policies.heuristics.FCFS"
+    )
 
 
 class ScoreRuntime:

@@ -204,6 +204,21 @@ def test_a_sidecar_fallback_is_built_without_hydra() -> None:
     assert policy.rule == "fixed" and policy.grace_s == 2.0
 
 
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("servegym.agents.no_such_module.FCFS", "there is no module servegym.agents.no_such_module"),
+        ("servegym.agents.policies.heuristics.NoSuchPolicy", "heuristics has no NoSuchPolicy"),
+    ],
+)
+def test_a_sidecar_fallback_naming_a_missing_class_says_how_to_fix_it(target: str, why: str) -> None:
+    """A sidecar written before a module moved names its old path: the error says so and what
+    to do, rather than a bare ModuleNotFoundError from inside the runtime."""
+    with pytest.raises(SidecarError, match="names no class") as error:
+        build_target({"_target_": target})
+    assert why in str(error.value) and "re-export it" in str(error.value)
+
+
 def _pick_retain_env(**kwargs):
     from servegym.envs.serving_env import EnvConfig
 
