@@ -21,7 +21,7 @@ class EnvSpec:
     id: str = "servegym/Scheduling-v0"
     config: EnvConfig = field(default_factory=EnvConfig)
     fallback: Any = None
-    """A Hydra node (``_target_``) of that policy, e.g. ``{_target_: servegym.agents.heuristics.
+    """A Hydra node (``_target_``) of that policy, e.g. ``{_target_: servegym.agents.policies.heuristics.
     PredictedTreeSRPT}`` so a Retention-v0 agent is trained and judged under the admission order
     of the heuristic it is compared with; null: FCFS, newest evicted, round-robin, release
     (``DefaultPolicy``). Training, evaluation during training and the exported sidecar use it."""

@@ -103,7 +103,7 @@ class PickNextEnv(MaskedChoiceEnv):
         K when it stops); a pick past slot K cannot be taken this step and falls to its
         best-scored shown call that fits, so a heuristic driven through the env ranks within
         the table the agent sees. Cloning a heuristic into the slot policy
-        (``agents/pretrain.py``) and the tests use it."""
+        (``agents/rl/pretrain.py``) and the tests use it."""
         decision, k = self._decision, self.config.max_candidates
         best = np.zeros(k + 1, dtype=bool)
         if decision is None:  # the episode's last step: any action

@@ -474,7 +474,7 @@ class RowChoiceEnv(MaskedChoiceEnv):
     def policy_slot(self, policy: Policy) -> tuple[int, np.ndarray]:
         """The action that carries out ``policy``'s answer to the pending decision (its
         highest-scored valid row), and the mask of the rows tied with it: what cloning a
-        heuristic into the slot policy (``agents/pretrain.py``) learns from."""
+        heuristic into the slot policy (``agents/rl/pretrain.py``) learns from."""
         best = np.zeros(self.num_slots, dtype=bool)
         if self._decision is None:  # the episode's last step: any action
             best[0] = True

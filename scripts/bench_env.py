@@ -129,7 +129,7 @@ def _engine_run(engine: Any, policy: Any) -> dict[str, float]:
 
 
 def case_live(n: int, seed: int) -> dict[str, float]:
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.engine.config import EngineConfig
     from servegym.envs.engine.engine import Engine
     from servegym.envs.workloads.workload import ClosedLoop
@@ -146,7 +146,7 @@ def case_queue(n: int, seed: int) -> dict[str, float]:
 
     import numpy as np
 
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.engine.config import EngineConfig
     from servegym.envs.engine.engine import Engine
     from servegym.envs.workloads.source import FixedJobs
@@ -176,7 +176,7 @@ def case_queue(n: int, seed: int) -> dict[str, float]:
 
 
 def case_replicas(n: int, seed: int) -> dict[str, float]:
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.engine.config import ClusterConfig, EngineConfig
     from servegym.envs.engine.engine import Engine
     from servegym.envs.workloads.workload import ClosedLoop
@@ -235,7 +235,7 @@ def case_presets(index: int, seed: int) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
     import servegym
-    from servegym.agents.configs import register_configs
+    from servegym.agents.rl.configs import register_configs
     from servegym.envs.build import build_env
 
     register_configs()
@@ -247,7 +247,7 @@ def case_presets(index: int, seed: int) -> dict[str, float]:
 
 def case_evict(_: int, seed: int) -> dict[str, float]:
     """Long ReAct trees on a cache a fraction of their working set: the prefix-thrash regime."""
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.engine.config import EngineConfig
     from servegym.envs.engine.engine import Engine
     from servegym.envs.workloads.generators import ReactChain

@@ -1,6 +1,6 @@
 """Evaluation throughput, process pool vs Ray: one suite run by ``suite.jobs=N`` worker
 processes and by ``suite.backend=ray`` on a local N-node Ray cluster (one CPU per node, each
-node its own ``ray start`` process on 127.0.0.1: ``servegym.agents.ray_loopback``), in runs
+node its own ``ray start`` process on 127.0.0.1: ``servegym.agents.evaluation.ray_loopback``), in runs
 per minute, alternating backend repeat by repeat so both see the same noisy minutes.
 
 Both use N CPUs, so the ratio is what Ray costs (task submission, object transfer, one driver
@@ -23,8 +23,8 @@ import time
 
 import pandas as pd
 
-from servegym.agents.evaluate import SuiteConfig, run_suite_full
-from servegym.agents.ray_loopback import LoopbackCluster
+from servegym.agents.evaluation.api import SuiteConfig, run_suite_full
+from servegym.agents.evaluation.ray_loopback import LoopbackCluster
 
 
 def suite(args: argparse.Namespace, **backend: object) -> SuiteConfig:

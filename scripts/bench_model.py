@@ -91,7 +91,7 @@ def engine_check(device: torch.device) -> str:
     """The engine end to end on ``device`` with the tiny fp32 model: a few map-reduce trees on a
     tight KV cache (prefix hits, chunked prefill, swap preemption; decode-only steps replay CUDA
     graphs on a GPU); every sampled logit row vs the full forward of the call's tokens."""
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.engine.config import EngineConfig
     from servegym.envs.engine.engine import Engine, assert_all_terminal
     from servegym.envs.engine.torch_backend import TorchBackendFactory

@@ -53,7 +53,7 @@ def worker(root: str, trace: str, every_s: float) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from servegym.agents.configs import register_configs
+    from servegym.agents.rl.configs import register_configs
     from servegym.envs.build import build_engine
 
     register_configs()

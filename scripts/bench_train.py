@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.table import Table
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
-from servegym.agents.configs import register_configs
-from servegym.agents.evaluate import DEFAULT_CONF_DIR
-from servegym.agents.train import VEC_ENVS, make_model
+from servegym.agents.evaluation.api import DEFAULT_CONF_DIR
+from servegym.agents.rl.configs import register_configs
+from servegym.agents.rl.train import VEC_ENVS, make_model
 from servegym.envs.build import build_env
 
 register_configs()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEDULER = "servegym.agents.vllm_adapter.ServegymScheduler"
-DEFAULT_HORIZON_S = 0.2  # servegym.agents.vllm_adapter.DEFAULT_HORIZON_S (vLLM-free import kept lazy)
+SCHEDULER = "servegym.agents.deploy.vllm_adapter.ServegymScheduler"
+DEFAULT_HORIZON_S = 0.2  # servegym.agents.deploy.vllm_adapter.DEFAULT_HORIZON_S (vLLM-free import kept lazy)
 MODES = ("fcfs", "servegym", "program_fcfs", "priority")
 ENGINE = {"max_num_seqs": 8, "num_gpu_blocks_override": 40, "block_size": 32}
 SIZES = {
@@ -58,7 +58,7 @@ def policy_env(mode: str, policy: str) -> dict[str, str]:
     if mode == "servegym":
         return {"SERVEGYM_POLICY": policy}
     if mode == "program_fcfs":
-        return {"SERVEGYM_POLICY": "servegym.agents.heuristics:ProgramFCFS"}
+        return {"SERVEGYM_POLICY": "servegym.agents.policies.heuristics:ProgramFCFS"}
     return {}
 
 
@@ -68,14 +68,14 @@ def in_process(
     """One engine run; per-tree steps and wall seconds."""
     from vllm import LLM, SamplingParams
 
-    from servegym.agents.replay.prompts import PromptBuilder
-    from servegym.agents.vllm_adapter import (
+    from servegym.agents.deploy.vllm_adapter import (
         DEFAULT_STEP_S,
         TREE_TAG_KEY,
         PendingRequest,
         PriorityRoute,
         TreeTag,
     )
+    from servegym.agents.replay.prompts import PromptBuilder
 
     os.environ.pop("SERVEGYM_POLICY", None)
     os.environ.update(policy_env(mode, policy))

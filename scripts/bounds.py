@@ -26,7 +26,7 @@ from omegaconf import DictConfig  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from servegym.agents.bounds import BoundsConfigError, bounds_from_cfg, headroom, rich_table, write  # noqa: E402
-from servegym.agents.configs import register_configs  # noqa: E402
+from servegym.agents.rl.configs import register_configs  # noqa: E402
 
 register_configs()
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

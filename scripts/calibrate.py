@@ -106,7 +106,7 @@ def run_engine(
 ) -> tuple[dict, list[TimedIteration] | None]:
     """One run of the fidelity workload under FCFS: (metrics row, the torch backend's recorded
     iterations or None on the sim)."""
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.engine.engine import Engine
     from servegym.envs.engine.torch_backend import TorchBackendFactory
 

@@ -34,8 +34,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from servegym.agents.configs import register_configs
-from servegym.agents.evaluate import (
+from servegym.agents.evaluation import suite_io
+from servegym.agents.evaluation.api import (
     OutputFolderError,
     SuiteConfigError,
     SuiteInterrupted,
@@ -47,7 +47,7 @@ from servegym.agents.evaluate import (
     report,
     suite_from_cfg,
 )
-from servegym.agents.evaluation import suite_io
+from servegym.agents.rl.configs import register_configs
 
 register_configs()
 register_suite_schema()

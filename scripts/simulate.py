@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from servegym.agents.configs import exit_on_config_error, register_configs
+from servegym.agents.rl.configs import exit_on_config_error, register_configs
 from servegym.envs.build import build_engine
 
 register_configs()

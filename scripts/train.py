@@ -8,7 +8,7 @@ python scripts/train.py experiment=quick train.resume_from=outputs/.../checkpoin
 python scripts/train.py -m agent.hyperparams.learning_rate=1e-4,3e-4        # a sweep
 python scripts/train.py experiment=routing +trainer=rllib                  # RLlib on Ray (servegym[ray])
 
-The comparison runs the *exported* ONNX policy (``agents/runtime.py``), so the table describes
+The comparison runs the *exported* ONNX policy (``agents/deploy/runtime.py``), so the table describes
 what a serving engine would load, on ``train.test_seeds`` (10000+; training never sees them).
 """
 
@@ -25,12 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from servegym.agents.configs import exit_on_config_error, register_configs, train_config
-from servegym.agents.evaluate import SuiteConfig, evaluate
-from servegym.agents.export import export_policy
-from servegym.agents.learned import load_model
-from servegym.agents.runtime import OnnxPolicy
-from servegym.agents.train import train
+from servegym.agents.deploy.export import export_policy
+from servegym.agents.deploy.runtime import OnnxPolicy
+from servegym.agents.evaluation.api import SuiteConfig, evaluate
+from servegym.agents.rl.configs import exit_on_config_error, register_configs, train_config
+from servegym.agents.rl.learned import load_model
+from servegym.agents.rl.train import train
 from servegym.envs.build import build_env
 
 register_configs()
@@ -70,8 +70,8 @@ def main(cfg: DictConfig) -> None:
         exit_on_config_error(error)
         raise
     if cfg.get("trainer") is not None and cfg.trainer.get("name") == "rllib":  # +trainer=rllib
-        from servegym.agents.rllib_module import exportable
-        from servegym.agents.rllib_train import train_rllib
+        from servegym.agents.rl.rllib_module import exportable
+        from servegym.agents.rl.rllib_train import train_rllib
 
         result = train_rllib(cfg, run_dir)
         model = exportable(result.pop("module"))

@@ -38,9 +38,10 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 BASE_MODULES = (
     "servegym.envs",
     "servegym.envs.observation",
-    "servegym.agents.heuristics",
-    "servegym.agents.runtime",
-    "servegym.agents.vllm_adapter",
+    "servegym.agents.policies.heuristics",
+    "servegym.agents.policies.retention",
+    "servegym.agents.deploy.runtime",
+    "servegym.agents.deploy.vllm_adapter",
 )
 """What a serving install uses besides every module of envs/engine and envs/workloads."""
 TORCH_MODULES = {"model", "torch_backend"}

@@ -11,7 +11,7 @@ Command line (Hydra, ``conf/bounds.yaml``)::
 Definitions
 -----------
 * **Families and loads** are names of ``conf/workload/*.yaml`` and multipliers of their offered
-  load, as in the evaluation suite (``servegym.agents.evaluate.apply_load``); the engine and
+  load, as in the evaluation suite (``servegym.agents.evaluation.api.apply_load``); the engine and
   cluster are the base config's (``engine=``, ``cluster=``), as in the suite.
 * **Seeds** are split explicitly: configurations are chosen on ``train_seeds`` (below 10000,
   the training range) and every reported number comes from ``test_seeds`` (10000+, the

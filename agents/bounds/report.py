@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from servegym.agents.evaluate import DEFAULT_CONF_DIR
+from servegym.agents.evaluation.api import DEFAULT_CONF_DIR
 
 from .config import BoundsConfig
 from .table import ROOM_THRESHOLD, HeadroomResult

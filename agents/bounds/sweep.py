@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from servegym.agents.evaluate import HydraPolicyFactory, apply_load, build_source, load_option
+from servegym.agents.evaluation.api import HydraPolicyFactory, apply_load, build_source, load_option
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import Policy

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from servegym.agents.evaluate import DEFAULT_CONF_DIR, t_interval
+from servegym.agents.evaluation.api import DEFAULT_CONF_DIR, t_interval
 
 from .config import BoundsConfig, BoundsConfigError
 from .sweep import Setting, Task, grid, make_world, run_task, run_tasks

@@ -1,5 +1,5 @@
 """The clairvoyant tree-level SRPT order (``TreeSRPT``): an upper-bound oracle that reads the
-engine's call table for true remaining lengths. Kept apart from ``heuristics.py`` because it is
+engine's call table for true remaining lengths. Kept apart from ``policies/heuristics.py`` because it is
 a bound, never a baseline or an exportable policy (``conf/bounds.yaml`` builds it by
 ``_target_: servegym.agents.bounds.TreeSRPT``)."""
 

@@ -10,7 +10,7 @@ Command line (Hydra, ``conf/evaluate.yaml`` + ``conf/suite/*.yaml``)::
 
 Python (what a train -> evaluate -> export job calls with a policy it just trained)::
 
-    from servegym.agents.evaluate import SuiteConfig, evaluate, run_suite, summarise, to_markdown
+    from servegym.agents.evaluation.api import SuiteConfig, evaluate, run_suite, summarise, to_markdown
     df = run_suite(SuiteConfig(policies=["fcfs", "plas"], workloads=["mapreduce"]),
                    extra_policies={"ppo": lambda: SB3Policy(...)})     # a factory per run
     print(to_markdown(summarise(df)))
@@ -92,10 +92,13 @@ Or sweep one-cell suites with Hydra's multirun and merge the folders afterwards:
     python scripts/evaluate.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=cpu \\
         hydra.launcher.cpus_per_task=4 suite.jobs=4 suite.policies=[fcfs],[plas] ...
 
-Modules, one concept each (``servegym.agents.evaluate`` re-exports the public names):
-``config`` (``SuiteConfig`` and the Hydra plumbing that reads it), ``stats`` (intervals),
-``load`` (a workload at a load; unloaded times), ``runs`` (one run), ``plan`` (a checked suite's
-runs), ``results`` (tables from run records), ``summary`` (per-cell means and markdown),
-``report`` (the report folder), ``suite`` (running a suite; ``evaluate``), ``ray_backend`` (runs
-as Ray tasks), ``collect`` (merging folders), ``suite_io`` (the folder's journal and atomic writes).
+Modules, one concept each: ``api`` (the public names of the others, one import for callers;
+this ``__init__`` imports nothing, so a submodule loads without the rest), ``config``
+(``SuiteConfig`` and the Hydra plumbing that reads it), ``stats`` (intervals), ``load`` (a
+workload at a load; unloaded times), ``runs`` (one run), ``plan`` (a checked suite's runs),
+``results`` (tables from run records), ``summary`` (per-cell means and markdown), ``report`` (the
+report folder), ``plots`` (its figures), ``suite`` (running a suite; ``evaluate``),
+``ray_backend`` (runs as Ray tasks), ``ray_loopback`` (a multi-node Ray cluster on 127.0.0.1 for
+the tests and the backend benchmark), ``collect`` (merging folders), ``suite_io`` (the folder's
+journal and atomic writes).
 """

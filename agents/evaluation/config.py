@@ -272,7 +272,7 @@ def compose_config(overrides: Sequence[str] = (), conf_dir: Path | None = None) 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from servegym.agents.configs import register_configs
+    from servegym.agents.rl.configs import register_configs
 
     register_configs()
     if GlobalHydra.instance().is_initialized():  # inside a @hydra.main app: its search path

@@ -55,7 +55,7 @@ def unloaded_completion_s(
 ) -> np.ndarray:
     """Each tree's completion time alone on an idle cluster under FCFS (see ``servegym.agents.evaluation``).
     Cached per process by tree contents, so the policies and loads of a seed share one replay."""
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
 
     key = (repr(engine), repr(cluster), time_scale_s, tuple((job.calls, job.tenant) for job in jobs))
     if key in _unloaded_cache:

@@ -13,8 +13,8 @@ from .summary import summarise, to_markdown
 
 
 def plot_suite(runs: pd.DataFrame, out_dir: Path | str, **tables: pd.DataFrame) -> list[Path]:
-    """The suite's plots (``servegym.agents.plots.plot_suite``; matplotlib loads only when called)."""
-    from servegym.agents.plots import plot_suite as plot
+    """The suite's plots (``servegym.agents.evaluation.plots.plot_suite``; matplotlib loads only when called)."""
+    from servegym.agents.evaluation.plots import plot_suite as plot
 
     return plot(runs, out_dir, **tables)
 

@@ -6,7 +6,7 @@ retries, timed: TTFT, TPOT), ``runner`` (trees arrive on schedule, calls go out 
 finished and tool latencies passed), ``tables`` (the evaluation's tables and plots).
 
 ``scripts/replay.py`` is the Hydra entry point (``conf/replay.yaml``, the same ``workload=`` group
-as ``scripts/evaluate.py``). Requests carry their tree tag the way ``servegym.agents.vllm_adapter``
+as ``scripts/evaluate.py``). Requests carry their tree tag the way ``servegym.agents.deploy.vllm_adapter``
 reads it (``vllm_xargs``), so a ``vllm serve --scheduler-cls ...ServegymScheduler`` sees trees.
 """
 

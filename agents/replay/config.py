@@ -39,7 +39,7 @@ class ReplayConfig:
     as the workload says; false: the model may stop early (and a server that rejects unknown
     fields needs false)."""
     tag_field: str = "vllm_xargs"
-    """How a request carries its tree tag (``servegym.agents.vllm_adapter``'s convention):
+    """How a request carries its tree tag (``servegym.agents.deploy.vllm_adapter``'s convention):
     ``vllm_xargs`` sends ``{"vllm_xargs": {"servegym_tree": tag}}`` (vLLM puts it in
     ``SamplingParams.extra_args``); ``none`` sends no tag (servers that reject unknown fields)."""
     vocab_size: int = 1000
@@ -47,7 +47,7 @@ class ReplayConfig:
     word-level tokenizer; a subword tokenizer may split a word into several tokens, so prompt
     lengths are then a multiple of the workload's."""
     priority_policy: str | None = None
-    """Send vLLM's ``priority`` field from ``servegym.agents.vllm_adapter.PriorityRoute`` with
+    """Send vLLM's ``priority`` field from ``servegym.agents.deploy.vllm_adapter.PriorityRoute`` with
     this policy (``policy.onnx`` path or ``module:attr``); for a server started with
     ``--scheduling-policy priority``. None: no priority field."""
     priority_horizon_s: float = 0.2

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from servegym.agents.deploy.vllm_adapter import TREE_TAG_KEY, PendingRequest, PriorityRoute, TreeTag
 from servegym.agents.replay.client import Completion, CompletionClient
 from servegym.agents.replay.config import ReplayConfig
 from servegym.agents.replay.prompts import PromptBuilder
-from servegym.agents.vllm_adapter import TREE_TAG_KEY, PendingRequest, PriorityRoute, TreeTag
 from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import JobSource
 

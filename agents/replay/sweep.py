@@ -38,7 +38,7 @@ def replay_sweep(
 ) -> ReplayTables:
     """Replay ``workload`` (a ``Workload`` or ``TraceWorkload``) at each load, for each seed,
     through ``config``'s server; ``on_run`` gets each runs.csv row as it finishes."""
-    from servegym.agents.evaluate import apply_load, build_source
+    from servegym.agents.evaluation.api import apply_load, build_source
 
     if not seeds or not loads:
         raise ValueError("seeds and loads must each list at least one value")

@@ -1,6 +1,6 @@
 """A replay's records as the evaluation's tables: ``calls.csv`` (one row per call), ``jobs.csv``
 (one per tree, the evaluation's ``jct_s`` column), ``runs.csv`` (one per replay, keyed like a
-suite's runs: policy, workload, load, seed) and, through ``servegym.agents.evaluate``, the same
+suite's runs: policy, workload, load, seed) and, through ``servegym.agents.evaluation.api``, the same
 ``summary.csv``/``summary.md`` and plots as ``scripts/evaluate.py``."""
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def write_report(
 ) -> str:
     """``runs.csv``, ``jobs.csv``, ``summary.csv``, ``summary.md`` (and plots) for all replays in
     ``runs``/``jobs`` (which carry the key columns); returns the Markdown."""
-    from servegym.agents.evaluate import summarise, to_markdown
+    from servegym.agents.evaluation.api import summarise, to_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out_dir / "runs.csv", index=False)
@@ -126,7 +126,7 @@ def write_report(
     markdown = to_markdown(summary, metrics=REPLAY_METRICS, baseline=baseline)
     (out_dir / "summary.md").write_text(markdown)
     if plots:
-        from servegym.agents.plots import plot_suite
+        from servegym.agents.evaluation.plots import plot_suite
 
         plot_suite(runs, out_dir, jobs=jobs, kv=pd.DataFrame(), summary=summary)
     return markdown

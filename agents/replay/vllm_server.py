@@ -6,11 +6,11 @@ name, so ``python -m`` it)::
 
     SERVEGYM_POLICY=/path/policy.onnx \\
     python -m vllm.entrypoints.openai.api_server --model MODEL --host 127.0.0.1 --port 8000 \\
-        --scheduler-cls servegym.agents.vllm_adapter.ServegymScheduler
+        --scheduler-cls servegym.agents.deploy.vllm_adapter.ServegymScheduler
 
 ``SERVEGYM_POLICY`` (a ``policy.onnx`` with its ``policy.json``, or ``module:attr``) is read by the
 scheduler when vLLM builds it; ``SERVEGYM_CLOCK``/``SERVEGYM_STEP_S``/``SERVEGYM_HORIZON_S``/
-``SERVEGYM_TIME_SCALE_S``/``SERVEGYM_STATS_PATH`` likewise (``servegym.agents.vllm_adapter``). On a
+``SERVEGYM_TIME_SCALE_S``/``SERVEGYM_STATS_PATH`` likewise (``servegym.agents.deploy.vllm_adapter``). On a
 CPU-only machine vLLM also needs ``VLLM_CPU_KVCACHE_SPACE`` (GiB) set."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-SCHEDULER_CLS = "servegym.agents.vllm_adapter.ServegymScheduler"
+SCHEDULER_CLS = "servegym.agents.deploy.vllm_adapter.ServegymScheduler"
 
 
 def serve_command(

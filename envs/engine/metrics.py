@@ -318,7 +318,7 @@ def job_completion_s(engine: Engine) -> np.ndarray:
 
 def slo_metrics(engine: Engine, slo_s: np.ndarray, unloaded_s: np.ndarray, makespan_s: float) -> SloMetrics:
     """SLO outcomes; ``slo_s`` and ``unloaded_s`` hold one value per job in ``engine.jobs``
-    order (how a suite picks the SLO is its business, see ``servegym.agents.evaluate``)."""
+    order (how a suite picks the SLO is its business, see ``servegym.agents.evaluation.api``)."""
     jct = job_completion_s(engine)
     slo_s, unloaded_s = np.asarray(slo_s, dtype=np.float64), np.asarray(unloaded_s, dtype=np.float64)
     if slo_s.shape != jct.shape or unloaded_s.shape != jct.shape:

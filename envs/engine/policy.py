@@ -145,7 +145,7 @@ def release_scores(decision: Decision) -> np.ndarray:
 class DefaultPolicy:
     """What vLLM does when nobody else decides: FCFS admission, the newest running call
     preempted, round-robin routing, a finished call's KV released to the prefix cache. The envs
-    answer the decisions an agent does not own with it; ``servegym.agents.heuristics.FCFS`` is
+    answer the decisions an agent does not own with it; ``servegym.agents.policies.heuristics.FCFS`` is
     the same policy as a named baseline."""
 
     def __init__(self) -> None:

@@ -2,7 +2,7 @@
 the vLLM adapter reads it, and the value a source that cannot read it writes.
 
 A source (the simulated engine in ``features.py``, vLLM's scheduler state in
-``servegym.agents.vllm_adapter``) measures *raw* quantities in natural units (tokens, seconds,
+``servegym.agents.deploy.vllm_adapter``) measures *raw* quantities in natural units (tokens, seconds,
 blocks, counts) and hands them to ``encode`` by column name; ``encode`` applies each column's
 ``Scale`` and lays the columns out in schema order. So the order, the scaling and the meaning of
 a column live here and nowhere else, and a column added to the schema that a source neither reads

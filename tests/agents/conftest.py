@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from servegym.agents.configs import register_configs
+from servegym.agents.rl.configs import register_configs
 
 register_configs()
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def tiny_training_cfg() -> DictConfig:
 def tiny_suite(**changes):
     """2 policies x 1 workload x 2 loads x 2 seeds of 6 map-reduce trees: well under a second.
     ``changes`` replace any SuiteConfig field."""
-    from servegym.agents.evaluate import SuiteConfig
+    from servegym.agents.evaluation.api import SuiteConfig
 
     fields = dict(
         policies=["fcfs", "program_fcfs"],

@@ -31,8 +31,8 @@ from servegym.agents.bounds import (
     tree_time_until,
     write,
 )
-from servegym.agents.evaluate import DEFAULT_CONF_DIR, compose_config
-from servegym.agents.heuristics import FCFS, OracleSJF, ProgramFCFS
+from servegym.agents.evaluation.api import DEFAULT_CONF_DIR, compose_config
+from servegym.agents.policies.heuristics import FCFS, OracleSJF, ProgramFCFS
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch as th
 
-from servegym.agents.pretrain import clone_choices, collect_choices
-from servegym.agents.train import make_model, make_train_venv
+from servegym.agents.rl.pretrain import clone_choices, collect_choices
+from servegym.agents.rl.train import make_model, make_train_venv
 from servegym.envs.engine.policy import CANDIDATE_FEATURES, DecisionKind, DefaultPolicy
 from tests.agents.conftest import compose_config
 
@@ -71,7 +71,7 @@ def test_cloning_teaches_a_choice_the_presort_does_not_make() -> None:
 
 
 def test_driving_the_env_with_a_teacher_runs_the_teachers_schedule() -> None:
-    from servegym.agents.train import heuristic_factory
+    from servegym.agents.rl.train import heuristic_factory
     from servegym.envs.build import build_engine, build_env
 
     cfg = compose_config([*CFG, "env.config.max_candidates=128"])  # never cut at K: the same run

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from servegym.agents.evaluate import (
+from servegym.agents.evaluation.api import (
     KEYS,
     SuiteConfig,
     SuiteConfigError,
@@ -21,7 +21,7 @@ from servegym.agents.evaluate import (
     t_quantile,
     to_markdown,
 )
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from tests.agents.conftest import tiny_suite
 
 
@@ -237,7 +237,7 @@ def test_a_baseline_outside_the_policies_is_a_config_error() -> None:
 
 # ---------------------------------------------------------------- rejected work
 def test_rejected_work_is_counted_in_runs_summary_and_markdown(tmp_path) -> None:
-    from servegym.agents.evaluate import compose_config, rejected_work_line
+    from servegym.agents.evaluation.api import compose_config, rejected_work_line
 
     base = compose_config(["engine.num_gpu_blocks=1"])  # no call fits: every tree fails
     result = evaluate(tiny_suite(loads=[1.0]), tmp_path, base_cfg=base, progress=False)
@@ -257,7 +257,7 @@ def test_rejected_work_is_counted_in_runs_summary_and_markdown(tmp_path) -> None
 
 @pytest.mark.slow
 def test_a_complete_suite_reports_zero_failed_trees(tiny_eval) -> None:
-    from servegym.agents.evaluate import incomplete_runs, rejected_work_line
+    from servegym.agents.evaluation.api import incomplete_runs, rejected_work_line
 
     runs = tiny_eval[0].runs
     assert (runs.jobs_failed == 0).all() and runs.complete.all() and (runs.first_rejection == "").all()
@@ -272,7 +272,7 @@ def test_the_default_suite_is_written_once() -> None:
 
     from omegaconf import OmegaConf
 
-    from servegym.agents.evaluate import DEFAULT_CONF_DIR
+    from servegym.agents.evaluation.api import DEFAULT_CONF_DIR
 
     fields = {f.name: f for f in dataclasses.fields(SuiteConfig)}
     for name in ("policies", "workloads"):

@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import servegym.agents.evaluate as ev
+import servegym.agents.evaluation.api as ev
 import servegym.agents.evaluation.report as report_module
 import servegym.agents.evaluation.suite as suite_module
-from servegym.agents.evaluate import (
+from servegym.agents.evaluation import suite_io
+from servegym.agents.evaluation.api import (
     OutputFolderError,
     SuiteConfig,
     SuiteInterrupted,
@@ -20,8 +21,7 @@ from servegym.agents.evaluate import (
     report,
     run_suite_full,
 )
-from servegym.agents.evaluation import suite_io
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from tests.agents.conftest import tiny_suite as shared_tiny_suite
 
 REAL_RUN_ONE = suite_module.run_one

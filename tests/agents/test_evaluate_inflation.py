@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from servegym.agents.evaluate import HEADLINE_METRICS, run_suite_full, summarise, to_markdown
+from servegym.agents.evaluation.api import HEADLINE_METRICS, run_suite_full, summarise, to_markdown
 from servegym.agents.evaluation.report import report
 from servegym.agents.evaluation.summary import INFLATION_METRICS
 from tests.agents.conftest import tiny_suite

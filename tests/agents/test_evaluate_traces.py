@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import servegym.agents.plots as plots
-from servegym.agents.evaluate import (
+import servegym.agents.evaluation.plots as plots
+from servegym.agents.evaluation.api import (
     SuiteConfig,
     SuiteConfigError,
     bounded_interval,

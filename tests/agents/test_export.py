@@ -12,10 +12,10 @@ import torch as th
 from stable_baselines3 import PPO
 
 import servegym.envs  # noqa: F401
-from servegym.agents.export import export_policy, max_abs_difference
-from servegym.agents.learned import SB3Policy
-from servegym.agents.networks import SetActorCriticPolicy
-from servegym.agents.runtime import OnnxPolicy, ScoreRuntime, SidecarError, sidecar_path
+from servegym.agents.deploy.export import export_policy, max_abs_difference
+from servegym.agents.deploy.runtime import OnnxPolicy, ScoreRuntime, SidecarError, sidecar_path
+from servegym.agents.rl.learned import SB3Policy
+from servegym.agents.rl.networks import SetActorCriticPolicy
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import CANDIDATE_FEATURES, GLOBAL_FEATURES, DecisionKind
@@ -161,7 +161,7 @@ def test_runtime_needs_neither_torch_nor_sb3_nor_hydra() -> None:
     import sys
 
     code = (
-        "import sys, servegym.agents.runtime as r; "
+        "import sys, servegym.agents.deploy.runtime as r; "
         "print(sorted(m for m in ('torch', 'stable_baselines3', 'hydra') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -175,7 +175,7 @@ def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str
     layout, and the ONNX policy makes the SB3 policy's decisions in the engine, ROUTE included."""
     from sb3_contrib import MaskablePPO
 
-    from servegym.agents.networks import MaskableSetActorCriticPolicy
+    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy
     from servegym.envs.engine.config import ClusterConfig
 
     th.manual_seed(0)
@@ -227,7 +227,7 @@ def test_a_truncated_or_non_object_sidecar_names_the_file(exported, tmp_path, te
 def test_a_sidecar_of_another_layout_is_refused_at_load(exported, tmp_path) -> None:
     """A Routing-v0 sidecar next to a Scheduling-v0 model: refused when loading, with both
     widths named, instead of failing inside onnxruntime at the first decision."""
-    from servegym.agents.runtime import slot_columns
+    from servegym.agents.deploy.runtime import slot_columns
 
     onnx = tmp_path / "policy.onnx"
     onnx.write_bytes(exported["onnx"].read_bytes())

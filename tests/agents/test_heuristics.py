@@ -12,7 +12,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from servegym.agents import heuristics as H
+from servegym.agents.policies import heuristics as H
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.engine.policy import (

@@ -1,4 +1,4 @@
-"""The input-driven reward baseline and shared workload groups (agents/input_baseline.py):
+"""The input-driven reward baseline and shared workload groups (agents/rl/input_baseline.py):
 the curve is the engine's own tree-seconds, the baseline adds up to a constant of the workload
 whatever the policy does, a policy equal to the reference gets a return of zero, and groups
 replay the same workloads."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import servegym.envs  # noqa: F401  (registers the ids)
-from servegym.agents.input_baseline import ReferenceBaseline, SharedWorkloads, TreeSecondsCurve
+from servegym.agents.rl.input_baseline import ReferenceBaseline, SharedWorkloads, TreeSecondsCurve
 from servegym.envs.engine.policy import DefaultPolicy
 from tests.envs.small import small_kwargs
 
@@ -159,7 +159,7 @@ PICKNEXT_TINY = [
 
 
 def test_training_envs_share_workloads_and_subtract_the_reference() -> None:
-    from servegym.agents.train import make_train_venv
+    from servegym.agents.rl.train import make_train_venv
     from tests.agents.conftest import compose_config
 
     cfg = compose_config([*PICKNEXT_TINY, "train.group_size=2", "train.reward_baseline=fcfs"])
@@ -186,8 +186,8 @@ def test_training_envs_share_workloads_and_subtract_the_reference() -> None:
     ],
 )
 def test_bad_baseline_settings_are_refused_by_name(overrides: list[str], message: str) -> None:
-    from servegym.agents.configs import train_config
-    from servegym.agents.train import make_train_venv
+    from servegym.agents.rl.configs import train_config
+    from servegym.agents.rl.train import make_train_venv
     from tests.agents.conftest import compose_config
 
     cfg = compose_config([*PICKNEXT_TINY, *overrides])

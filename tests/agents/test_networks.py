@@ -12,7 +12,7 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
 
 import servegym.envs  # noqa: F401
-from servegym.agents.networks import MaskableSetActorCriticPolicy, ScoreNetwork, SetActorCriticPolicy
+from servegym.agents.rl.networks import MaskableSetActorCriticPolicy, ScoreNetwork, SetActorCriticPolicy
 from servegym.envs.engine.policy import CANDIDATE_FEATURES
 
 K = 8

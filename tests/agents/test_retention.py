@@ -1,5 +1,5 @@
 """RETAIN: KV retention across tool pauses as a decision (engine.pin_ttl_rule=policy), its
-rules (agents/retention.py), Retention-v0, and the exported policy with its sidecar fallback."""
+rules (agents/policies/retention.py), Retention-v0, and the exported policy with its sidecar fallback."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch as th
 
 import servegym.envs  # noqa: F401  (registers the ids)
-from servegym.agents.export import export_policy
-from servegym.agents.heuristics import FCFS, PredictedTreeSRPT, ProgramFCFS, ProgramFCFSPinning
-from servegym.agents.learned import SB3Policy
-from servegym.agents.retention import Retaining, option_scores
-from servegym.agents.runtime import OnnxPolicy, SidecarError, build_target, check_sidecar
+from servegym.agents.deploy.export import export_policy
+from servegym.agents.deploy.runtime import OnnxPolicy, SidecarError, build_target, check_sidecar
+from servegym.agents.policies.heuristics import FCFS, PredictedTreeSRPT, ProgramFCFS, ProgramFCFSPinning
+from servegym.agents.policies.retention import Retaining, option_scores
+from servegym.agents.rl.learned import SB3Policy
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind
@@ -42,7 +42,7 @@ def _tiny_model(env):
     """A MaskablePPO set policy trained 64 steps (weights off their initialisation), for parity tests."""
     from sb3_contrib import MaskablePPO
 
-    from servegym.agents.networks import MaskableSetActorCriticPolicy
+    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy
 
     th.manual_seed(0)
     model = MaskablePPO(
@@ -96,7 +96,7 @@ def test_a_fixed_rule_as_retain_answers_equals_the_engine_rule(ttl: float) -> No
 
 
 def test_retaining_sets_the_policy_rule_and_keeps_other_hints() -> None:
-    from servegym.agents.heuristics import KVFlow
+    from servegym.agents.policies.heuristics import KVFlow
 
     wrapped = Retaining(KVFlow(), rule="tool_mean")
     assert wrapped.retention == {"prefix_eviction": "workflow", "pin_ttl_rule": "policy"}
@@ -162,7 +162,7 @@ def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallba
         "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
     )
     model = _tiny_model(env)
-    fallback = {"_target_": "servegym.agents.heuristics.PredictedTreeSRPT"}
+    fallback = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
     paths = export_policy(
         model,
         tmp_path / "policy.onnx",
@@ -194,14 +194,29 @@ def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallba
 
 def test_a_sidecar_fallback_is_built_without_hydra() -> None:
     node = {
-        "_target_": "servegym.agents.retention.Retaining",
-        "policy": {"_target_": "servegym.agents.heuristics.ProgramFCFS"},
+        "_target_": "servegym.agents.policies.retention.Retaining",
+        "policy": {"_target_": "servegym.agents.policies.heuristics.ProgramFCFS"},
         "rule": "fixed",
         "grace_s": 2.0,
     }
     policy = build_target(node)
     assert isinstance(policy, Retaining) and isinstance(policy.policy, ProgramFCFS)
     assert policy.rule == "fixed" and policy.grace_s == 2.0
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("servegym.agents.no_such_module.FCFS", "there is no module servegym.agents.no_such_module"),
+        ("servegym.agents.policies.heuristics.NoSuchPolicy", "heuristics has no NoSuchPolicy"),
+    ],
+)
+def test_a_sidecar_fallback_naming_a_missing_class_says_how_to_fix_it(target: str, why: str) -> None:
+    """A sidecar written before a module moved names its old path: the error says so and what
+    to do, rather than a bare ModuleNotFoundError from inside the runtime."""
+    with pytest.raises(SidecarError, match="names no class") as error:
+        build_target({"_target_": target})
+    assert why in str(error.value) and "re-export it" in str(error.value)
 
 
 def _pick_retain_env(**kwargs):

@@ -14,9 +14,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from servegym.agents.configs import TrainConfig
-from servegym.agents.pretrain import rank_targets
-from servegym.agents.train import train
+from servegym.agents.rl.configs import TrainConfig
+from servegym.agents.rl.pretrain import rank_targets
+from servegym.agents.rl.train import train
 from servegym.envs.engine.policy import DecisionKind
 from tests.agents.conftest import REPO_ROOT, TINY_TRAINING, compose_config
 
@@ -193,8 +193,8 @@ def test_train_defaults_are_written_once() -> None:
     vector-env names live in configs.VEC_ENVS alone (train.VEC_ENVS is derived from them)."""
     from omegaconf import OmegaConf
 
-    from servegym.agents import configs, train
-    from servegym.agents.evaluate import DEFAULT_CONF_DIR
+    from servegym.agents.evaluation.api import DEFAULT_CONF_DIR
+    from servegym.agents.rl import configs, train
 
     assert "train" not in OmegaConf.load(DEFAULT_CONF_DIR / "config.yaml")
     assert tuple(train.VEC_ENVS) == configs.VEC_ENVS
@@ -204,7 +204,7 @@ def test_train_defaults_are_written_once() -> None:
 def test_train_config_checks_the_composed_node(tiny_training_cfg) -> None:
     from omegaconf import open_dict
 
-    from servegym.agents.configs import TrainConfig, train_config
+    from servegym.agents.rl.configs import TrainConfig, train_config
 
     assert isinstance(train_config(tiny_training_cfg), TrainConfig)
     for key, value, message in (

@@ -33,7 +33,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `tests.engine...` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from servegym.agents.heuristics import FCFS, ProgramFCFS  # noqa: E402
+from servegym.agents.policies.heuristics import FCFS, ProgramFCFS  # noqa: E402
 from servegym.envs.engine.config import ClusterConfig, EngineConfig  # noqa: E402
 from servegym.envs.engine.engine import Engine  # noqa: E402
 from servegym.envs.engine.policy import Decision, Policy  # noqa: E402

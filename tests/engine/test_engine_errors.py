@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine, assert_all_terminal
@@ -276,7 +276,7 @@ def test_stall_on_one_replica_ends_a_cluster_run(time_limit) -> None:
 
 @pytest.mark.parametrize("router", ["LlumnixRouting", "AutellixRouting", "ThresholdModelRouting"])
 def test_a_routing_only_policy_is_refused_in_a_one_replica_cluster(router: str) -> None:
-    from servegym.agents import heuristics
+    from servegym.agents.policies import heuristics
     from servegym.envs.engine.config import ClusterConfig
     from servegym.envs.workloads.generators import MapReduce
     from servegym.envs.workloads.workload import Workload

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from servegym.agents.heuristics import FCFS, RandomPolicy, RoundRobinRouting
+from servegym.agents.policies.heuristics import FCFS, RandomPolicy, RoundRobinRouting
 from servegym.envs.engine.backend import SimBackend
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.config import ClusterConfig, EngineConfig

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from servegym.agents.heuristics import FCFS, PredictedTreeSRPT
+from servegym.agents.policies.heuristics import FCFS, PredictedTreeSRPT
 from servegym.envs.engine.config import ClusterConfig, EngineConfig, Slowdown
 from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.workloads.generators import ReactChain

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from servegym.agents.heuristics import FCFS, KVFlow, ProgramFCFSPinning
+from servegym.agents.policies.heuristics import FCFS, KVFlow, ProgramFCFSPinning
 from servegym.envs.engine.block_manager import BlockManager, NextUse
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine, assert_all_terminal

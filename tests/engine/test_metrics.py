@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.metrics import jain_index, job_completion_s, slo_metrics

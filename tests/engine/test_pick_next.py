@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from servegym.agents.heuristics import FCFS, ProgramFCFS
+from servegym.agents.policies.heuristics import FCFS, ProgramFCFS
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.engine.policy import Decision, DecisionKind, check_scores, pick

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.calls import CallTable
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.engine import Engine, assert_all_terminal

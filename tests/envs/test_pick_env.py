@@ -101,10 +101,10 @@ def test_learned_policy_reproduces_the_env_and_exports(tmp_path) -> None:
     torch = pytest.importorskip("torch")
     from sb3_contrib import MaskablePPO
 
-    from servegym.agents.export import export_policy
-    from servegym.agents.learned import SB3Policy
-    from servegym.agents.networks import MaskableSetActorCriticPolicy, StopSlotHead
-    from servegym.agents.runtime import OnnxPolicy
+    from servegym.agents.deploy.export import export_policy
+    from servegym.agents.deploy.runtime import OnnxPolicy
+    from servegym.agents.rl.learned import SB3Policy
+    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy, StopSlotHead
 
     torch.manual_seed(0)
     env = make()

@@ -57,7 +57,7 @@ def test_base_install_modules_import_nothing_heavy() -> None:
         import sys
         import servegym.envs, servegym.envs.engine.engine, servegym.envs.workloads.generators
         import servegym.envs.workloads.workload, servegym.envs.observation
-        import servegym.agents.heuristics, servegym.agents.runtime, servegym.agents.vllm_adapter
+        import servegym.agents.policies.heuristics, servegym.agents.deploy.runtime, servegym.agents.deploy.vllm_adapter
         print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
         """
     )

@@ -12,10 +12,10 @@ pytest.importorskip("ray.rllib")
 
 from ray.rllib.core.columns import Columns  # noqa: E402
 
-from servegym.agents.export import export_policy, max_abs_difference  # noqa: E402
-from servegym.agents.rllib_module import MASKED_LOGIT, SetRLModule, exportable  # noqa: E402
-from servegym.agents.rllib_train import train_rllib  # noqa: E402
-from servegym.agents.runtime import OnnxPolicy, ScoreRuntime  # noqa: E402
+from servegym.agents.deploy.export import export_policy, max_abs_difference  # noqa: E402
+from servegym.agents.deploy.runtime import OnnxPolicy, ScoreRuntime  # noqa: E402
+from servegym.agents.rl.rllib_module import MASKED_LOGIT, SetRLModule, exportable  # noqa: E402
+from servegym.agents.rl.rllib_train import train_rllib  # noqa: E402
 from servegym.envs.build import build_engine, build_env  # noqa: E402
 from tests.agents.conftest import compose_config  # noqa: E402
 

@@ -10,8 +10,8 @@ import re
 import pandas as pd
 import pytest
 
-from servegym.agents.evaluate import SuiteConfigError, evaluate, run_suite_full
-from servegym.agents.heuristics import FCFS
+from servegym.agents.evaluation.api import SuiteConfigError, evaluate, run_suite_full
+from servegym.agents.policies.heuristics import FCFS
 from tests.agents.conftest import tiny_suite
 
 

@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
+from servegym.agents.deploy.vllm_adapter import parse_tree_tag
 from servegym.agents.replay import PromptBuilder, ReplayConfig, calls_frame, jobs_frame, replay, run_row
 from servegym.agents.replay.runner import tree_id_of
-from servegym.agents.vllm_adapter import parse_tree_tag
 from servegym.envs.workloads.job import Output, Text
 from servegym.envs.workloads.source import FixedJobs
 from tests.replay.workloads import small_trees
@@ -138,7 +138,7 @@ def test_priority_route_sends_global_priorities(server) -> None:
     """With a priority policy each request carries vLLM's ``priority``: a tree that arrived more
     than the horizon after another never gets a lower (earlier) priority than its calls."""
     jobs = small_trees(num_mapreduce=3, num_debate=0, gap_s=0.3)
-    settings = {"priority_policy": "servegym.agents.heuristics:FCFS", "priority_horizon_s": 0.1}
+    settings = {"priority_policy": "servegym.agents.policies.heuristics:FCFS", "priority_horizon_s": 0.1}
     replay(FixedJobs(jobs), config(f"http://127.0.0.1:{server.port}/v1", **settings))
     priority = {r.tag: r.body["priority"] for r in server.log}
     assert all(isinstance(p, int) for p in priority.values()) and len(priority) == 15

@@ -17,8 +17,8 @@ import torch as th
 from stable_baselines3 import PPO
 
 import servegym.envs  # noqa: F401
-from servegym.agents.export import export_policy
-from servegym.agents.networks import SetActorCriticPolicy
+from servegym.agents.deploy.export import export_policy
+from servegym.agents.rl.networks import SetActorCriticPolicy
 from servegym.envs.engine.policy import column
 from servegym.envs.serving_env import EnvConfig
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from servegym.agents.runtime import GLOBAL_COLUMNS, ScoreRuntime
-from servegym.agents.vllm_adapter import (
+from servegym.agents.deploy.runtime import GLOBAL_COLUMNS, ScoreRuntime
+from servegym.agents.deploy.vllm_adapter import (
     CLOCK_ENV,
     HORIZON_ENV,
     POLICY_ENV,
@@ -374,7 +374,7 @@ def test_policy_from_env_says_what_to_set(monkeypatch) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_scheduler_class_without_vllm_is_a_clear_error() -> None:
-    import servegym.agents.vllm_adapter as adapter
+    import servegym.agents.deploy.vllm_adapter as adapter
 
     with pytest.raises(ImportError, match="setup_vllm.sh"):
         adapter.ServegymScheduler  # noqa: B018

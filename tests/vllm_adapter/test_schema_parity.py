@@ -15,8 +15,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from servegym.agents.vllm_adapter import KvView, TreeBook, TreeStats, TreeTag, candidate_table, global_vector
-from servegym.agents.vllm_adapter import _RequestEntry as RequestEntry
+from servegym.agents.deploy.vllm_adapter import (
+    KvView,
+    TreeBook,
+    TreeStats,
+    TreeTag,
+    candidate_table,
+    global_vector,
+)
+from servegym.agents.deploy.vllm_adapter import _RequestEntry as RequestEntry
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import Decision, DecisionKind, fcfs_scores
 from servegym.envs.engine.schema import CANDIDATE, GLOBAL, VllmReading

@@ -21,8 +21,8 @@ vllm = pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-from servegym.agents.runtime import ScoreRuntime  # noqa: E402
-from servegym.agents.vllm_adapter import (  # noqa: E402
+from servegym.agents.deploy.runtime import ScoreRuntime  # noqa: E402
+from servegym.agents.deploy.vllm_adapter import (  # noqa: E402
     POLICY_ENV,
     TREE_TAG_KEY,
     VLLM_VERSION,
@@ -34,7 +34,7 @@ from servegym.envs.engine.policy import DecisionKind, column  # noqa: E402
 from servegym.envs.workloads.job import role_id  # noqa: E402
 from tests.vllm_adapter.conftest import TINY_VOCAB  # noqa: E402
 
-SCHEDULER = "servegym.agents.vllm_adapter.ServegymScheduler"
+SCHEDULER = "servegym.agents.deploy.vllm_adapter.ServegymScheduler"
 PROMPT_LENGTHS = (37, 150, 12, 90, 200, 64, 25, 120)  # submission order; the policy wants longest first
 
 

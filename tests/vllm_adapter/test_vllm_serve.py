@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from servegym.agents.deploy.vllm_adapter import POLICY_ENV, STATS_PATH_ENV  # noqa: E402
 from servegym.agents.replay import ReplayConfig, calls_frame, jobs_frame, replay  # noqa: E402
 from servegym.agents.replay.vllm_server import free_port, running_server, serve_command  # noqa: E402
-from servegym.agents.vllm_adapter import POLICY_ENV, STATS_PATH_ENV  # noqa: E402
 from servegym.envs.workloads.generators import MapReduce  # noqa: E402
 from servegym.envs.workloads.source import FixedJobs  # noqa: E402
 from tests.vllm_adapter.conftest import TINY_VOCAB  # noqa: E402

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from servegym.agents.heuristics import FCFS
+from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DefaultPolicy

@@ -363,7 +363,7 @@ def test_random_valid_jobs_round_trip(generated: list[Job]) -> None:
 
 
 def test_every_trace_option_is_reachable_from_the_config(tmp_path: Path) -> None:
-    from servegym.agents.evaluate import compose_config
+    from servegym.agents.evaluation.api import compose_config
 
     path = save_jobs(sample_jobs(), tmp_path / "t.jsonl")
     cfg = compose_config(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from servegym.agents.evaluate import compose_config
+from servegym.agents.evaluation.api import compose_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 OPTIONS = sorted(p.stem for p in (CONF / "workload").glob("*.yaml") if p.stem != "trace")
@@ -43,7 +43,7 @@ def test_family_is_deterministic_under_a_seed(name: str) -> None:
 def test_family_runs_every_call_of_every_tree_exactly_once(name: str) -> None:
     """A short run on the default engine (llama8b_h100) drains: every call finished once, every
     block back, no rejection (react_long's longest contexts fit the 8B/H100 cache)."""
-    from servegym.agents.heuristics import FCFS
+    from servegym.agents.policies.heuristics import FCFS
     from servegym.envs.build import build_engine
     from servegym.envs.engine.calls import CallState
 
@@ -63,7 +63,7 @@ def test_family_runs_every_call_of_every_tree_exactly_once(name: str) -> None:
 def test_mixed_bursty_alternates_calm_and_burst_states_at_the_documented_ratio() -> None:
     """The MMPP's busy state brings 25x the calm state's rate (measured over the state path),
     the long-run mean is arrival_rate, and the gaps' CV is Mooncake's 3.0 at load 4."""
-    from servegym.agents.evaluate import apply_load
+    from servegym.agents.evaluation.api import apply_load
     from servegym.envs.workloads.arrivals import MMPP
 
     workload = build_workload("mixed_bursty")

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch as th
 
-from servegym.agents.networks import ScoreNetwork
-from servegym.agents.runtime import LearnedPolicy
+from servegym.agents.deploy.runtime import LearnedPolicy
+from servegym.agents.rl.networks import ScoreNetwork
 from servegym.envs.engine.policy import Policy
 from servegym.envs.observation import observation_layout
 

@@ -28,13 +28,13 @@ from stable_baselines3.common import vec_env as sb3_vec_env
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
 from stable_baselines3.common.monitor import Monitor
 
-from servegym.agents import configs
-from servegym.agents.configs import train_config
-from servegym.agents.evaluate import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
-from servegym.agents.input_baseline import ReferenceBaseline, SharedWorkloads
-from servegym.agents.learned import ALGORITHMS, SB3Policy
-from servegym.agents.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
-from servegym.agents.pretrain import behaviour_clone, clone_choices, collect, collect_choices
+from servegym.agents.evaluation.api import DEFAULT_CONF_DIR, HydraPolicyFactory, load_option
+from servegym.agents.rl import configs
+from servegym.agents.rl.configs import train_config
+from servegym.agents.rl.input_baseline import ReferenceBaseline, SharedWorkloads
+from servegym.agents.rl.learned import ALGORITHMS, SB3Policy
+from servegym.agents.rl.networks import MaskableSetActorCriticPolicy, SetActorCriticPolicy
+from servegym.agents.rl.pretrain import behaviour_clone, clone_choices, collect, collect_choices
 from servegym.envs.build import build_engine, build_env, env_fallback
 from servegym.envs.engine.policy import Policy
 
@@ -111,7 +111,7 @@ def make_train_env(cfg: DictConfig, rank: int, curves: OrderedDict | None = None
     """Training env ``rank``: the config's env, monitored (episode statistics of the raw reward),
     in its workload group (``train.group_size``) and with the reward baseline
     (``train.reward_baseline``, its reference curves cached in ``curves``, which the copies of a
-    group share when they live in one process) when configured; see ``agents/input_baseline.py``."""
+    group share when they live in one process) when configured; see ``agents/rl/input_baseline.py``."""
     env = build_env(cfg)
     env.action_space.seed(cfg.seed + rank)
     env = Monitor(env)

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from servegym.envs.configs import register_configs as register_env_configs
 
 VEC_ENVS = ("dummy", "subproc")
-"""``train.vec_env`` names: SB3's ``DummyVecEnv`` and ``SubprocVecEnv`` (``agents/train.py``)."""
+"""``train.vec_env`` names: SB3's ``DummyVecEnv`` and ``SubprocVecEnv`` (``agents/rl/train.py``)."""
 LOGGERS = ("none", "tensorboard", "wandb")
 
 
@@ -33,12 +33,12 @@ class TrainConfig:
         default_factory=lambda: ["fcfs", "lpm", "sjf_oracle", "plas", "atlas", "program_fcfs"]
     )  # heuristics of the final held-out comparison (scripts/train.py), on train.test_seeds
     checkpoint_every: int = 10_000  # env steps (0: never)
-    pretrain_teacher: str | None = None  # conf/agent name to behaviour-clone first (agents/pretrain.py)
+    pretrain_teacher: str | None = None  # conf/agent name to behaviour-clone first (agents/rl/pretrain.py)
     pretrain_decisions: int = 4_000
     pretrain_epochs: int = 20
     pretrain_log_std: float = -2.0  # exploration after cloning: small reorderings around the teacher
     reward_baseline: str | None = None  # conf/agent heuristic run on each episode's workload and
-    # subtracted from the reward: an input-driven baseline (agents/input_baseline.py); needs gamma 1
+    # subtracted from the reward: an input-driven baseline (agents/rl/input_baseline.py); needs gamma 1
     group_size: int = 1  # envs per workload group: a group's copies play the same workloads
     resume_from: str | None = None  # a checkpoint .zip; continues its run (steps, W&B run)
     progress: bool = True

@@ -2,7 +2,7 @@
 
 Two routes, one feature mapping:
 
-* ``ServegymScheduler`` (``LLM(..., scheduler_cls="servegym.agents.vllm_adapter.ServegymScheduler")``
+* ``ServegymScheduler`` (``LLM(..., scheduler_cls="servegym.agents.deploy.vllm_adapter.ServegymScheduler")``
   or ``--scheduler-cls`` on the server): a subclass of vLLM's V1 ``Scheduler``. Before every
   ``schedule()`` it builds an ORDER ``Decision`` from the waiting queue, asks the policy for
   scores and re-orders ``self.waiting`` in descending score (vLLM then admits from the front
@@ -96,7 +96,7 @@ from typing import Any
 
 import numpy as np
 
-from servegym.agents.runtime import LearnedPolicy, ScoreRuntime
+from servegym.agents.deploy.runtime import LearnedPolicy, ScoreRuntime
 from servegym.envs.engine.policy import (
     PRIVILEGED_FEATURES,
     Decision,
@@ -917,7 +917,7 @@ def _scheduler_class() -> type:
 
     class ServegymScheduler(Scheduler):
         """vLLM's V1 scheduler with the waiting queue (and, near KV exhaustion, the running list)
-        ordered by a servegym policy; see ``servegym.agents.vllm_adapter``."""
+        ordered by a servegym policy; see ``servegym.agents.deploy.vllm_adapter``."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -925,7 +925,7 @@ def _scheduler_class() -> type:
                 raise ValueError(
                     f"ServegymScheduler orders the waiting queue itself and needs "
                     f"scheduling_policy='fcfs' (the default), not {self.policy.value!r}; to combine "
-                    "with client priorities use servegym.agents.vllm_adapter.priorities instead"
+                    "with client priorities use servegym.agents.deploy.vllm_adapter.priorities instead"
                 )
             self.servegym = SchedulerAdapter(
                 policy_from_env(), time_scale_from_env(), clock_from_env(), horizon_from_env()

@@ -27,7 +27,7 @@ import numpy as np
 import torch as th
 from omegaconf import DictConfig
 
-from servegym.agents.networks import ScoreNetwork
+from servegym.agents.rl.networks import ScoreNetwork
 from servegym.envs.build import build_engine, build_env
 from servegym.envs.engine.policy import DecisionKind, Policy
 from servegym.envs.observation import observe

@@ -107,7 +107,7 @@ def ppo_config(cfg: DictConfig, trainer: RLlibTrainerConfig) -> Any:
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
     from ray.tune.registry import register_env
 
-    from servegym.agents.rllib_module import SetRLModule
+    from servegym.agents.rl.rllib_module import SetRLModule
 
     hyper = OmegaConf.to_container(cfg.agent.hyperparams, resolve=True)
     hidden = int(cfg.agent.network.get("hidden", 64))
@@ -163,7 +163,7 @@ def train_rllib(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     if cfg.logger.kind == "wandb":
         if run_dir is None:
             raise ValueError("logger=wandb needs the run directory: train_rllib(cfg, run_dir)")
-        from servegym.agents.train import start_wandb
+        from servegym.agents.rl.train import start_wandb
 
         wandb_run = start_wandb(cfg, run_dir)
     algo = None

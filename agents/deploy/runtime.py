@@ -7,7 +7,7 @@ scorer as a servegym ``Policy`` with exactly the env's action semantics (the sam
 as training, ``servegym.envs.observation``), so an exported policy run through the engine
 reproduces the trained one. ``OnnxPolicy`` is that wrapper over a ``ScoreRuntime``.
 
-Sidecar (JSON, written by ``servegym.agents.export``): ``format`` (this module's
+Sidecar (JSON, written by ``servegym.agents.deploy.export``): ``format`` (this module's
 ``SIDECAR_FORMAT``), ``feature_schema_version``, ``layout`` (the slot tables of the env it was
 trained on: ``["candidates"]`` for Scheduling/Eviction, ``["replicas"]`` for Routing, both for
 Serving, ``["options"]`` for Retention), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
@@ -87,7 +87,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise SidecarError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); a truncated "
-            "or hand-edited sidecar: re-export the policy (servegym.agents.export.export_policy)"
+            "or hand-edited sidecar: re-export the policy (servegym.agents.deploy.export.export_policy)"
         ) from err
     except UnicodeDecodeError as err:
         raise SidecarError(
@@ -171,9 +171,27 @@ def build_target(node: Any) -> Any:
         return node
     if not _is_target(node):
         return {key: build_target(value) for key, value in node.items()}
-    module, _, name = node["_target_"].rpartition(".")
+    target = node["_target_"]
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not module_name.startswith(error.name):
+            raise  # the module exists but a package it imports is missing: that message names it
+        raise SidecarError(_unknown_target(target, f"there is no module {error.name}")) from error
+    if not hasattr(module, name):
+        raise SidecarError(_unknown_target(target, f"{module_name} has no {name}"))
     kwargs = {key: build_target(value) for key, value in node.items() if key != "_target_"}
-    return getattr(importlib.import_module(module), name)(**kwargs)
+    return getattr(module, name)(**kwargs)
+
+
+def _unknown_target(target: str, why: str) -> str:
+    return (
+        f"sidecar fallback _target_ {target!r} names no class ({why}). A policy exported before "
+        "servegym.agents was split into subpackages names the old path: re-export it, or write the "
+        "class's current path into the sidecar's fallback (agents/README.md, Layout), e.g. "
+        "servegym.agents.heuristics.FCFS -> servegym.agents.policies.heuristics.FCFS"
+    )
 
 
 class ScoreRuntime:

@@ -68,7 +68,7 @@ class FCFS(DefaultPolicy):
     def scores(self, decision: Decision) -> np.ndarray:
         if decision.kind == DecisionKind.ROUTE:
             return self.route_scores(decision)
-        if decision.kind == DecisionKind.RETAIN:  # vLLM keeps no pin; agents/retention.py does
+        if decision.kind == DecisionKind.RETAIN:  # vLLM keeps no pin; agents/policies/retention.py does
             return release_scores(decision)
         return self.call_scores(decision)
 

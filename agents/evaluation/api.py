@@ -4,7 +4,7 @@ seeds, traces, the outputs and resuming.
 
 Python (what a train -> evaluate -> export job calls with a policy it just trained)::
 
-    from servegym.agents.evaluate import SuiteConfig, evaluate, run_suite, summarise, to_markdown
+    from servegym.agents.evaluation.api import SuiteConfig, evaluate, run_suite, summarise, to_markdown
     df = run_suite(SuiteConfig(policies=["fcfs", "plas"], workloads=["mapreduce"]),
                    extra_policies={"ppo": lambda: SB3Policy(...)})     # a factory per run
     print(to_markdown(summarise(df)))

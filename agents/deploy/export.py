@@ -2,7 +2,7 @@
 sidecar (feature schema, action semantics, training config hash), and TorchScript.
 
 Only the scoring part leaves (``ScoreNetwork``: shared encoder, pooling, per-slot head); the
-value head and the exploration noise stay behind. ``servegym.agents.runtime`` runs the
+value head and the exploration noise stay behind. ``servegym.agents.deploy.runtime`` runs the
 result with onnxruntime and numpy alone.
 """
 
@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import torch as th
 
-from servegym.agents.learned import action_semantics
-from servegym.agents.networks import ScoreNetwork
-from servegym.agents.runtime import (
+from servegym.agents.deploy.runtime import (
     GLOBAL_COLUMNS,
     INPUT_NAMES,
     SIDECAR_FORMAT,
@@ -27,6 +25,8 @@ from servegym.agents.runtime import (
     sidecar_path,
     slot_columns,
 )
+from servegym.agents.rl.learned import action_semantics
+from servegym.agents.rl.networks import ScoreNetwork
 from servegym.envs.engine.policy import CANDIDATE_FEATURES
 from servegym.envs.engine.schema import FEATURE_SCHEMA_VERSION
 from servegym.envs.observation import observation_layout
@@ -121,7 +121,7 @@ def export_policy(
 
 def max_abs_difference(model, onnx_path: str | Path, observations: dict[str, np.ndarray]) -> float:
     """Largest |runtime score - SB3 network score| over a batch of observations."""
-    from servegym.agents.runtime import ScoreRuntime
+    from servegym.agents.deploy.runtime import ScoreRuntime
 
     runtime = ScoreRuntime(onnx_path)
     network = ScoreNetwork(model.policy).cpu().eval()

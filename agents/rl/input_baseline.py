@@ -24,14 +24,14 @@ predict only the difference of. Folding the baseline into the reward, rather tha
 advantages in SB3's rollout buffer from a callback, works for any algorithm, any vector env
 and truncated rollouts (the critic bootstraps the shaped return as usual). It assumes
 ``gamma = 1`` (the pick-next experiment's): with discounting the subtracted terms no longer
-telescope, and the wrapper refuses to be built with ``gamma < 1`` by ``agents/train.py``.
+telescope, and the wrapper refuses to be built with ``gamma < 1`` by ``agents/rl/train.py``.
 The SLO-miss and fairness terms of the reward (0 by default) are left as they are.
 
 ``SharedWorkloads`` gives each group of copies one workload stream: every copy of a group
 draws the same sequence of workload seeds (``reset(options={"workload_seed": s})``), so copies
 explore different decisions on the same input; copies of a group in one process (a dummy
 vector env) can hand their ``ReferenceBaseline``s one ``curves`` cache, so each reference run
-is computed once per workload and group (``agents/train.py`` does).
+is computed once per workload and group (``agents/rl/train.py`` does).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from torch import nn
 
-from servegym.agents.networks import SetTrunk, SlotHead, _table_shape, _tables
+from servegym.agents.rl.networks import SetTrunk, SlotHead, _table_shape, _tables
 
 MASKED_LOGIT = -1e9
 """Logit of a slot the mask rules out: exp() of it is 0 in float32, so it is never sampled."""
