@@ -47,10 +47,10 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
     tenant), else of the role, else the call's budget (``max_tokens``). Non-privileged: it
     learns only from calls that already finished."""
     out = engine.calls.max_tokens[ids].astype(np.float64)
-    if not engine.role_output_stats:
+    if not engine.stats.role_output_stats:
         return out
     calls = engine.calls
-    predicted = _mean_outputs(engine)[calls.role[ids], engine.job_tenant[calls.job[ids]]]
+    predicted = _mean_outputs(engine)[calls.role[ids], engine.job_table.tenant[calls.job[ids]]]
     known = ~np.isnan(predicted)
     out[known] = predicted[known]
     return out
@@ -58,16 +58,16 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
 
 def _mean_outputs(engine: Engine) -> np.ndarray:
     """(roles, tenants) table of the predictor's means, NaN where nothing finished yet, kept in
-    ``engine.mean_outputs`` until a call finishes or a tenant appears (the engine drops it then):
+    ``engine.stats.mean_outputs`` until a call finishes or a tenant appears (the engine drops it then):
     a lookup per call costs one fancy index, not a dictionary walk."""
-    if engine.mean_outputs is None:
-        table = np.full((len(KNOWN_ROLES), max(len(engine.tenants), 1)), np.nan)
-        for role, (total, count) in engine.role_output_stats.items():
+    if engine.stats.mean_outputs is None:
+        table = np.full((len(KNOWN_ROLES), max(len(engine.stats.tenants), 1)), np.nan)
+        for role, (total, count) in engine.stats.role_output_stats.items():
             table[role, :] = total / count
-        for (role, tenant), (total, count) in engine.output_stats.items():
+        for (role, tenant), (total, count) in engine.stats.output_stats.items():
             table[role, tenant] = total / count
-        engine.mean_outputs = table
-    return engine.mean_outputs
+        engine.stats.mean_outputs = table
+    return engine.stats.mean_outputs
 
 
 _TREE_STATE = CANDIDATE_FEATURES.index("tree_ready_log")
@@ -90,8 +90,9 @@ def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
     calls = engine.calls
     trees, row_tree = np.unique(jobs, return_inverse=True)
     n = len(trees)
-    first = np.fromiter((engine.job_first_call[j] for j in trees.tolist()), np.int64, n)
-    sizes = engine.job_num_calls[trees]
+    first_call = engine.job_table.first_call
+    first = np.fromiter((first_call[j] for j in trees.tolist()), np.int64, n)
+    sizes = engine.job_table.num_calls[trees]
     starts = np.cumsum(sizes) - sizes  # where each tree's range starts in the gather
     ids = np.repeat(first - starts, sizes) + np.arange(int(sizes.sum()))
     group = np.repeat(np.arange(n), sizes)
@@ -131,7 +132,7 @@ def candidate_decision(
     else:
         hit = np.minimum(calls.num_computed[ids], prompt).astype(np.float64)
         needed = np.ones(len(ids))
-    tenant_vtc = engine.tenant_service[engine.job_tenant[jobs]]
+    tenant_vtc = engine.stats.tenant_service[engine.job_table.tenant[jobs]]
     table = np.empty((len(ids), len(CANDIDATE_FEATURES)), dtype=np.float32)
     state = calls.state[ids]
     table[:, 0] = state == CallState.RUNNING
@@ -144,20 +145,20 @@ def candidate_decision(
     table[:, 7] = calls.num_held_blocks[ids] / num_blocks
     table[:, 8] = needed / num_blocks
     table[:, 9] = (engine.now_s - calls.enqueue_s[ids]) / engine.time_scale_s
-    table[:, 10] = (engine.now_s - engine.job_arrival_s[jobs]) / engine.time_scale_s
+    table[:, 10] = (engine.now_s - engine.job_table.arrival_s[jobs]) / engine.time_scale_s
     table[:, 11] = calls.role[ids]
     table[:, 12] = calls.depth[ids]
-    table[:, 13] = np.log1p(engine.job_service[jobs])
+    table[:, 13] = np.log1p(engine.job_table.service[jobs])
     table[:, 14] = np.log1p(calls.path_service[ids])
-    table[:, 15] = engine.job_calls_done[jobs]
-    table[:, 16] = np.log1p(engine.job_num_calls[jobs])
+    table[:, 15] = engine.job_table.calls_done[jobs]
+    table[:, 16] = np.log1p(engine.job_table.num_calls[jobs])
     table[:, 17] = np.log1p(tenant_vtc - tenant_vtc.min())
     table[:, 18] = calls.num_preemptions[ids]
     table[:, 19] = replica.index
     table[:, 20] = np.log1p(predicted_output_tokens(engine, ids))
     pinned = np.zeros(len(ids))
-    if replica.pins_of_child:
-        pins, of_child = replica.pins, replica.pins_of_child
+    if replica.pins.of_child:
+        pins, of_child = replica.pins, replica.pins.of_child
         for i, call in enumerate(candidates):
             pinned[i] = sum(len(pins[p]) for p in of_child.get(call, ()))
     table[:, 21] = np.minimum(pinned * replica.config.block_size / np.maximum(prompt, 1), 1.0)
@@ -182,7 +183,7 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     calls = engine.calls
     prompt = int(calls.prompt_tokens[call])
     table = np.zeros((len(engine.replicas), len(ROUTE_FEATURES)), dtype=np.float32)
-    tree_replicas = engine.job_replicas[int(calls.job[call])]
+    tree_replicas = engine.job_table.replicas[int(calls.job[call])]
     for r, replica in enumerate(engine.replicas):
         bm, bs = replica.blocks, replica.config.block_size
         max_hit = (prompt - 1) // bs
@@ -230,7 +231,7 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     calls = engine.calls
     ttls = np.asarray(replica.config.retain_ttls_s, dtype=np.float64)
     role = int(calls.role[call])
-    tool_mean, seen = engine.observed_tool_pause_s(role)
+    tool_mean, seen = engine.stats.observed_tool_pause_s(role)
     expected = tool_mean + engine.cluster.network_delay_s
     num_blocks = replica.blocks.num_blocks
     job = int(calls.job[call])
@@ -245,7 +246,7 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     table[:, 7] = np.log1p(children)
     table[:, 8] = role
     table[:, 9] = calls.depth[call]
-    table[:, 10] = (engine.now_s - engine.job_arrival_s[job]) / engine.time_scale_s
+    table[:, 10] = (engine.now_s - engine.job_table.arrival_s[job]) / engine.time_scale_s
     table[:, 11] = tree_state(engine, np.array([job]))[0, 4]
     table[:, 12] = sum(len(blocks) for blocks in replica.pins.values()) / num_blocks
     table[:, 13] = np.log1p(len(replica.pins))

@@ -133,16 +133,16 @@ def check_drained(engine: Engine) -> None:
     states = calls.state[:n]
     bad = np.flatnonzero(~np.isin(states, [int(s) for s in TERMINAL]))
     _require(not len(bad), f"{len(bad)} calls not terminal, e.g. call {bad[0] if len(bad) else -1}")
-    done = engine.job_calls_done[: len(jobs)].tolist()
-    want = engine.job_num_calls[: len(jobs)].tolist()  # len(job.calls), set at arrival
+    done = engine.job_table.calls_done[: len(jobs)].tolist()
+    want = engine.job_table.num_calls[: len(jobs)].tolist()  # len(job.calls), set at arrival
     _require(done == want, "a tree counted a call more or less than once")
-    _require(not np.isnan(engine.job_finish_s[: len(jobs)]).any(), "a tree has no finish time")
+    _require(not np.isnan(engine.job_table.finish_s[: len(jobs)]).any(), "a tree has no finish time")
     for replica in engine.replicas:
         bm, r = replica.blocks, replica.index
         bm.check_invariants()
         _require(not replica.waiting and not replica.running, f"replica {r}: calls left waiting or running")
         _require(
-            not replica.pins and not replica.pin_waiters and not replica.pins_of_child,
+            not replica.pins and not replica.pins.waiters and not replica.pins.of_child,
             f"replica {r}: pins left",
         )
         _require(bm.ref_count == [0] * bm.num_blocks, f"replica {r}: blocks still referenced")

@@ -7,9 +7,9 @@ waiting calls are admitted in the policy's order while slots, budget and blocks 
 
 ``schedule`` is a generator: it yields a ``Decision`` whenever the policy must choose and
 receives the scores back, so the engine can hand decisions to an RL agent step by step.
-Continuum's TTL pins (``pins``): a finished call's leading blocks that its children will reuse
-stay referenced by the pin until every child was admitted here or the TTL expires (the engine
-calls ``unpin``). A pin is dropped early, oldest first, only when running calls would otherwise
+Continuum's TTL pins (``pins``, ``retention.Pins``): a finished call's leading blocks that its
+children will reuse stay referenced by the pin until every child was admitted here or the TTL
+expires. The scheduler drops a pin early, oldest first, only when running calls would otherwise
 be preempted for blocks, or when nothing runs and no waiting call fits (a stall otherwise).
 
 Runs of decode-only iterations with nothing else going on are folded into one ``Batch`` in
@@ -31,6 +31,7 @@ from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile
 from servegym.envs.engine.policy import Decision, DecisionKind, pick
 from servegym.envs.engine.prefix_watch import PrefixWatch
+from servegym.envs.engine.retention import Pins
 
 _SCALAR_QUEUE = 4
 """Queues at most this long are planned in plain Python (``Replica._queue_needs_scalar``)."""
@@ -107,12 +108,7 @@ class Replica:
         )
         self.watch = PrefixWatch(self.blocks, calls)  # prefix hits of the waiting calls
         self._unwatched: list[int] = []  # waiting calls the watch does not track yet
-        # TTL pins, oldest first: finished call -> its pinned blocks; the children each waits for
-        self.pins: dict[int, list[int]] = {}
-        self.pin_waiters: dict[int, set[int]] = {}  # pinned call -> children not yet admitted
-        self.pins_of_child: dict[int, list[int]] = {}  # child -> pinned parents waiting for it
-        self.num_pins = 0
-        self.num_pins_dropped = 0  # released early under memory pressure
+        self.pins = Pins(self.blocks)  # TTL pins (retention.py)
         self.capacity_tokens = num_blocks * bs
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
@@ -262,12 +258,7 @@ class Replica:
                 self.prompt_tokens_hit += hit_tokens
         calls.state[call] = CallState.RUNNING
         self.running.append(call)
-        for parent in self.pins_of_child.pop(call, ()):
-            waiters = self.pin_waiters.get(parent)
-            if waiters is not None:
-                waiters.discard(call)
-                if not waiters:
-                    self.unpin(parent)
+        self.pins.admitted(call)
         return swap_bytes
 
     # ---------------------------------------------------------------- preemption
@@ -300,43 +291,6 @@ class Replica:
         calls.num_held_blocks[call] = 0
         calls.num_registered_blocks[call] = 0
         return pinned
-
-    # ---------------------------------------------------------------- TTL pins
-    def pin(self, call: int, blocks: list[int], children: list[int]) -> None:
-        """Hold ``blocks`` (already referenced) for ``children`` of the finished ``call``."""
-        self.pins[call] = blocks
-        self.pin_waiters[call] = set(children)
-        for child in children:
-            self.pins_of_child.setdefault(child, []).append(call)
-        self.num_pins += 1
-
-    def unpin(self, call: int) -> bool:
-        """Release a pin to the prefix cache (cached-free, next use NEXT); False if none held."""
-        blocks = self.pins.pop(call, None)
-        if blocks is None:
-            return False
-        for child in self.pin_waiters.pop(call):
-            parents = self.pins_of_child.get(child)
-            if parents is not None:
-                parents.remove(call)
-                if not parents:
-                    del self.pins_of_child[child]
-        self.blocks.free(blocks, [NextUse.NEXT] * len(blocks))
-        return True
-
-    def unpin_oldest(self, need_free_blocks: int) -> None:
-        """Drop pins, oldest first, until ``need_free_blocks`` are allocatable or none is left."""
-        while self.pins and self.blocks.num_free_blocks < need_free_blocks:
-            self.drop_oldest_pin()
-
-    def drop_oldest_pin(self) -> None:
-        """Release the oldest pin early (memory is short): counted in ``num_pins_dropped``."""
-        self.unpin(next(iter(self.pins)))
-        self.num_pins_dropped += 1
-
-    @property
-    def num_pinned_blocks(self) -> int:
-        return sum(len(blocks) for blocks in self.pins.values())
 
     def preempt(self, call: int) -> float:
         """Take a running call off the GPU; returns the swap-out bytes it costs."""
@@ -383,7 +337,7 @@ class Replica:
             run, grant = run[:count], grant[:count]
             need = -(-(calls.num_computed[run] + grant) // bs) - calls.num_held_blocks[run]
             if self.pins and int(need.sum()) > bm.num_free_blocks:
-                self.unpin_oldest(int(need.sum()))  # a pin yields before a running call does
+                self.pins.drop_until_free(int(need.sum()))  # a pin yields before a running call does
             if int(need.sum()) <= bm.num_free_blocks:
                 new_blocks = bm.allocate(int(need.sum()))
                 takers = np.flatnonzero(need)
@@ -485,7 +439,7 @@ class Replica:
             plan = self.admission_plan(call, budget - spent)
             while rank == 0 and not order and self.pins and not self.fits(plan):
                 # nothing runs and the policy's first choice waits on pinned blocks: drop pins
-                self.drop_oldest_pin()
+                self.pins.drop_oldest()
                 plan = self.admission_plan(call, budget)
             if not self.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
@@ -507,7 +461,7 @@ class Replica:
         until something does or none is left (waiting for a TTL would idle the replica)."""
         needs = self.queue_needs(budget)
         while not order and self.pins and not needs.fits.any():
-            self.drop_oldest_pin()
+            self.pins.drop_oldest()
             needs = self.queue_needs(budget)
         return needs
 
