@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from enum import IntEnum
 
 import numpy as np
@@ -31,17 +31,16 @@ from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import candidate_decision, retain_decision, route_decision
-from servegym.envs.engine.invariants import check_drained, check_live
-from servegym.envs.engine.jobs import JobLog, JobTable
+from servegym.envs.engine.invariants import check_drained, check_live, diagnose_stall
+from servegym.envs.engine.jobs import JobLog, JobTable, Trees
 from servegym.envs.engine.metrics import KvSamples, RunMetrics, collect_metrics
 from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
 from servegym.envs.engine.retention import Retention
-from servegym.envs.engine.scheduler import Replica
+from servegym.envs.engine.runs import apply_tokens, iterations_done, truncate
+from servegym.envs.engine.scheduler import Replica, eligible_replicas
 from servegym.envs.engine.stats import OnlineStats
-from servegym.envs.workloads.job import Job, Output, role_id
+from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import JobSource
-
-_RELEASED: tuple = ()  # a dropped call's segments, hashes and (empty) block table
 
 
 class EventKind(IntEnum):
@@ -55,6 +54,15 @@ class EventKind(IntEnum):
 
 
 class Engine:
+    """The cluster's virtual clock, driven by ``next_decision``/``decide`` (or ``run``).
+
+    It owns the events and the replicas (``scheduler.Replica``: queues, KV, iterations) and
+    routes ready calls to them; the state it shares lives in tables read by features, metrics
+    and tests: ``calls`` (``CallTable``), ``jobs`` and ``job_table`` (``jobs.py``, with the
+    trees' lifecycle in ``trees``), ``stats`` (``OnlineStats``: what a policy may learn from),
+    and ``retention`` (what a finished call's KV becomes, ``retention.py``).
+    """
+
     def __init__(
         self,
         source: JobSource,
@@ -85,17 +93,11 @@ class Engine:
                 attach(replica, self._keys)
         self.now_s = 0.0
         self._events: list[tuple[float, int, int, object]] = []
-        self.jobs: list[Job] | JobLog = JobLog(lambda: source.jobs) if self.streaming else []
+        self.jobs: list[Job] | JobLog = JobLog(source) if self.streaming else []
         self.job_table = JobTable()
         self.stats = OnlineStats()  # what features may learn from (nothing privileged)
-        self.retention = Retention(
-            self.calls,
-            self.jobs,
-            self.job_table,
-            self.stats,
-            self.cluster.network_delay_s,
-            self._retain_decision,
-        )
+        self.trees = Trees(self.calls, self.jobs, self.job_table, self.stats, self.cluster, self._keys)
+        self.retention = Retention(self.trees, self._retain_decision)
         self.num_jobs_finished = 0  # trees whose every call is terminal (finished or rejected)
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
         self.num_live_jobs = 0
@@ -108,12 +110,10 @@ class Engine:
         self._pending: Decision | None = None
         self._answer: np.ndarray | None = None
         self._started = False
-        self._arrivals: Iterator[Job] | None = None  # a streaming source's jobs not pulled yet
         for window in self.cluster.slowdowns:
             self._push(window.start_s, EventKind.SLOW, window.replica, float(window.factor))
             self._push(window.end_s, EventKind.SLOW, window.replica, 1.0)
         if self.streaming:
-            self._arrivals = iter(source.initial_jobs())
             self._pull_arrival()
         else:
             for job in source.initial_jobs():
@@ -234,7 +234,7 @@ class Engine:
         self._drain_arrivals()
         unfinished = self.job_table.unfinished()
         if unfinished and self.stall is None:
-            self.stall = self._diagnose(unfinished)
+            self.stall = diagnose_stall(self, unfinished)
 
     def _sync(self, replica: Replica) -> int:
         """Bring a replica in the middle of a folded run up to the current event, as stepping
@@ -244,7 +244,7 @@ class Engine:
         if batch is None or batch.num_iterations == 1:
             return 0
         kind, key = self._event
-        done = replica.iterations_done(batch, self.now_s, (EventKind.STEP, replica.index) < (kind, key))
+        done = iterations_done(batch, self.now_s, (EventKind.STEP, replica.index) < (kind, key))
         replica.take_run_blocks(batch, done + 1)
         self._apply(replica, batch, done)
         return done
@@ -254,48 +254,21 @@ class Engine:
         for replica in self.replicas:
             self._sync(replica)
 
-    def _diagnose(self, unfinished: list[int]) -> str:
-        lines = [f"stalled at t={self.now_s:.3f}s with {len(unfinished)} unfinished jobs and no event left"]
-        for replica in self.replicas:
-            if replica.waiting or replica.running:
-                head = replica.waiting[0] if replica.waiting else replica.running[0]
-                plan = replica.admission_plan(head, replica.config.max_num_batched_tokens)
-                lines.append(
-                    f"replica {replica.index}: {len(replica.waiting)} waiting, {len(replica.running)} running, "
-                    f"{replica.blocks.num_free_blocks}/{replica.blocks.num_blocks} blocks free; "
-                    f"head call {head} needs {plan.total_blocks} blocks for a {plan.chunk_tokens}-token chunk"
-                )
-        return "; ".join(lines)
-
     # ------------------------------------------------------------------ jobs and calls
     def _pull_arrival(self) -> None:
         """Streaming: schedule the source's next job, one arrival ahead of the clock. Its
         arrival event sorts exactly where it would have had every job been pushed at start."""
-        job = next(self._arrivals, None)
-        if job is None:
-            self._arrivals = None
-            return
-        index = len(self.jobs)
-        previous_s = self.job_table.arrival_s[index - 1] if index else -np.inf
-        if job.arrival_s < previous_s:
-            raise ValueError(
-                f"streaming source {type(self.source).__name__}: job {job.job_id!r} arrives at "
-                f"{job.arrival_s!r} s, before the previous job ({previous_s!r} s); a "
-                "streaming source must yield jobs in arrival order"
-            )
-        self._add_job(job)
+        job = self.jobs.pull()
+        if job is not None:
+            self._add_job(job)
 
     def _drain_arrivals(self) -> None:
         """Streaming, after a stall: count the jobs that never arrived (as a list source would
         have them) without scheduling or holding them."""
-        while self._arrivals is not None:
-            job = next(self._arrivals, None)
-            if job is None:
-                self._arrivals = None
-                break
+        while self.streaming and (job := self.jobs.pull()) is not None:
             index = len(self.jobs)
             self._add_job(job, schedule=False)
-            self._release_job(index)
+            self.trees.release(index)
 
     def _add_job(self, job: Job, schedule: bool = True) -> None:
         self.jobs.append(job)
@@ -304,106 +277,21 @@ class Engine:
             self._push(job.arrival_s, EventKind.ARRIVAL, index)
 
     def _arrive(self, index: int) -> None:
-        if self._arrivals is not None and index == len(self.jobs) - 1:
+        if self.streaming and index == len(self.jobs) - 1:
             self._pull_arrival()  # the next arrival joins the heap before anything later runs
-        job = self.jobs[index]
-        calls = self.calls
-        ids = calls.add(len(job.calls))
-        self.job_table.first_call[index] = ids.start
-        depths = job.depth()
-        for call, spec, depth in zip(ids, job.calls, depths, strict=True):
-            calls.job[call] = index
-            calls.call_in_job[call] = spec.call_id
-            calls.replica[call] = -1
-            calls.state[call] = CallState.PENDING
-            calls.max_tokens[call] = spec.max_tokens
-            calls.true_output_tokens[call] = spec.output_tokens
-            calls.target_tokens[call] = spec.generated_tokens
-            calls.tool_latency_s[call] = spec.tool_latency_s
-            calls.tool_failures[call] = 0
-            calls.role[call] = role_id(spec.role)
-            calls.depth[call] = depth
-            calls.pending_parents[call] = len(spec.parents)
-            calls.release_s[call] = job.arrival_s
-            calls.path_service[call] = 0.0
-        if self.cluster.faults:
-            self._draw_faults(index, ids, job)
         self.num_live_jobs += 1
-        for call, spec in zip(ids, job.calls, strict=True):
-            if not spec.parents:
-                self._push(job.arrival_s, EventKind.READY, call)
-
-    def _draw_faults(self, index: int, ids: range, job: Job) -> None:
-        """Each call's tool attempts and hop jitter, from a generator keyed by (fault_seed, job
-        index, call index) alone, so a call meets the same faults under every schedule. A
-        failed attempt costs the timeout; the pause is the timeouts, the successful attempt's
-        latency (none when every attempt failed: the error returns at the last timeout) and the
-        jitter. Only calls that run a tool (latency > 0) fail."""
-        cluster, calls = self.cluster, self.calls
-        for call, spec in zip(ids, job.calls, strict=True):
-            rng = np.random.default_rng((cluster.fault_seed, index, spec.call_id))
-            if spec.tool_latency_s > 0 and cluster.tool_failure_prob > 0:
-                attempts = cluster.tool_retries + 1
-                succeeded = np.flatnonzero(rng.random(attempts) >= cluster.tool_failure_prob)
-                failures = int(succeeded[0]) if len(succeeded) else attempts
-                calls.tool_failures[call] = failures
-                pause = failures * cluster.tool_timeout_s + (
-                    spec.tool_latency_s if failures < attempts else 0.0
-                )
-            else:
-                pause = spec.tool_latency_s
-            if cluster.network_jitter_s > 0:
-                pause += float(rng.exponential(cluster.network_jitter_s))
-            calls.tool_latency_s[call] = pause
-
-    def _resolve_prompt(self, call: int) -> None:
-        """Turn the call's segments into (content id, tokens) now that its ancestors ran."""
-        calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        base = self.job_table.first_call[job_index]
-        segments = []
-        for seg in job.calls[int(calls.call_in_job[call])].prompt:
-            if isinstance(seg, Output):
-                source = base + seg.call
-                segments.append((-1 - source, int(calls.num_output[source])))
-            else:
-                segments.append((self._keys.setdefault(seg.key, len(self._keys)), seg.num_tokens))
-        calls.segments[call] = segments
-        calls.prompt_tokens[call] = sum(length for _, length in segments)
-        spec = job.calls[int(calls.call_in_job[call])]
-        # ATLAS's priority: the critical-path service of its parents (a call adds its own on finishing)
-        calls.path_service[call] = max((calls.path_service[base + p] for p in spec.parents), default=0.0)
-        # A continuing agent's prompt starts with its parent's prompt and output: the parent's
-        # block hashes are this call's first ones, so reuse them instead of hashing again.
-        for parent in spec.parents:
-            source = base + parent
-            inherited = calls.segments[source] + [(-1 - source, int(calls.num_output[source]))]
-            if (
-                len(calls.hashes[source]) > len(calls.hashes[call])
-                and segments[: len(inherited)] == inherited
-            ):
-                calls.hashes[call] = list(calls.hashes[source])
+        arrival_s = self.jobs[index].arrival_s
+        for call in self.trees.arrive(index):
+            self._push(arrival_s, EventKind.READY, call)
 
     def _route(self, call: int) -> Generator[Decision, np.ndarray, None]:
         calls = self.calls
         if calls.state[call] != CallState.PENDING:  # rejected with its tree meanwhile
             return
-        self._resolve_prompt(call)
-        spec = self.jobs[int(calls.job[call])].calls[int(calls.call_in_job[call])]
-        need_tokens = int(calls.prompt_tokens[call]) + spec.max_tokens
-        serves = np.array([spec.model in (None, r.profile.name, r.profile.model) for r in self.replicas])
-        fits = np.array([need_tokens <= r.capacity_tokens for r in self.replicas])
-        eligible = serves & fits
-        if not eligible.any():
-            if not serves.any():
-                reason = f"no replica serves model {spec.model!r}"
-            else:
-                largest = max(r.capacity_tokens for r, ok in zip(self.replicas, serves, strict=True) if ok)
-                reason = (
-                    f"prompt {int(calls.prompt_tokens[call])} + max_tokens {spec.max_tokens} tokens exceeds "
-                    f"the KV cache ({largest} tokens) of every replica serving it"
-                )
+        self.trees.resolve_prompt(call)
+        spec = self.trees.spec(call)
+        eligible, reason = eligible_replicas(self.replicas, spec, int(calls.prompt_tokens[call]))
+        if reason is not None:
             self._reject(call, reason)
             return
         if eligible.sum() == 1:
@@ -415,26 +303,16 @@ class Engine:
             target = int(allowed[np.argmax(scores[allowed])])  # ties and -inf: first eligible
         replica = self.replicas[target]
         self._cut_run(replica)  # the new call is scheduled when stepping would schedule it
-        self._observe_tools(call)
+        self.trees.observe_tools(call)
         self._backlog(call, +1)
         calls.replica[call] = target
         calls.state[call] = CallState.WAITING
         calls.ready_s[call] = self.now_s
         calls.enqueue_s[call] = self.now_s
         self.job_table.replicas[int(calls.job[call])].add(target)
-        replica.enqueue(call)
+        replica.waiting.enqueue(call)
         if replica.in_flight is None:  # idle: wake it now
             self._wake(replica)
-
-    def _observe_tools(self, call: int) -> None:
-        """The parents' tools have returned by now: their pauses join the per-role means that
-        ``pin_ttl_rule=tool_mean`` predicts from."""
-        calls = self.calls
-        job_index = int(calls.job[call])
-        base = self.job_table.first_call[job_index]
-        for parent in self.jobs[job_index].calls[int(calls.call_in_job[call])].parents:
-            source = base + parent
-            self.stats.observe_tool(source, int(calls.role[source]), float(calls.tool_latency_s[source]))
 
     def _backlog(self, call: int, delta: int) -> None:
         """Count the tenant's queued/running calls; a tenant turning backlogged gets VTC's lift."""
@@ -448,16 +326,10 @@ class Engine:
     def _reject(self, call: int, reason: str) -> None:
         """Reject a call and, with it, every call of its tree that has not run yet."""
         calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        base = self.job_table.first_call[job_index]
-        self.rejections.append((job.job_id, int(calls.call_in_job[call]), reason))
-        self.job_table.failed[job_index] = True
-        for other in range(base, base + len(job.calls)):
-            if calls.state[other] == CallState.PENDING:
-                calls.state[other] = CallState.REJECTED
-                calls.finish_s[other] = self.now_s
-                self._call_done(other)
+        job_id = self.jobs[int(calls.job[call])].job_id
+        self.rejections.append((job_id, int(calls.call_in_job[call]), reason))
+        for other in self.trees.cut(call, self.now_s):
+            self._call_done(other)
 
     def _call_done(self, call: int) -> None:
         job_index = int(self.calls.job[call])
@@ -467,46 +339,12 @@ class Engine:
             for job in self.source.on_job_finished(self.jobs[job_index], self.now_s):
                 self._add_job(job)
             if self.streaming:
-                self._release_job(job_index)
-
-    def _release_job(self, index: int) -> None:
-        """Streaming: drop a finished tree's heavy state (its ``Job``, call tree, replica set,
-        and its calls' prompt segments, block hashes and tool marks); nothing reads them again
-        once every call of the tree is terminal. Its per-job and per-call rows stay."""
-        calls, table = self.calls, self.job_table
-        first = table.first_call[index]
-        if first >= 0:  # it arrived: its calls have ids
-            for call in range(first, first + int(table.num_calls[index])):
-                calls.segments[call] = _RELEASED
-                calls.hashes[call] = _RELEASED
-                if not calls.blocks[call]:
-                    calls.blocks[call] = _RELEASED
-                self.stats.forget_call(call)
-        self.jobs.release(index)
-        table.release(index)
+                self.trees.release(job_index)
 
     def _finish(self, call: int) -> None:
-        calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        base = self.job_table.first_call[job_index]
-        spec = job.calls[int(calls.call_in_job[call])]
-        calls.state[call] = CallState.FINISHED
-        calls.finish_s[call] = self.now_s
-        calls.path_service[call] += calls.prompt_tokens[call] + calls.num_output[call]
         self._backlog(call, -1)
-        self.stats.observe_output(
-            int(calls.role[call]), int(self.job_table.tenant[job_index]), float(calls.num_output[call])
-        )
-        release = self.now_s + calls.tool_latency_s[call]
-        for child in self.job_table.children[job_index][spec.call_id]:
-            child_id = base + child
-            calls.release_s[child_id] = max(calls.release_s[child_id], release)
-            calls.pending_parents[child_id] -= 1
-            if calls.pending_parents[child_id] == 0 and calls.state[child_id] == CallState.PENDING:
-                self._push(
-                    calls.release_s[child_id] + self.cluster.network_delay_s, EventKind.READY, child_id
-                )
+        for ready_s, child in self.trees.finish(call, self.now_s):
+            self._push(ready_s, EventKind.READY, child)
         self._call_done(call)
 
     # ------------------------------------------------------------------ iterations
@@ -536,7 +374,7 @@ class Engine:
         if batch is None:
             if replica.waiting:  # waiting work, nothing running, nothing admissible: a stall
                 self._drain_arrivals()  # the trees that never arrived count as unfinished
-                self.stall = self._diagnose(self.job_table.unfinished())
+                self.stall = diagnose_stall(self, self.job_table.unfinished())
                 self._events.clear()
             return
         replica.time_batch(batch, self.now_s)
@@ -547,26 +385,14 @@ class Engine:
         self._push_step(replica)
 
     def _apply(self, replica: Replica, batch: Batch, upto: int) -> None:
-        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1`` (the run's calls that
-        reach their stop finish in ``_finish_run``, when the run ends)."""
-        steps = upto - batch.applied
-        if steps <= 0:
+        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1`` and count them as
+        their trees' and tenants' service (the run's calls that reach their stop finish in
+        ``_finish_run``, when the run ends)."""
+        applied = apply_tokens(self.calls, batch, upto)
+        if applied is None:
             return
-        calls = self.calls
-        ids = batch.calls
-        if batch.applied == 0:
-            # iteration 0: a token is sampled where all known tokens are now computed (a
-            # finished prefill or a decode); every later iteration of a run is all decodes
-            tokens = batch.num_new_tokens + (steps - 1)
-            sampled = batch.num_new_tokens == batch.remaining_tokens
-            calls.first_token_s[ids[sampled & (calls.num_output[ids] == 0)]] = batch.starts[1]
-            outputs = sampled + (steps - 1)
-        else:
-            tokens = outputs = np.full(len(ids), steps, dtype=np.int64)
-        calls.num_computed[ids] += tokens
-        calls.num_output[ids] += outputs
-        batch.applied = upto
-        jobs = calls.job[ids]
+        tokens, outputs = applied
+        jobs = self.calls.job[batch.calls]
         table = self.job_table
         np.add.at(table.service, jobs, tokens)
         # VTC's weights: a prompt token costs 1, a generated token 2 (processed once, sampled once)
@@ -603,7 +429,7 @@ class Engine:
         after the iteration in flight, where stepping would next schedule."""
         if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
             in_flight = self._sync(replica)
-            replica.truncate(replica.in_flight, in_flight + 1)
+            truncate(replica.in_flight, in_flight + 1)
             self._push_step(replica)
 
     def _wake(self, replica: Replica) -> None:

@@ -101,28 +101,26 @@ def check_live(engine: Engine) -> None:
 
 def check_prefix_watch(replica: Replica) -> None:
     """Watched hits equal a fresh prefix match; vectorised queue plans equal one-by-one plans."""
-    calls, bm, bs = replica.calls, replica.blocks, replica.config.block_size
-    for call in replica.waiting:
-        if call not in replica.watch:  # not tracked yet (a short queue plans it afresh)
+    calls, bm, bs, queue = replica.calls, replica.blocks, replica.config.block_size, replica.waiting
+    for call in queue:
+        if call not in queue.watch:  # not tracked yet (a short queue plans it afresh)
             continue
-        limit = replica.hit_limit(call)
+        limit = queue.hit_limit(call)
         fresh = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
-        _require(
-            replica.watch.hits(call) == fresh, f"call {call}: watched prefix hits drifted from the cache"
-        )
+        _require(queue.watch.hits(call) == fresh, f"call {call}: watched prefix hits drifted from the cache")
         _require(calls.prefix_hits[call] == len(fresh), f"call {call}: prefix_hits column drifted")
         _require(
             calls.prefix_free_hits[call] == bm.num_reclaimed_by_taking(fresh),
             f"call {call}: prefix_free_hits column drifted",
         )
     for budget in (1, 17, replica.config.max_num_batched_tokens):
-        needs = replica.queue_needs(budget)
+        needs = queue.queue_needs(budget)
         for i, call in enumerate(needs.calls.tolist()):
-            plan = replica.admission_plan(call, budget)
+            plan = queue.admission_plan(call, budget)
             _require(
                 needs.hit_blocks[i] == len(plan.hit_blocks)
                 and needs.needed_blocks[i] == plan.total_blocks
-                and needs.fits[i] == replica.fits(plan),
+                and needs.fits[i] == queue.fits(plan),
                 f"call {call}: the queue's plan at budget {budget} differs from planning it alone",
             )
 
@@ -154,4 +152,19 @@ def check_drained(engine: Engine) -> None:
         )
 
 
-__all__ = ["InvariantError", "check_drained", "check_live", "check_prefix_watch"]
+def diagnose_stall(engine: Engine, unfinished: list[int]) -> str:
+    """Why a run stalled (``Engine.stall``): each busy replica's queue head and what it needs."""
+    lines = [f"stalled at t={engine.now_s:.3f}s with {len(unfinished)} unfinished jobs and no event left"]
+    for replica in engine.replicas:
+        if replica.waiting or replica.running:
+            head = replica.waiting[0] if replica.waiting else replica.running[0]
+            plan = replica.waiting.admission_plan(head, replica.config.max_num_batched_tokens)
+            lines.append(
+                f"replica {replica.index}: {len(replica.waiting)} waiting, {len(replica.running)} running, "
+                f"{replica.blocks.num_free_blocks}/{replica.blocks.num_blocks} blocks free; "
+                f"head call {head} needs {plan.total_blocks} blocks for a {plan.chunk_tokens}-token chunk"
+            )
+    return "; ".join(lines)
+
+
+__all__ = ["InvariantError", "check_drained", "check_live", "check_prefix_watch", "diagnose_stall"]

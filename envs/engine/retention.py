@@ -18,17 +18,15 @@ bookkeeping of what is held.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from servegym.envs.engine.block_manager import BlockManager, NextUse
-from servegym.envs.engine.calls import CallTable
-from servegym.envs.engine.jobs import JobTable
+from servegym.envs.engine.jobs import Trees
 from servegym.envs.engine.policy import Decision
-from servegym.envs.engine.stats import OnlineStats
-from servegym.envs.workloads.job import Job, Output
+from servegym.envs.workloads.job import Output
 
 if TYPE_CHECKING:
     from servegym.envs.engine.scheduler import Replica
@@ -96,20 +94,11 @@ class Retention:
     """The engine's side of KV retention: the next use of a finished call's blocks, and
     whether and for how long its children's prefix is pinned."""
 
-    def __init__(
-        self,
-        calls: CallTable,
-        jobs: Sequence[Job],
-        job_table: JobTable,
-        stats: OnlineStats,
-        network_delay_s: float,
-        ask: RetainAsker,
-    ) -> None:
-        self.calls = calls
-        self.jobs = jobs
-        self.job_table = job_table
-        self.stats = stats
-        self.network_delay_s = network_delay_s
+    def __init__(self, trees: Trees, ask: RetainAsker) -> None:
+        self.trees = trees  # the tree structure: which children reuse a call's KV, and how much
+        self.calls = trees.calls
+        self.stats = trees.stats
+        self.network_delay_s = trees.cluster.network_delay_s
         self.ask = ask
 
     def release(self, replica: Replica, call: int) -> Generator[Decision, np.ndarray, float | None]:
@@ -143,11 +132,11 @@ class Retention:
         segment (a role's system prompt, shared across trees) covers."""
         calls = self.calls
         job_index = int(calls.job[call])
-        job = self.jobs[job_index]
+        job = self.trees.jobs[job_index]
         spec = job.calls[int(calls.call_in_job[call])]
         lengths = [n for _, n in calls.segments[call]] + [int(calls.num_output[call])]
         own = (*spec.prompt, Output(spec.call_id))
-        children = self.job_table.children[job_index][spec.call_id]
+        children = self.trees.table.children[job_index][spec.call_id]
         reuse = 0
         for child in children:
             prompt = job.calls[child].prompt
@@ -155,7 +144,7 @@ class Retention:
             while shared < min(len(own), len(prompt)) and own[shared] == prompt[shared]:
                 shared += 1
             reuse = max(reuse, sum(lengths[:shared]))
-        base = self.job_table.first_call[job_index]
+        base = self.trees.table.first_call[job_index]
         return [base + c for c in children], reuse, lengths[0] if spec.prompt else 0
 
     def _pin_ttl_s(

@@ -271,7 +271,7 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     picking = replica.config.admission == "pick" and decision.kind == DecisionKind.ORDER
     if picking:  # pick-next: the mask is what fits now; a choice exists (STOP or two that fit)
         assert decision.mask.any() and (decision.stop or decision.mask.sum() >= 2)
-        needs = replica.queue_needs(
+        needs = replica.waiting.queue_needs(
             int(
                 round(
                     decision.global_features[column("token_budget_left_frac", GLOBAL_FEATURES)]
