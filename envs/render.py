@@ -95,8 +95,8 @@ def block_states(engine: Engine, replica_index: int) -> tuple[np.ndarray, np.nda
 def tree_status(engine: Engine) -> np.ndarray:
     """(J,) int per tree released so far: 0 live, 1 done, 2 failed."""
     jobs = len(engine.jobs)
-    finish = engine.job_finish_s[:jobs]
-    failed = engine.job_failed[:jobs]
+    finish = engine.job_table.finish_s[:jobs]
+    failed = engine.job_table.failed[:jobs]
     status = np.where(np.isnan(finish), 0, 1)
     status[failed] = 2
     return status
@@ -131,7 +131,7 @@ def render_text(engine: Engine | None, decision: Decision | None = None, max_row
                 lines.append(f"  {label:7s} ... {len(queue) - max_rows} more")
     live = np.flatnonzero(status == 0)
     if len(live):
-        oldest = live[np.argsort(engine.job_arrival_s[live], kind="stable")][:max_rows]
+        oldest = live[np.argsort(engine.job_table.arrival_s[live], kind="stable")][:max_rows]
         lines.append(f"trees in flight ({len(live)}; oldest first):")
         done = np.bincount(
             calls.job[: calls.size][calls.state[: calls.size] == CallState.FINISHED], minlength=len(status)
@@ -140,7 +140,7 @@ def render_text(engine: Engine | None, decision: Decision | None = None, max_row
             tree = engine.jobs[job]
             lines.append(
                 f"  {tree.job_id} ({tree.kind}, tenant {tree.tenant}): {int(done[job])}/{len(tree.calls)} calls "
-                f"done, age {engine.now_s - engine.job_arrival_s[job]:.2f} s"
+                f"done, age {engine.now_s - engine.job_table.arrival_s[job]:.2f} s"
             )
     return "\n".join(lines) + "\n"
 

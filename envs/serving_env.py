@@ -243,13 +243,13 @@ class EngineEnv(gym.Env):
             n = len(engine.jobs)
             counted = np.zeros(n, dtype=bool)
             counted[: len(self._slo_counted)] = self._slo_counted
-            finish = engine.job_finish_s[:n]
+            finish = engine.job_table.finish_s[:n]
             end = np.where(np.isnan(finish), engine.now_s, finish)
-            missed = (end - engine.job_arrival_s[:n] > cfg.slo_s) & ~counted
+            missed = (end - engine.job_table.arrival_s[:n] > cfg.slo_s) & ~counted
             reward -= cfg.slo_miss_penalty * int(missed.sum())
             self._slo_counted = counted | missed
-        if cfg.fairness_weight and len(engine.tenant_service) > 1:
-            unfairness = 1.0 - jain_index(engine.tenant_service)
+        if cfg.fairness_weight and len(engine.stats.tenant_service) > 1:
+            unfairness = 1.0 - jain_index(engine.stats.tenant_service)
             reward -= cfg.fairness_weight * unfairness * (engine.now_s - self._last_now_s) / cfg.time_scale_s
         self._last_now_s = engine.now_s
         return float(reward)

@@ -69,9 +69,9 @@ class TreeSecondsCurve:
     def of(cls, engine: Engine) -> TreeSecondsCurve:
         """The curve of a drained engine; a tree that never finished (a stalled run) is
         counted in flight until the engine's last event."""
-        n = len(engine.jobs)
-        finish = np.where(np.isnan(engine.job_finish_s[:n]), engine.now_s, engine.job_finish_s[:n])
-        return cls(engine.job_arrival_s[:n], finish)
+        n, table = len(engine.jobs), engine.job_table
+        finish = np.where(np.isnan(table.finish_s[:n]), engine.now_s, table.finish_s[:n])
+        return cls(table.arrival_s[:n], finish)
 
     def __call__(self, time_s: float) -> float:
         return float(np.interp(time_s, self.knots, self.values, left=0.0, right=self.total))

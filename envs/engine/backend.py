@@ -13,6 +13,7 @@ import numpy as np
 from servegym.envs.engine.cost_model import CostModel, ModelProfile
 
 if TYPE_CHECKING:
+    from servegym.envs.engine.calls import CallTable
     from servegym.envs.engine.config import EngineConfig
 
 
@@ -40,6 +41,28 @@ class Batch:
     block_owner: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # deferred block
     blocks_taken: int = 0  # deferred blocks allocated so far
     used_blocks_0: int = 0  # owned blocks during iteration 0
+
+    @classmethod
+    def from_calls(cls, calls: CallTable, order: list[int], grants: list[int], swap_bytes: float) -> Batch:
+        """The batch that computes ``grants[i]`` tokens of call ``order[i]`` (the cost model's
+        inputs derived from the call table, before the tokens are applied)."""
+        ids = np.array(order, dtype=np.int64)
+        new = np.array(grants, dtype=np.int64)
+        computed = calls.num_computed[ids]
+        remaining = calls.prompt_tokens[ids] + calls.num_output[ids] - computed
+        is_decode = remaining == 1
+        prefill_new = new[~is_decode]
+        prefill_ctx = computed[~is_decode]
+        return cls(
+            calls=ids,
+            num_new_tokens=new,
+            remaining_tokens=remaining,
+            num_decodes=int(np.count_nonzero(is_decode)),
+            prefill_tokens=int(prefill_new.sum()),
+            prefill_attn_tokens=float((prefill_new * (prefill_ctx + (prefill_new + 1) / 2)).sum()),
+            kv_read_tokens=int((computed[is_decode] + 1).sum() + prefill_ctx.sum()),
+            swap_bytes=swap_bytes,
+        )
 
     @property
     def start_s(self) -> float:

@@ -83,7 +83,7 @@ class BatchSpec:
         return np.asarray(self.computed, dtype=np.int64) + np.asarray(self.new, dtype=np.int64)
 
     def features(self) -> dict[str, float]:
-        """The cost model's inputs for this batch, exactly as ``Replica._make_batch`` derives them."""
+        """The cost model's inputs for this batch, exactly as ``Batch.from_calls`` derives them."""
         computed = np.asarray(self.computed, dtype=np.int64)
         new = np.asarray(self.new, dtype=np.int64)
         decode = new == 1

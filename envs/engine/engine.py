@@ -21,71 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator
 from enum import IntEnum
-from typing import overload
 
 import numpy as np
 
 from servegym.envs.engine.backend import Backend, Batch, make_backend_factory
-from servegym.envs.engine.block_manager import NextUse
 from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import candidate_decision, retain_decision, route_decision
-from servegym.envs.engine.invariants import check_drained, check_live
+from servegym.envs.engine.invariants import check_drained, check_live, diagnose_stall
+from servegym.envs.engine.jobs import JobLog, JobTable, Trees
 from servegym.envs.engine.metrics import KvSamples, RunMetrics, collect_metrics
 from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
-from servegym.envs.engine.scheduler import Replica
-from servegym.envs.workloads.job import Job, Output, role_id
+from servegym.envs.engine.retention import Retention
+from servegym.envs.engine.runs import apply_tokens, iterations_done, truncate
+from servegym.envs.engine.scheduler import Replica, eligible_replicas
+from servegym.envs.engine.stats import OnlineStats
+from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import JobSource
-
-_RELEASED: tuple = ()  # a dropped call's segments, hashes and (empty) block table
-
-_JOB_COLUMNS = {
-    "job_arrival_s": 0.0,
-    "job_finish_s": np.nan,
-    "job_service": 0.0,
-    "job_calls_done": np.int64(0),
-    "job_num_calls": np.int64(0),
-    "job_tenant": np.int64(0),
-    "job_failed": np.bool_(False),
-}
-
-
-class JobLog(Sequence[Job]):
-    """``Engine.jobs`` of a streaming run: the jobs in engine order, a finished one dropped
-    (``release``) and read again from ``reload()`` (every job, in engine order) if asked for."""
-
-    def __init__(self, reload: Callable[[], Sequence[Job]]) -> None:
-        self._jobs: list[Job | None] = []
-        self._reload = reload
-        self.num_held = 0  # jobs held now (the live trees)
-
-    def append(self, job: Job) -> None:
-        self._jobs.append(job)
-        self.num_held += 1
-
-    def release(self, index: int) -> None:
-        if self._jobs[index] is not None:
-            self._jobs[index] = None
-            self.num_held -= 1
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    @overload
-    def __getitem__(self, index: int) -> Job: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Job]: ...
-    def __getitem__(self, index: int | slice) -> Job | list[Job]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        job = self._jobs[index]
-        return self._reload()[index if index >= 0 else len(self) + index] if job is None else job
-
-    def __iter__(self) -> Iterator[Job]:
-        return (self[i] for i in range(len(self)))
 
 
 class EventKind(IntEnum):
@@ -99,6 +54,15 @@ class EventKind(IntEnum):
 
 
 class Engine:
+    """The cluster's virtual clock, driven by ``next_decision``/``decide`` (or ``run``).
+
+    It owns the events and the replicas (``scheduler.Replica``: queues, KV, iterations) and
+    routes ready calls to them; the state it shares lives in tables read by features, metrics
+    and tests: ``calls`` (``CallTable``), ``jobs`` and ``job_table`` (``jobs.py``, with the
+    trees' lifecycle in ``trees``), ``stats`` (``OnlineStats``: what a policy may learn from),
+    and ``retention`` (what a finished call's KV becomes, ``retention.py``).
+    """
+
     def __init__(
         self,
         source: JobSource,
@@ -129,26 +93,12 @@ class Engine:
                 attach(replica, self._keys)
         self.now_s = 0.0
         self._events: list[tuple[float, int, int, object]] = []
-        # per job
-        self.jobs: list[Job] | JobLog = JobLog(lambda: source.jobs) if self.streaming else []
+        self.jobs: list[Job] | JobLog = JobLog(source) if self.streaming else []
+        self.job_table = JobTable()
+        self.stats = OnlineStats()  # what features may learn from (nothing privileged)
+        self.trees = Trees(self.calls, self.jobs, self.job_table, self.stats, self.cluster, self._keys)
+        self.retention = Retention(self.trees, self._retain_decision)
         self.num_jobs_finished = 0  # trees whose every call is terminal (finished or rejected)
-        self.job_first_call: list[int] = []
-        self.job_children: list[list[list[int]]] = []
-        for name, fill in _JOB_COLUMNS.items():  # per-job columns, longer than len(jobs)
-            setattr(self, name, np.full(0, fill, dtype=type(fill) if not isinstance(fill, float) else float))
-        self.job_replicas: list[set[int]] = []
-        self.tenants: dict[str, int] = {}
-        self.tenant_service = np.zeros(0)
-        self.tenant_backlog = np.zeros(0, dtype=np.int64)  # calls queued or running per tenant (VTC)
-        self.num_vtc_lifts = 0
-        # online statistics a policy may read through features (no privileged knowledge):
-        self.output_stats: dict[tuple[int, int], list[float]] = {}  # (role, tenant) -> [sum, count]
-        self.role_output_stats: dict[int, list[float]] = {}
-        # their means as a (role, tenant) table, built by features.py when a decision needs it;
-        # None whenever a call finished or a tenant appeared since (then rebuilt)
-        self.mean_outputs: np.ndarray | None = None
-        self.tool_stats: dict[int, list[float]] = {}  # role -> [sum, count] of observed tool pauses
-        self._tools_seen: set[int] = set()
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
         self.num_live_jobs = 0
         self.tree_seconds = 0.0  # integral of unfinished trees over virtual time = total tree time
@@ -160,12 +110,10 @@ class Engine:
         self._pending: Decision | None = None
         self._answer: np.ndarray | None = None
         self._started = False
-        self._arrivals: Iterator[Job] | None = None  # a streaming source's jobs not pulled yet
         for window in self.cluster.slowdowns:
             self._push(window.start_s, EventKind.SLOW, window.replica, float(window.factor))
             self._push(window.end_s, EventKind.SLOW, window.replica, 1.0)
         if self.streaming:
-            self._arrivals = iter(source.initial_jobs())
             self._pull_arrival()
         else:
             for job in source.initial_jobs():
@@ -284,9 +232,9 @@ class Engine:
             else:
                 yield from self._step(self.replicas[key])
         self._drain_arrivals()
-        unfinished = self._unfinished_jobs()
+        unfinished = self.job_table.unfinished()
         if unfinished and self.stall is None:
-            self.stall = self._diagnose(unfinished)
+            self.stall = diagnose_stall(self, unfinished)
 
     def _sync(self, replica: Replica) -> int:
         """Bring a replica in the middle of a folded run up to the current event, as stepping
@@ -296,7 +244,7 @@ class Engine:
         if batch is None or batch.num_iterations == 1:
             return 0
         kind, key = self._event
-        done = replica.iterations_done(batch, self.now_s, (EventKind.STEP, replica.index) < (kind, key))
+        done = iterations_done(batch, self.now_s, (EventKind.STEP, replica.index) < (kind, key))
         replica.take_run_blocks(batch, done + 1)
         self._apply(replica, batch, done)
         return done
@@ -306,174 +254,44 @@ class Engine:
         for replica in self.replicas:
             self._sync(replica)
 
-    def _unfinished_jobs(self) -> list[int]:
-        return np.flatnonzero(np.isnan(self.job_finish_s[: len(self.jobs)])).tolist()
-
-    def _diagnose(self, unfinished: list[int]) -> str:
-        lines = [f"stalled at t={self.now_s:.3f}s with {len(unfinished)} unfinished jobs and no event left"]
-        for replica in self.replicas:
-            if replica.waiting or replica.running:
-                head = replica.waiting[0] if replica.waiting else replica.running[0]
-                plan = replica.admission_plan(head, replica.config.max_num_batched_tokens)
-                lines.append(
-                    f"replica {replica.index}: {len(replica.waiting)} waiting, {len(replica.running)} running, "
-                    f"{replica.blocks.num_free_blocks}/{replica.blocks.num_blocks} blocks free; "
-                    f"head call {head} needs {plan.total_blocks} blocks for a {plan.chunk_tokens}-token chunk"
-                )
-        return "; ".join(lines)
-
     # ------------------------------------------------------------------ jobs and calls
     def _pull_arrival(self) -> None:
         """Streaming: schedule the source's next job, one arrival ahead of the clock. Its
         arrival event sorts exactly where it would have had every job been pushed at start."""
-        job = next(self._arrivals, None)
-        if job is None:
-            self._arrivals = None
-            return
-        index = len(self.jobs)
-        if index and job.arrival_s < self.job_arrival_s[index - 1]:
-            raise ValueError(
-                f"streaming source {type(self.source).__name__}: job {job.job_id!r} arrives at "
-                f"{job.arrival_s!r} s, before the previous job ({self.job_arrival_s[index - 1]!r} s); a "
-                "streaming source must yield jobs in arrival order"
-            )
-        self._add_job(job)
+        job = self.jobs.pull()
+        if job is not None:
+            self._add_job(job)
 
     def _drain_arrivals(self) -> None:
         """Streaming, after a stall: count the jobs that never arrived (as a list source would
         have them) without scheduling or holding them."""
-        while self._arrivals is not None:
-            job = next(self._arrivals, None)
-            if job is None:
-                self._arrivals = None
-                break
+        while self.streaming and (job := self.jobs.pull()) is not None:
             index = len(self.jobs)
             self._add_job(job, schedule=False)
-            self._release_job(index)
+            self.trees.release(index)
 
     def _add_job(self, job: Job, schedule: bool = True) -> None:
-        index = len(self.jobs)
         self.jobs.append(job)
-        tenant = self.tenants.setdefault(job.tenant, len(self.tenants))
-        if tenant >= len(self.tenant_service):
-            self.tenant_service = np.append(self.tenant_service, 0.0)
-            self.tenant_backlog = np.append(self.tenant_backlog, 0)
-            self.mean_outputs = None  # one more tenant column
-        if index == len(self.job_arrival_s):  # grow the per-job columns by doubling
-            grow = max(16, index)
-            for name, fill in _JOB_COLUMNS.items():
-                old = getattr(self, name)
-                setattr(self, name, np.concatenate([old, np.full(grow, fill, dtype=old.dtype)]))
-        self.job_arrival_s[index] = job.arrival_s
-        self.job_num_calls[index] = len(job.calls)
-        self.job_tenant[index] = tenant
-        self.job_replicas.append(set())
-        self.job_first_call.append(-1)  # set when the job arrives and its calls get ids
-        self.job_children.append(job.children())
+        index = self.job_table.add(job, self.stats.tenant_id(job.tenant))
         if schedule:
             self._push(job.arrival_s, EventKind.ARRIVAL, index)
 
     def _arrive(self, index: int) -> None:
-        if self._arrivals is not None and index == len(self.jobs) - 1:
+        if self.streaming and index == len(self.jobs) - 1:
             self._pull_arrival()  # the next arrival joins the heap before anything later runs
-        job = self.jobs[index]
-        calls = self.calls
-        ids = calls.add(len(job.calls))
-        self.job_first_call[index] = ids.start
-        depths = job.depth()
-        for call, spec, depth in zip(ids, job.calls, depths, strict=True):
-            calls.job[call] = index
-            calls.call_in_job[call] = spec.call_id
-            calls.replica[call] = -1
-            calls.state[call] = CallState.PENDING
-            calls.max_tokens[call] = spec.max_tokens
-            calls.true_output_tokens[call] = spec.output_tokens
-            calls.target_tokens[call] = spec.generated_tokens
-            calls.tool_latency_s[call] = spec.tool_latency_s
-            calls.tool_failures[call] = 0
-            calls.role[call] = role_id(spec.role)
-            calls.depth[call] = depth
-            calls.pending_parents[call] = len(spec.parents)
-            calls.release_s[call] = job.arrival_s
-            calls.path_service[call] = 0.0
-        if self.cluster.faults:
-            self._draw_faults(index, ids, job)
         self.num_live_jobs += 1
-        for call, spec in zip(ids, job.calls, strict=True):
-            if not spec.parents:
-                self._push(job.arrival_s, EventKind.READY, call)
-
-    def _draw_faults(self, index: int, ids: range, job: Job) -> None:
-        """Each call's tool attempts and hop jitter, from a generator keyed by (fault_seed, job
-        index, call index) alone, so a call meets the same faults under every schedule. A
-        failed attempt costs the timeout; the pause is the timeouts, the successful attempt's
-        latency (none when every attempt failed: the error returns at the last timeout) and the
-        jitter. Only calls that run a tool (latency > 0) fail."""
-        cluster, calls = self.cluster, self.calls
-        for call, spec in zip(ids, job.calls, strict=True):
-            rng = np.random.default_rng((cluster.fault_seed, index, spec.call_id))
-            if spec.tool_latency_s > 0 and cluster.tool_failure_prob > 0:
-                attempts = cluster.tool_retries + 1
-                succeeded = np.flatnonzero(rng.random(attempts) >= cluster.tool_failure_prob)
-                failures = int(succeeded[0]) if len(succeeded) else attempts
-                calls.tool_failures[call] = failures
-                pause = failures * cluster.tool_timeout_s + (
-                    spec.tool_latency_s if failures < attempts else 0.0
-                )
-            else:
-                pause = spec.tool_latency_s
-            if cluster.network_jitter_s > 0:
-                pause += float(rng.exponential(cluster.network_jitter_s))
-            calls.tool_latency_s[call] = pause
-
-    def _resolve_prompt(self, call: int) -> None:
-        """Turn the call's segments into (content id, tokens) now that its ancestors ran."""
-        calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        base = self.job_first_call[job_index]
-        segments = []
-        for seg in job.calls[int(calls.call_in_job[call])].prompt:
-            if isinstance(seg, Output):
-                source = base + seg.call
-                segments.append((-1 - source, int(calls.num_output[source])))
-            else:
-                segments.append((self._keys.setdefault(seg.key, len(self._keys)), seg.num_tokens))
-        calls.segments[call] = segments
-        calls.prompt_tokens[call] = sum(length for _, length in segments)
-        spec = job.calls[int(calls.call_in_job[call])]
-        # ATLAS's priority: the critical-path service of its parents (a call adds its own on finishing)
-        calls.path_service[call] = max((calls.path_service[base + p] for p in spec.parents), default=0.0)
-        # A continuing agent's prompt starts with its parent's prompt and output: the parent's
-        # block hashes are this call's first ones, so reuse them instead of hashing again.
-        for parent in spec.parents:
-            source = base + parent
-            inherited = calls.segments[source] + [(-1 - source, int(calls.num_output[source]))]
-            if (
-                len(calls.hashes[source]) > len(calls.hashes[call])
-                and segments[: len(inherited)] == inherited
-            ):
-                calls.hashes[call] = list(calls.hashes[source])
+        arrival_s = self.jobs[index].arrival_s
+        for call in self.trees.arrive(index):
+            self._push(arrival_s, EventKind.READY, call)
 
     def _route(self, call: int) -> Generator[Decision, np.ndarray, None]:
         calls = self.calls
         if calls.state[call] != CallState.PENDING:  # rejected with its tree meanwhile
             return
-        self._resolve_prompt(call)
-        spec = self.jobs[int(calls.job[call])].calls[int(calls.call_in_job[call])]
-        need_tokens = int(calls.prompt_tokens[call]) + spec.max_tokens
-        serves = np.array([spec.model in (None, r.profile.name, r.profile.model) for r in self.replicas])
-        fits = np.array([need_tokens <= r.capacity_tokens for r in self.replicas])
-        eligible = serves & fits
-        if not eligible.any():
-            if not serves.any():
-                reason = f"no replica serves model {spec.model!r}"
-            else:
-                largest = max(r.capacity_tokens for r, ok in zip(self.replicas, serves, strict=True) if ok)
-                reason = (
-                    f"prompt {int(calls.prompt_tokens[call])} + max_tokens {spec.max_tokens} tokens exceeds "
-                    f"the KV cache ({largest} tokens) of every replica serving it"
-                )
+        self.trees.resolve_prompt(call)
+        spec = self.trees.spec(call)
+        eligible, reason = eligible_replicas(self.replicas, spec, int(calls.prompt_tokens[call]))
+        if reason is not None:
             self._reject(call, reason)
             return
         if eligible.sum() == 1:
@@ -485,120 +303,48 @@ class Engine:
             target = int(allowed[np.argmax(scores[allowed])])  # ties and -inf: first eligible
         replica = self.replicas[target]
         self._cut_run(replica)  # the new call is scheduled when stepping would schedule it
-        self._observe_tools(call)
+        self.trees.observe_tools(call)
         self._backlog(call, +1)
         calls.replica[call] = target
         calls.state[call] = CallState.WAITING
         calls.ready_s[call] = self.now_s
         calls.enqueue_s[call] = self.now_s
-        self.job_replicas[int(calls.job[call])].add(target)
-        replica.enqueue(call)
+        self.job_table.replicas[int(calls.job[call])].add(target)
+        replica.waiting.enqueue(call)
         if replica.in_flight is None:  # idle: wake it now
             self._wake(replica)
 
-    def _observe_tools(self, call: int) -> None:
-        """The parents' tools have returned by now: their pauses join the per-role means that
-        ``pin_ttl_rule=tool_mean`` predicts from."""
-        calls = self.calls
-        job_index = int(calls.job[call])
-        base = self.job_first_call[job_index]
-        for parent in self.jobs[job_index].calls[int(calls.call_in_job[call])].parents:
-            source = base + parent
-            if source in self._tools_seen:
-                continue
-            self._tools_seen.add(source)
-            stats = self.tool_stats.setdefault(int(calls.role[source]), [0.0, 0.0])
-            stats[0] += float(calls.tool_latency_s[source])
-            stats[1] += 1.0
-
     def _backlog(self, call: int, delta: int) -> None:
         """Count the tenant's queued/running calls; a tenant turning backlogged gets VTC's lift."""
-        tenant = int(self.job_tenant[int(self.calls.job[call])])
-        backlog = self.tenant_backlog
-        if delta > 0 and backlog[tenant] == 0 and self.config.vtc_lift:
-            others = np.flatnonzero(backlog > 0)
-            if len(others):
-                self._sync_all()  # counters of folded runs elsewhere must be current
-                floor = float(self.tenant_service[others].min())
-                if self.tenant_service[tenant] < floor:
-                    self.tenant_service[tenant] = floor
-                    self.num_vtc_lifts += 1
-        backlog[tenant] += delta
+        stats = self.stats
+        tenant = int(self.job_table.tenant[int(self.calls.job[call])])
+        if delta > 0 and self.config.vtc_lift and stats.lift_due(tenant):
+            self._sync_all()  # counters of folded runs elsewhere must be current
+            stats.lift(tenant)
+        stats.tenant_backlog[tenant] += delta
 
     def _reject(self, call: int, reason: str) -> None:
         """Reject a call and, with it, every call of its tree that has not run yet."""
         calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        base = self.job_first_call[job_index]
-        self.rejections.append((job.job_id, int(calls.call_in_job[call]), reason))
-        self.job_failed[job_index] = True
-        for other in range(base, base + len(job.calls)):
-            if calls.state[other] == CallState.PENDING:
-                calls.state[other] = CallState.REJECTED
-                calls.finish_s[other] = self.now_s
-                self._call_done(other)
+        job_id = self.jobs[int(calls.job[call])].job_id
+        self.rejections.append((job_id, int(calls.call_in_job[call]), reason))
+        for other in self.trees.cut(call, self.now_s):
+            self._call_done(other)
 
     def _call_done(self, call: int) -> None:
         job_index = int(self.calls.job[call])
-        self.job_calls_done[job_index] += 1
-        if self.job_calls_done[job_index] == self.job_num_calls[job_index]:
-            self.job_finish_s[job_index] = self.now_s
+        if self.job_table.call_done(job_index, self.now_s):
             self.num_live_jobs -= 1
             self.num_jobs_finished += 1
             for job in self.source.on_job_finished(self.jobs[job_index], self.now_s):
                 self._add_job(job)
             if self.streaming:
-                self._release_job(job_index)
-
-    def _release_job(self, index: int) -> None:
-        """Streaming: drop a finished tree's heavy state (its ``Job``, call tree, replica set,
-        and its calls' prompt segments, block hashes and tool marks); nothing reads them again
-        once every call of the tree is terminal. Its per-job and per-call rows stay."""
-        calls = self.calls
-        first = self.job_first_call[index]
-        if first >= 0:  # it arrived: its calls have ids
-            for call in range(first, first + int(self.job_num_calls[index])):
-                calls.segments[call] = _RELEASED
-                calls.hashes[call] = _RELEASED
-                if not calls.blocks[call]:
-                    calls.blocks[call] = _RELEASED
-                self._tools_seen.discard(call)
-        self.jobs.release(index)
-        self.job_children[index] = None
-        self.job_replicas[index] = None
+                self.trees.release(job_index)
 
     def _finish(self, call: int) -> None:
-        calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        base = self.job_first_call[job_index]
-        spec = job.calls[int(calls.call_in_job[call])]
-        calls.state[call] = CallState.FINISHED
-        calls.finish_s[call] = self.now_s
-        calls.path_service[call] += calls.prompt_tokens[call] + calls.num_output[call]
         self._backlog(call, -1)
-        role, tenant, output = (
-            int(calls.role[call]),
-            int(self.job_tenant[job_index]),
-            float(calls.num_output[call]),
-        )
-        for stats in (
-            self.output_stats.setdefault((role, tenant), [0.0, 0.0]),
-            self.role_output_stats.setdefault(role, [0.0, 0.0]),
-        ):
-            stats[0] += output
-            stats[1] += 1.0
-        self.mean_outputs = None
-        release = self.now_s + calls.tool_latency_s[call]
-        for child in self.job_children[job_index][spec.call_id]:
-            child_id = base + child
-            calls.release_s[child_id] = max(calls.release_s[child_id], release)
-            calls.pending_parents[child_id] -= 1
-            if calls.pending_parents[child_id] == 0 and calls.state[child_id] == CallState.PENDING:
-                self._push(
-                    calls.release_s[child_id] + self.cluster.network_delay_s, EventKind.READY, child_id
-                )
+        for ready_s, child in self.trees.finish(call, self.now_s):
+            self._push(ready_s, EventKind.READY, child)
         self._call_done(call)
 
     # ------------------------------------------------------------------ iterations
@@ -628,7 +374,7 @@ class Engine:
         if batch is None:
             if replica.waiting:  # waiting work, nothing running, nothing admissible: a stall
                 self._drain_arrivals()  # the trees that never arrived count as unfinished
-                self.stall = self._diagnose(self._unfinished_jobs())
+                self.stall = diagnose_stall(self, self.job_table.unfinished())
                 self._events.clear()
             return
         replica.time_batch(batch, self.now_s)
@@ -639,119 +385,42 @@ class Engine:
         self._push_step(replica)
 
     def _apply(self, replica: Replica, batch: Batch, upto: int) -> None:
-        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1`` (the run's calls that
-        reach their stop finish in ``_finish_run``, when the run ends)."""
-        steps = upto - batch.applied
-        if steps <= 0:
+        """Apply the tokens of iterations ``batch.applied`` .. ``upto - 1`` and count them as
+        their trees' and tenants' service (the run's calls that reach their stop finish in
+        ``_finish_run``, when the run ends)."""
+        applied = apply_tokens(self.calls, batch, upto)
+        if applied is None:
             return
-        calls = self.calls
-        ids = batch.calls
-        if batch.applied == 0:
-            # iteration 0: a token is sampled where all known tokens are now computed (a
-            # finished prefill or a decode); every later iteration of a run is all decodes
-            tokens = batch.num_new_tokens + (steps - 1)
-            sampled = batch.num_new_tokens == batch.remaining_tokens
-            calls.first_token_s[ids[sampled & (calls.num_output[ids] == 0)]] = batch.starts[1]
-            outputs = sampled + (steps - 1)
-        else:
-            tokens = outputs = np.full(len(ids), steps, dtype=np.int64)
-        calls.num_computed[ids] += tokens
-        calls.num_output[ids] += outputs
-        batch.applied = upto
-        jobs = calls.job[ids]
-        np.add.at(self.job_service, jobs, tokens)
+        tokens, outputs = applied
+        jobs = self.calls.job[batch.calls]
+        table = self.job_table
+        np.add.at(table.service, jobs, tokens)
         # VTC's weights: a prompt token costs 1, a generated token 2 (processed once, sampled once)
-        np.add.at(self.tenant_service, self.job_tenant[jobs], tokens + outputs)
+        np.add.at(self.stats.tenant_service, table.tenant[jobs], tokens + outputs)
 
     def _finish_run(self, replica: Replica, batch: Batch) -> Generator[Decision, np.ndarray, None]:
         """The run ended: its calls that reached their stop finish, in batch order, each
-        releasing its KV first (a RETAIN decision when ``pin_ttl_rule=policy``)."""
+        releasing its KV first (``Retention.release``; a RETAIN decision when
+        ``pin_ttl_rule=policy``), a pin's expiry scheduled here."""
         calls, ids = self.calls, batch.calls
         done = ids[calls.num_output[ids] >= calls.target_tokens[ids]]
         for call in done.tolist():
-            yield from self._release_finished(replica, call)  # asked while it holds slot and KV
+            ttl_s = yield from self.retention.release(replica, call)  # asked while it holds slot and KV
+            if ttl_s is not None:
+                self._push(self.now_s + ttl_s, EventKind.UNPIN, call, replica.index)
             replica.running.remove(call)
             self._finish(call)
 
     # ------------------------------------------------------------------ KV retention
-    def _reuse(self, call: int) -> tuple[list[int], int, int]:
-        """The call's children and, from the tree's known structure, how many of its leading
-        tokens the children's prompts repeat (the most over children) and how many its first
-        segment (a role's system prompt, shared across trees) covers."""
-        calls = self.calls
-        job_index = int(calls.job[call])
-        job = self.jobs[job_index]
-        spec = job.calls[int(calls.call_in_job[call])]
-        lengths = [n for _, n in calls.segments[call]] + [int(calls.num_output[call])]
-        own = (*spec.prompt, Output(spec.call_id))
-        children = self.job_children[job_index][spec.call_id]
-        reuse = 0
-        for child in children:
-            prompt = job.calls[child].prompt
-            shared = 0
-            while shared < min(len(own), len(prompt)) and own[shared] == prompt[shared]:
-                shared += 1
-            reuse = max(reuse, sum(lengths[:shared]))
-        base = self.job_first_call[job_index]
-        return [base + c for c in children], reuse, lengths[0] if spec.prompt else 0
-
-    def _release_finished(self, replica: Replica, call: int) -> Generator[Decision, np.ndarray, None]:
-        """Free a finished call's blocks with their next use (KVFlow), keeping the prefix its
-        children reuse pinned for a TTL (Continuum) when pinning is on; with
-        ``pin_ttl_rule=policy`` the TTL is a RETAIN decision, asked only when there is a prefix
-        to keep for a child."""
-        cfg, calls, bs = self.config, self.calls, self.config.block_size
-        if cfg.pin_ttl_rule == "off" and cfg.prefix_eviction == "lru":
-            replica.release_blocks(call)
-            return
-        children, reuse_tokens, system_tokens = self._reuse(call)
-        reuse_blocks, system_blocks = reuse_tokens // bs, system_tokens // bs
-        held = int(calls.num_held_blocks[call])
-        levels = [
-            NextUse.NEXT if i < reuse_blocks else NextUse.SHARED if i < system_blocks else NextUse.NEVER
-            for i in range(held)
-        ]
-        ttl_s = 0.0
-        if children and reuse_blocks:
-            ttl_s = yield from self._pin_ttl_s(replica, call, len(children), reuse_blocks)
-        pinned = replica.release_blocks(call, levels, reuse_blocks if ttl_s > 0 else 0)
-        if pinned:
-            replica.pin(call, pinned, children)
-            self._push(self.now_s + ttl_s, EventKind.UNPIN, call, replica.index)
-
-    def _pin_ttl_s(
-        self, replica: Replica, call: int, children: int, reuse_blocks: int
-    ) -> Generator[Decision, np.ndarray, float]:
-        """How long to pin the first ``reuse_blocks`` blocks of a finished call for its
-        ``children``: by ``pin_ttl_rule``, or with ``policy`` the option a RETAIN decision picks."""
-        cfg = self.config
-        if cfg.pin_ttl_rule == "off":
-            return 0.0
-        if cfg.pin_ttl_rule == "policy":
-            self._sync_all()
-            pin_blocks = min(reuse_blocks, int(self.calls.num_computed[call]) // cfg.block_size)
-            scores = yield retain_decision(self, replica, call, children, pin_blocks)
-            return float(cfg.retain_ttls_s[int(np.argmax(scores))])
-        if cfg.pin_ttl_rule == "fixed":
-            return cfg.pin_ttl_s
-        if cfg.pin_ttl_rule == "oracle":
-            predicted = float(self.calls.tool_latency_s[call]) + self.cluster.network_delay_s
-        else:
-            mean, count = self.observed_tool_pause_s(int(self.calls.role[call]))
-            predicted = mean + self.cluster.network_delay_s if count else 0.0
-        return predicted + cfg.pin_ttl_s
-
-    def observed_tool_pause_s(self, role: int) -> tuple[float, float]:
-        """(mean, count) of the tool pauses observed after finished calls of ``role`` (0, 0
-        before the first): what Continuum's TTL and the RETAIN features predict from."""
-        total, count = self.tool_stats.get(role, (0.0, 0.0))
-        return (total / count if count else 0.0), count
+    def _retain_decision(self, replica: Replica, call: int, children: int, pin_blocks: int) -> Decision:
+        self._sync_all()
+        return retain_decision(self, replica, call, children, pin_blocks)
 
     def _expire_pin(self, replica: Replica, call: int) -> None:
         """A TTL ran out: the pinned blocks join the prefix cache, and the replica sees them at
         its next iteration exactly as stepping would (a folded run is cut there)."""
         self._cut_run(replica)
-        replica.unpin(call)
+        replica.pins.unpin(call)
         if replica.in_flight is None and replica.waiting:  # idle behind the pin: wake it now
             self._wake(replica)
 
@@ -760,7 +429,7 @@ class Engine:
         after the iteration in flight, where stepping would next schedule."""
         if replica.in_flight is not None and replica.in_flight.num_iterations > 1:
             in_flight = self._sync(replica)
-            replica.truncate(replica.in_flight, in_flight + 1)
+            truncate(replica.in_flight, in_flight + 1)
             self._push_step(replica)
 
     def _wake(self, replica: Replica) -> None:

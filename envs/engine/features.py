@@ -44,10 +44,10 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
     tenant), else of the role, else the call's budget (``max_tokens``). Non-privileged: it
     learns only from calls that already finished."""
     out = engine.calls.max_tokens[ids].astype(np.float64)
-    if not engine.role_output_stats:
+    if not engine.stats.role_output_stats:
         return out
     calls = engine.calls
-    predicted = _mean_outputs(engine)[calls.role[ids], engine.job_tenant[calls.job[ids]]]
+    predicted = _mean_outputs(engine)[calls.role[ids], engine.job_table.tenant[calls.job[ids]]]
     known = ~np.isnan(predicted)
     out[known] = predicted[known]
     return out
@@ -55,16 +55,16 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
 
 def _mean_outputs(engine: Engine) -> np.ndarray:
     """(roles, tenants) table of the predictor's means, NaN where nothing finished yet, kept in
-    ``engine.mean_outputs`` until a call finishes or a tenant appears (the engine drops it then):
+    ``engine.stats.mean_outputs`` until a call finishes or a tenant appears (the engine drops it then):
     a lookup per call costs one fancy index, not a dictionary walk."""
-    if engine.mean_outputs is None:
-        table = np.full((len(KNOWN_ROLES), max(len(engine.tenants), 1)), np.nan)
-        for role, (total, count) in engine.role_output_stats.items():
+    if engine.stats.mean_outputs is None:
+        table = np.full((len(KNOWN_ROLES), max(len(engine.stats.tenants), 1)), np.nan)
+        for role, (total, count) in engine.stats.role_output_stats.items():
             table[role, :] = total / count
-        for (role, tenant), (total, count) in engine.output_stats.items():
+        for (role, tenant), (total, count) in engine.stats.output_stats.items():
             table[role, tenant] = total / count
-        engine.mean_outputs = table
-    return engine.mean_outputs
+        engine.stats.mean_outputs = table
+    return engine.stats.mean_outputs
 
 
 TREE_STATE_COLUMNS = (
@@ -96,8 +96,9 @@ def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
     calls = engine.calls
     trees, row_tree = np.unique(jobs, return_inverse=True)
     n = len(trees)
-    first = np.fromiter((engine.job_first_call[j] for j in trees.tolist()), np.int64, n)
-    sizes = engine.job_num_calls[trees]
+    first_call = engine.job_table.first_call
+    first = np.fromiter((first_call[j] for j in trees.tolist()), np.int64, n)
+    sizes = engine.job_table.num_calls[trees]
     starts = np.cumsum(sizes) - sizes  # where each tree's range starts in the gather
     ids = np.repeat(first - starts, sizes) + np.arange(int(sizes.sum()))
     group = np.repeat(np.arange(n), sizes)
@@ -135,12 +136,12 @@ def candidate_decision(
     else:
         hit = np.minimum(calls.num_computed[ids], prompt).astype(np.float64)
         needed = np.ones(len(ids))
-    tenant_vtc = engine.tenant_service[engine.job_tenant[jobs]]
+    tenant_vtc = engine.stats.tenant_service[engine.job_table.tenant[jobs]]
     state = calls.state[ids]
     output = calls.num_output[ids]
     pinned = np.zeros(len(ids))
-    if replica.pins_of_child:
-        pins, of_child = replica.pins, replica.pins_of_child
+    if replica.pins.of_child:
+        pins, of_child = replica.pins, replica.pins.of_child
         for i, call in enumerate(candidates):
             pinned[i] = sum(len(pins[p]) for p in of_child.get(call, ()))
     raw = {
@@ -154,13 +155,13 @@ def candidate_decision(
         "blocks_held_frac": calls.num_held_blocks[ids],
         "blocks_needed_frac": needed,
         "wait_s": engine.now_s - calls.enqueue_s[ids],
-        "tree_age_s": engine.now_s - engine.job_arrival_s[jobs],
+        "tree_age_s": engine.now_s - engine.job_table.arrival_s[jobs],
         "role_id": calls.role[ids],
         "depth": calls.depth[ids],
-        "tree_service_log": engine.job_service[jobs],
+        "tree_service_log": engine.job_table.service[jobs],
         "critical_path_service_log": calls.path_service[ids],
-        "tree_calls_done": engine.job_calls_done[jobs],
-        "tree_calls_total_log": engine.job_num_calls[jobs],
+        "tree_calls_done": engine.job_table.calls_done[jobs],
+        "tree_calls_total_log": engine.job_table.num_calls[jobs],
         "tenant_vtc_log": tenant_vtc - tenant_vtc.min(),
         "preemptions": calls.num_preemptions[ids],
         "replica": replica.index,
@@ -189,7 +190,7 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     """Rows are replicas; ``eligible`` masks those that serve the call's model and can fit it."""
     calls = engine.calls
     prompt = int(calls.prompt_tokens[call])
-    tree_replicas = engine.job_replicas[int(calls.job[call])]
+    tree_replicas = engine.job_table.replicas[int(calls.job[call])]
     rows = [_route_row(engine, replica, call, prompt, tree_replicas) for replica in engine.replicas]
     raw = {name: np.array([row[name] for row in rows]) for name in rows[0]}
     raw["call_prompt_tokens_log"] = prompt
@@ -247,7 +248,7 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     calls = engine.calls
     ttls = np.asarray(replica.config.retain_ttls_s, dtype=np.float64)
     role = int(calls.role[call])
-    tool_mean, seen = engine.observed_tool_pause_s(role)
+    tool_mean, seen = engine.stats.observed_tool_pause_s(role)
     expected = tool_mean + engine.cluster.network_delay_s
     job = int(calls.job[call])
     raw = {
@@ -263,7 +264,7 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
         "children_log": children,
         "role_id": role,
         "depth": calls.depth[call],
-        "tree_age_s": engine.now_s - engine.job_arrival_s[job],
+        "tree_age_s": engine.now_s - engine.job_table.arrival_s[job],
         "tree_predicted_left_log": tree_state(engine, np.array([job]))[0, _PREDICTED_LEFT],
         "pinned_frac": sum(len(blocks) for blocks in replica.pins.values()),
         "pins_log": len(replica.pins),

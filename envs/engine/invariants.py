@@ -101,28 +101,26 @@ def check_live(engine: Engine) -> None:
 
 def check_prefix_watch(replica: Replica) -> None:
     """Watched hits equal a fresh prefix match; vectorised queue plans equal one-by-one plans."""
-    calls, bm, bs = replica.calls, replica.blocks, replica.config.block_size
-    for call in replica.waiting:
-        if call not in replica.watch:  # not tracked yet (a short queue plans it afresh)
+    calls, bm, bs, queue = replica.calls, replica.blocks, replica.config.block_size, replica.waiting
+    for call in queue:
+        if call not in queue.watch:  # not tracked yet (a short queue plans it afresh)
             continue
-        limit = replica.hit_limit(call)
+        limit = queue.hit_limit(call)
         fresh = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
-        _require(
-            replica.watch.hits(call) == fresh, f"call {call}: watched prefix hits drifted from the cache"
-        )
+        _require(queue.watch.hits(call) == fresh, f"call {call}: watched prefix hits drifted from the cache")
         _require(calls.prefix_hits[call] == len(fresh), f"call {call}: prefix_hits column drifted")
         _require(
             calls.prefix_free_hits[call] == bm.num_reclaimed_by_taking(fresh),
             f"call {call}: prefix_free_hits column drifted",
         )
     for budget in (1, 17, replica.config.max_num_batched_tokens):
-        needs = replica.queue_needs(budget)
+        needs = queue.queue_needs(budget)
         for i, call in enumerate(needs.calls.tolist()):
-            plan = replica.admission_plan(call, budget)
+            plan = queue.admission_plan(call, budget)
             _require(
                 needs.hit_blocks[i] == len(plan.hit_blocks)
                 and needs.needed_blocks[i] == plan.total_blocks
-                and needs.fits[i] == replica.fits(plan),
+                and needs.fits[i] == queue.fits(plan),
                 f"call {call}: the queue's plan at budget {budget} differs from planning it alone",
             )
 
@@ -133,16 +131,16 @@ def check_drained(engine: Engine) -> None:
     states = calls.state[:n]
     bad = np.flatnonzero(~np.isin(states, [int(s) for s in TERMINAL]))
     _require(not len(bad), f"{len(bad)} calls not terminal, e.g. call {bad[0] if len(bad) else -1}")
-    done = engine.job_calls_done[: len(jobs)].tolist()
-    want = engine.job_num_calls[: len(jobs)].tolist()  # len(job.calls), set at arrival
+    done = engine.job_table.calls_done[: len(jobs)].tolist()
+    want = engine.job_table.num_calls[: len(jobs)].tolist()  # len(job.calls), set at arrival
     _require(done == want, "a tree counted a call more or less than once")
-    _require(not np.isnan(engine.job_finish_s[: len(jobs)]).any(), "a tree has no finish time")
+    _require(not np.isnan(engine.job_table.finish_s[: len(jobs)]).any(), "a tree has no finish time")
     for replica in engine.replicas:
         bm, r = replica.blocks, replica.index
         bm.check_invariants()
         _require(not replica.waiting and not replica.running, f"replica {r}: calls left waiting or running")
         _require(
-            not replica.pins and not replica.pin_waiters and not replica.pins_of_child,
+            not replica.pins and not replica.pins.waiters and not replica.pins.of_child,
             f"replica {r}: pins left",
         )
         _require(bm.ref_count == [0] * bm.num_blocks, f"replica {r}: blocks still referenced")
@@ -154,4 +152,19 @@ def check_drained(engine: Engine) -> None:
         )
 
 
-__all__ = ["InvariantError", "check_drained", "check_live", "check_prefix_watch"]
+def diagnose_stall(engine: Engine, unfinished: list[int]) -> str:
+    """Why a run stalled (``Engine.stall``): each busy replica's queue head and what it needs."""
+    lines = [f"stalled at t={engine.now_s:.3f}s with {len(unfinished)} unfinished jobs and no event left"]
+    for replica in engine.replicas:
+        if replica.waiting or replica.running:
+            head = replica.waiting[0] if replica.waiting else replica.running[0]
+            plan = replica.waiting.admission_plan(head, replica.config.max_num_batched_tokens)
+            lines.append(
+                f"replica {replica.index}: {len(replica.waiting)} waiting, {len(replica.running)} running, "
+                f"{replica.blocks.num_free_blocks}/{replica.blocks.num_blocks} blocks free; "
+                f"head call {head} needs {plan.total_blocks} blocks for a {plan.chunk_tokens}-token chunk"
+            )
+    return "; ".join(lines)
+
+
+__all__ = ["InvariantError", "check_drained", "check_live", "check_prefix_watch", "diagnose_stall"]

@@ -126,8 +126,8 @@ def collect_metrics(engine: Engine) -> RunMetrics:
     state = calls.state[:n]
     finished = state == CallState.FINISHED
     jobs = len(engine.jobs)
-    arrival_s, finish_s = engine.job_arrival_s[:jobs], engine.job_finish_s[:jobs]
-    failed = engine.job_failed[:jobs]
+    arrival_s, finish_s = engine.job_table.arrival_s[:jobs], engine.job_table.finish_s[:jobs]
+    failed = engine.job_table.failed[:jobs]
     done_jobs = _done_jobs(engine)
     jct = (finish_s - arrival_s)[done_jobs]
     ttft = (calls.first_token_s[:n] - calls.ready_s[:n])[finished]
@@ -135,7 +135,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         calls.job[:n][finished], weights=calls.num_output[:n][finished], minlength=jobs
     )[:jobs]
     per_token = jct / np.maximum(tree_tokens[done_jobs], 1.0)
-    done_tenant = engine.job_tenant[:jobs][done_jobs]
+    done_tenant = engine.job_table.tenant[:jobs][done_jobs]
     tenant_jct = [jct[done_tenant == t].mean() for t in np.unique(done_tenant)]
     params = np.array([r.profile.num_params for r in engine.replicas])
     on_large = params[calls.replica[:n][finished]] == params.max()
@@ -179,9 +179,9 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         evictions=sum(r.blocks.num_evictions for r in engine.replicas),
         recomputed_tokens=int(calls.recomputed_tokens[:n].sum()),
         swapped_bytes=float(sum(r.swap_bytes for r in engine.replicas)),
-        num_tenants=len(engine.tenants),
+        num_tenants=len(engine.stats.tenants),
         jain_tenant_jct=jain_index(np.array(tenant_jct)),
-        jain_tenant_service=jain_index(engine.tenant_service[: len(engine.tenants)]),
+        jain_tenant_service=jain_index(engine.stats.tenant_service[: len(engine.stats.tenants)]),
         large_model_call_share=large_share,
         budget_truncations=int((finished & (calls.true_output_tokens[:n] > calls.max_tokens[:n])).sum()),
         iterations=sum(r.num_iterations for r in engine.replicas),
@@ -205,7 +205,7 @@ def _finished_tree_calls(engine: Engine, done_jobs: np.ndarray) -> np.ndarray:
 
 def _done_jobs(engine: Engine) -> np.ndarray:
     jobs = len(engine.jobs)
-    return ~np.isnan(engine.job_finish_s[:jobs]) & ~engine.job_failed[:jobs]
+    return ~np.isnan(engine.job_table.finish_s[:jobs]) & ~engine.job_table.failed[:jobs]
 
 
 def _inflation(engine: Engine, done_jobs: np.ndarray) -> dict:
@@ -312,8 +312,8 @@ class SloMetrics:
 def job_completion_s(engine: Engine) -> np.ndarray:
     """Per job (engine order): finish - arrival, NaN for a job that failed or never finished."""
     jobs = len(engine.jobs)
-    jct = engine.job_finish_s[:jobs] - engine.job_arrival_s[:jobs]
-    return np.where(engine.job_failed[:jobs], np.nan, jct)
+    jct = engine.job_table.finish_s[:jobs] - engine.job_table.arrival_s[:jobs]
+    return np.where(engine.job_table.failed[:jobs], np.nan, jct)
 
 
 def slo_metrics(engine: Engine, slo_s: np.ndarray, unloaded_s: np.ndarray, makespan_s: float) -> SloMetrics:

@@ -3,24 +3,23 @@
 Each iteration: running calls first (decodes, then prefill chunks) within the token budget
 ``max_num_batched_tokens``; a running call that cannot get a block preempts a victim chosen by
 the policy (by recompute, or by swap to the host tier); then, if nothing was preempted,
-waiting calls are admitted in the policy's order while slots, budget and blocks allow.
+waiting calls are admitted in the policy's order while slots, budget and blocks allow (what
+each would take: ``waiting.py``).
 
 ``schedule`` is a generator: it yields a ``Decision`` whenever the policy must choose and
 receives the scores back, so the engine can hand decisions to an RL agent step by step.
-Continuum's TTL pins (``pins``): a finished call's leading blocks that its children will reuse
-stay referenced by the pin until every child was admitted here or the TTL expires (the engine
-calls ``unpin``). A pin is dropped early, oldest first, only when running calls would otherwise
+Continuum's TTL pins (``pins``, ``retention.Pins``): a finished call's leading blocks that its
+children will reuse stay referenced by the pin until every child was admitted here or the TTL
+expires. The scheduler drops a pin early, oldest first, only when running calls would otherwise
 be preempted for blocks, or when nothing runs and no waiting call fits (a stall otherwise).
 
 Runs of decode-only iterations with nothing else going on are folded into one ``Batch`` in
-closed form (``fast_forward``); the result equals stepping them one at a time.
+closed form (``fast_forward``, ``runs.py``); the result equals stepping them one at a time.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,42 +29,56 @@ from servegym.envs.engine.calls import CallState, CallTable
 from servegym.envs.engine.config import EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile
 from servegym.envs.engine.policy import Decision, DecisionKind, pick
-from servegym.envs.engine.prefix_watch import PrefixWatch
-
-_SCALAR_QUEUE = 4
-"""Queues at most this long are planned in plain Python (``Replica._queue_needs_scalar``)."""
-
-MAX_FAST_FORWARD_ITERATIONS = 4096
-"""Longest decode run folded at once (bounds the size of the vectorised arrays)."""
-
-
-@dataclass
-class AdmissionPlan:
-    """What admitting a waiting call would take right now."""
-
-    hit_blocks: list[int]
-    chunk_tokens: int
-    new_blocks: int
-    reclaimed_blocks: int  # prefix hits that sit in the free queue
-    swap_in_blocks: int
-
-    @property
-    def total_blocks(self) -> int:
-        return self.new_blocks + self.reclaimed_blocks
-
-
-@dataclass
-class QueueNeeds:
-    """``admission_plan`` for every waiting call at once, as columns aligned with ``calls``."""
-
-    calls: np.ndarray  # (n,) call ids, queue order
-    hit_blocks: np.ndarray  # (n,) leading blocks the prefix cache holds
-    needed_blocks: np.ndarray  # (n,) blocks admitting it takes from the free queue (new + reclaimed)
-    fits: np.ndarray  # (n,) bool: a chunk is schedulable and its blocks are free
-
+from servegym.envs.engine.retention import Pins
+from servegym.envs.engine.runs import fold
+from servegym.envs.engine.waiting import AdmissionPlan, QueueNeeds, WaitingQueue
+from servegym.envs.workloads.job import Call
 
 DecisionBuilder = Callable[..., Decision]
 """(replica, kind, candidates, queue needs or None, token budget left, stop=False) -> Decision"""
+
+__all__ = [
+    "AdmissionPlan",
+    "DecisionBuilder",
+    "QueueNeeds",
+    "Replica",
+    "eligible_replicas",
+]  # the plans live in waiting.py
+
+
+def _num_gpu_blocks(index: int, profile: ModelProfile, config: EngineConfig) -> int:
+    """The replica's KV blocks: ``engine.num_gpu_blocks``, else its KV budget over a block's bytes."""
+    if config.num_gpu_blocks is not None:
+        return config.num_gpu_blocks
+    block_bytes = profile.kv_bytes_per_token * config.block_size
+    budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else profile.kv_budget_bytes
+    num_blocks = int(budget // block_bytes)
+    if num_blocks < 1:
+        raise ValueError(
+            f"replica {index} ({profile.name}): a KV budget of {budget:.3g} bytes holds no "
+            f"{config.block_size}-token block of {block_bytes} bytes; raise engine.kv_budget_bytes"
+        )
+    return num_blocks
+
+
+def eligible_replicas(
+    replicas: list[Replica], spec: Call, prompt_tokens: int
+) -> tuple[np.ndarray, str | None]:
+    """Which replicas can take a ready call: those that serve its model and whose KV cache holds
+    its prompt plus ``max_tokens``; with none, also the reason the call must be rejected."""
+    need_tokens = prompt_tokens + spec.max_tokens
+    serves = np.array([spec.model in (None, r.profile.name, r.profile.model) for r in replicas])
+    fits = np.array([need_tokens <= r.capacity_tokens for r in replicas])
+    eligible = serves & fits
+    if eligible.any():
+        return eligible, None
+    if not serves.any():
+        return eligible, f"no replica serves model {spec.model!r}"
+    largest = max(r.capacity_tokens for r, ok in zip(replicas, serves, strict=True) if ok)
+    return eligible, (
+        f"prompt {prompt_tokens} + max_tokens {spec.max_tokens} tokens exceeds the KV cache "
+        f"({largest} tokens) of every replica serving it"
+    )
 
 
 class Replica:
@@ -88,16 +101,7 @@ class Replica:
         self.build_decision = build_decision
         bs = config.block_size
         self.block_bytes = profile.kv_bytes_per_token * bs
-        if config.num_gpu_blocks is not None:
-            num_blocks = config.num_gpu_blocks
-        else:
-            budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else profile.kv_budget_bytes
-            num_blocks = int(budget // self.block_bytes)
-            if num_blocks < 1:
-                raise ValueError(
-                    f"replica {index} ({profile.name}): a KV budget of {budget:.3g} bytes holds no "
-                    f"{bs}-token block of {self.block_bytes} bytes; raise engine.kv_budget_bytes"
-                )
+        num_blocks = _num_gpu_blocks(index, profile, config)
         self.blocks = BlockManager(
             num_blocks,
             bs,
@@ -105,16 +109,9 @@ class Replica:
             enable_prefix_caching=config.enable_prefix_caching,
             prefix_eviction=config.prefix_eviction,
         )
-        self.watch = PrefixWatch(self.blocks, calls)  # prefix hits of the waiting calls
-        self._unwatched: list[int] = []  # waiting calls the watch does not track yet
-        # TTL pins, oldest first: finished call -> its pinned blocks; the children each waits for
-        self.pins: dict[int, list[int]] = {}
-        self.pin_waiters: dict[int, set[int]] = {}  # pinned call -> children not yet admitted
-        self.pins_of_child: dict[int, list[int]] = {}  # child -> pinned parents waiting for it
-        self.num_pins = 0
-        self.num_pins_dropped = 0  # released early under memory pressure
+        self.pins = Pins(self.blocks)  # TTL pins (retention.py)
         self.capacity_tokens = num_blocks * bs
-        self.waiting: deque[int] = deque()
+        self.waiting = WaitingQueue(calls, self.blocks, bs, config.long_prefill_token_threshold)
         self.running: list[int] = []
         self.in_flight: Batch | None = None
         self.swap_listener: SwapListener | None = None  # set by a backend that holds real KV
@@ -130,108 +127,6 @@ class Replica:
         self.prompt_tokens_hit = 0
 
     # ---------------------------------------------------------------- admission
-    def admission_plan(self, call: int, budget_tokens: int) -> AdmissionPlan:
-        calls, bs, bm = self.calls, self.config.block_size, self.blocks
-        total = int(calls.prompt_tokens[call] + calls.num_output[call])
-        limit = self.hit_limit(call)
-        if call in self.watch:  # waiting: its hits are kept current
-            hits = self.watch.hits(call)
-        else:
-            hits = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
-        if calls.state[call] == CallState.SWAPPED:
-            computed = int(calls.num_computed[call])
-            swap_in = -(-computed // bs) - len(hits)
-        else:
-            computed = len(hits) * bs
-            swap_in = 0
-        chunk = min(total - computed, budget_tokens)
-        if self.config.long_prefill_token_threshold:
-            chunk = min(chunk, self.config.long_prefill_token_threshold)
-        new = -(-(computed + chunk) // bs) - len(hits)
-        return AdmissionPlan(hits, chunk, new, bm.num_reclaimed_by_taking(hits), swap_in)
-
-    def hit_limit(self, call: int) -> int:
-        """Most leading blocks a prefix hit may cover: a swapped call's full computed blocks
-        (the rest swaps in); otherwise all but the last token, so a token is computed and sampled."""
-        calls, bs = self.calls, self.config.block_size
-        if calls.state[call] == CallState.SWAPPED:
-            return int(calls.num_computed[call]) // bs
-        return int(calls.prompt_tokens[call] + calls.num_output[call] - 1) // bs
-
-    def fits(self, plan: AdmissionPlan) -> bool:
-        return plan.chunk_tokens > 0 and plan.total_blocks <= self.blocks.num_free_blocks
-
-    def enqueue(self, call: int, front: bool = False) -> None:
-        """Queue a waiting (or swapped) call. Its prefix hits are tracked (``watch``) once the
-        queue is long enough to plan in numpy; a call admitted from a short queue never pays
-        for the tracking."""
-        if front:
-            self.waiting.appendleft(call)
-        else:
-            self.waiting.append(call)
-        self._unwatched.append(call)
-
-    def dequeue(self, call: int) -> None:
-        self.waiting.remove(call)
-        if call in self.watch:
-            self.watch.unwatch(call)
-        else:
-            self._unwatched.remove(call)
-
-    def _watch_all(self) -> None:
-        """Track every waiting call's hits (before planning the queue from the watch's columns)."""
-        for call in self._unwatched:
-            self.watch.watch(call, self.hit_limit(call))
-        self._unwatched.clear()
-
-    def queue_needs(self, budget_tokens: int) -> QueueNeeds:
-        """``admission_plan`` of every waiting call, vectorised over the watch's columns: equal
-        to planning each one (a test checks it), without walking any hash chain."""
-        calls, bs = self.calls, self.config.block_size
-        if len(self.waiting) <= _SCALAR_QUEUE:
-            return self._queue_needs_scalar(budget_tokens)
-        self._watch_all()
-        q = np.fromiter(self.waiting, dtype=np.int64, count=len(self.waiting))
-        hits = calls.prefix_hits[q]
-        total = calls.prompt_tokens[q] + calls.num_output[q]
-        computed = np.where(calls.state[q] == CallState.SWAPPED, calls.num_computed[q], hits * bs)
-        chunk = np.minimum(total - computed, budget_tokens)
-        if self.config.long_prefill_token_threshold:
-            chunk = np.minimum(chunk, self.config.long_prefill_token_threshold)
-        needed = -(-(computed + chunk) // bs) - hits + calls.prefix_free_hits[q]
-        fits = (chunk > 0) & (needed <= self.blocks.num_free_blocks)
-        return QueueNeeds(q, hits, needed, fits)
-
-    def _queue_needs_scalar(self, budget_tokens: int) -> QueueNeeds:
-        """``queue_needs`` for a short queue in plain Python (a dozen numpy calls cost more)."""
-        calls, bs, cfg = self.calls, self.config.block_size, self.config
-        threshold, free = cfg.long_prefill_token_threshold, self.blocks.num_free_blocks
-        queue = list(self.waiting)
-        hits, needed, fits = [], [], []
-        bm, watch = self.blocks, self.watch
-        for call in queue:
-            if call in watch:
-                m, free_hits = int(calls.prefix_hits[call]), int(calls.prefix_free_hits[call])
-            else:  # not tracked yet: match it now
-                limit = self.hit_limit(call)
-                matched = bm.match_prefix(calls.hash_chain(call, limit, bs), limit) if limit else []
-                m, free_hits = len(matched), bm.num_reclaimed_by_taking(matched)
-            swapped = calls.state[call] == CallState.SWAPPED
-            computed = int(calls.num_computed[call]) if swapped else m * bs
-            chunk = min(int(calls.prompt_tokens[call] + calls.num_output[call]) - computed, budget_tokens)
-            if threshold:
-                chunk = min(chunk, threshold)
-            need = -(-(computed + chunk) // bs) - m + free_hits
-            hits.append(m)
-            needed.append(need)
-            fits.append(chunk > 0 and need <= free)
-        return QueueNeeds(
-            np.array(queue, dtype=np.int64),
-            np.array(hits, dtype=np.int64),
-            np.array(needed, dtype=np.int64),
-            np.array(fits, dtype=bool),
-        )
-
     def _admit(self, call: int, plan: AdmissionPlan) -> float:
         """Move a waiting call into the running set; returns the swap-in bytes it costs."""
         calls, bm, bs = self.calls, self.blocks, self.config.block_size
@@ -262,12 +157,7 @@ class Replica:
                 self.prompt_tokens_hit += hit_tokens
         calls.state[call] = CallState.RUNNING
         self.running.append(call)
-        for parent in self.pins_of_child.pop(call, ()):
-            waiters = self.pin_waiters.get(parent)
-            if waiters is not None:
-                waiters.discard(call)
-                if not waiters:
-                    self.unpin(parent)
+        self.pins.admitted(call)
         return swap_bytes
 
     # ---------------------------------------------------------------- preemption
@@ -301,43 +191,6 @@ class Replica:
         calls.num_registered_blocks[call] = 0
         return pinned
 
-    # ---------------------------------------------------------------- TTL pins
-    def pin(self, call: int, blocks: list[int], children: list[int]) -> None:
-        """Hold ``blocks`` (already referenced) for ``children`` of the finished ``call``."""
-        self.pins[call] = blocks
-        self.pin_waiters[call] = set(children)
-        for child in children:
-            self.pins_of_child.setdefault(child, []).append(call)
-        self.num_pins += 1
-
-    def unpin(self, call: int) -> bool:
-        """Release a pin to the prefix cache (cached-free, next use NEXT); False if none held."""
-        blocks = self.pins.pop(call, None)
-        if blocks is None:
-            return False
-        for child in self.pin_waiters.pop(call):
-            parents = self.pins_of_child.get(child)
-            if parents is not None:
-                parents.remove(call)
-                if not parents:
-                    del self.pins_of_child[child]
-        self.blocks.free(blocks, [NextUse.NEXT] * len(blocks))
-        return True
-
-    def unpin_oldest(self, need_free_blocks: int) -> None:
-        """Drop pins, oldest first, until ``need_free_blocks`` are allocatable or none is left."""
-        while self.pins and self.blocks.num_free_blocks < need_free_blocks:
-            self.drop_oldest_pin()
-
-    def drop_oldest_pin(self) -> None:
-        """Release the oldest pin early (memory is short): counted in ``num_pins_dropped``."""
-        self.unpin(next(iter(self.pins)))
-        self.num_pins_dropped += 1
-
-    @property
-    def num_pinned_blocks(self) -> int:
-        return sum(len(blocks) for blocks in self.pins.values())
-
     def preempt(self, call: int) -> float:
         """Take a running call off the GPU; returns the swap-out bytes it costs."""
         calls = self.calls
@@ -358,7 +211,7 @@ class Replica:
             calls.lost_tokens[call] = calls.num_computed[call]
             calls.num_computed[call] = 0
             swap_bytes = 0.0
-        self.enqueue(call, front=True)  # vLLM puts a preempted request at the queue front
+        self.waiting.enqueue(call, front=True)  # vLLM puts a preempted request at the queue front
         return swap_bytes
 
     # ---------------------------------------------------------------- one iteration
@@ -383,7 +236,7 @@ class Replica:
             run, grant = run[:count], grant[:count]
             need = -(-(calls.num_computed[run] + grant) // bs) - calls.num_held_blocks[run]
             if self.pins and int(need.sum()) > bm.num_free_blocks:
-                self.unpin_oldest(int(need.sum()))  # a pin yields before a running call does
+                self.pins.drop_until_free(int(need.sum()))  # a pin yields before a running call does
             if int(need.sum()) <= bm.num_free_blocks:
                 new_blocks = bm.allocate(int(need.sum()))
                 takers = np.flatnonzero(need)
@@ -407,7 +260,8 @@ class Replica:
             swap_bytes += swap_in
         if not order:
             return None
-        batch = self._make_batch(order, grants, swap_bytes)
+        batch = Batch.from_calls(calls, order, grants, swap_bytes)
+        self.swap_bytes += swap_bytes
         # Later iterations are pure decodes of this same set, and nothing else can happen on
         # this replica until an event, when: nothing was preempted, every running call is in
         # the batch and has all its known tokens computed after this iteration, and no waiting
@@ -482,12 +336,12 @@ class Replica:
                 break
             call = queue[index]
             # plans must see the blocks taken by the calls admitted before
-            plan = self.admission_plan(call, budget - spent)
-            while rank == 0 and not order and self.pins and not self.fits(plan):
+            plan = self.waiting.admission_plan(call, budget - spent)
+            while rank == 0 and not order and self.pins and not self.waiting.fits(plan):
                 # nothing runs and the policy's first choice waits on pinned blocks: drop pins
-                self.drop_oldest_pin()
-                plan = self.admission_plan(call, budget)
-            if not self.fits(plan):
+                self.pins.drop_oldest()
+                plan = self.waiting.admission_plan(call, budget)
+            if not self.waiting.fits(plan):
                 break  # head-of-line: the policy's order is respected, as in vLLM
             swap_bytes += self._admit_into(order, grants, call, plan)
             spent += plan.chunk_tokens
@@ -495,7 +349,7 @@ class Replica:
 
     def _admit_into(self, order: list[int], grants: list[int], call: int, plan: AdmissionPlan) -> float:
         """Admit a waiting call into this iteration's batch; returns its swap-in bytes."""
-        self.dequeue(call)
+        self.waiting.dequeue(call)
         swap_bytes = self._admit(call, plan)
         order.append(call)
         grants.append(plan.chunk_tokens)
@@ -505,10 +359,10 @@ class Replica:
     def _needs_dropping_pins(self, order: list[int], budget: int) -> QueueNeeds:
         """``queue_needs``; when nothing runs and nothing fits, pins are dropped oldest first
         until something does or none is left (waiting for a TTL would idle the replica)."""
-        needs = self.queue_needs(budget)
+        needs = self.waiting.queue_needs(budget)
         while not order and self.pins and not needs.fits.any():
-            self.drop_oldest_pin()
-            needs = self.queue_needs(budget)
+            self.pins.drop_oldest()
+            needs = self.waiting.queue_needs(budget)
         return needs
 
     def _pick_waiting(self, order: list[int], grants: list[int], budget: int):
@@ -535,7 +389,7 @@ class Replica:
             if choice is None:
                 break
             call = queue[choice]
-            plan = self.admission_plan(call, budget - spent)
+            plan = self.waiting.admission_plan(call, budget - spent)
             swap_bytes += self._admit_into(order, grants, call, plan)
             spent += plan.chunk_tokens
             admitted = True
@@ -553,92 +407,17 @@ class Replica:
                     call, min(int(calls.num_computed[call]) + n, int(calls.prompt_tokens[call]))
                 )
 
-    def _make_batch(self, order: list[int], grants: list[int], swap_bytes: float) -> Batch:
-        calls = self.calls
-        ids = np.array(order, dtype=np.int64)
-        new = np.array(grants, dtype=np.int64)
-        computed = calls.num_computed[ids]
-        remaining = calls.prompt_tokens[ids] + calls.num_output[ids] - computed
-        is_decode = remaining == 1
-        prefill_new = new[~is_decode]
-        prefill_ctx = computed[~is_decode]
-        self.swap_bytes += swap_bytes
-        return Batch(
-            calls=ids,
-            num_new_tokens=new,
-            remaining_tokens=remaining,
-            num_decodes=int(np.count_nonzero(is_decode)),
-            prefill_tokens=int(prefill_new.sum()),
-            prefill_attn_tokens=float((prefill_new * (prefill_ctx + (prefill_new + 1) / 2)).sum()),
-            kv_read_tokens=int((computed[is_decode] + 1).sum() + prefill_ctx.sum()),
-            swap_bytes=swap_bytes,
-        )
-
     # ---------------------------------------------------------------- timing
     def time_batch(self, batch: Batch, now_s: float) -> None:
         """Time the batch and, when allowed, fold the decode-only iterations after it into a
-        run that lasts until a call completes or the blocks run out (``MAX_FAST_FORWARD_ITERATIONS``
-        at most). Events that touch this replica meanwhile split the run (``Engine._sync``,
-        ``truncate``).
-
-        Iteration 0 is the scheduled batch; in iteration k >= 1 every call decodes, writing KV
-        slot ``c1 + k - 1`` and reading ``c1 + k`` tokens, where ``c1`` is its computed count
-        after iteration 0. Times are summed sequentially (``cumsum``), exactly as stepping adds
-        them, so both paths give bit-identical clocks. Blocks of later iterations are taken
-        lazily, in stepping's order (iteration, then running order).
-        """
+        run (``runs.fold``); events that touch this replica meanwhile split the run."""
         dt0 = self.backend.iteration_time_s(batch)
         if self.slowdown != 1.0:
             dt0 *= self.slowdown
         batch.starts = np.array([now_s, now_s + dt0])
         batch.used_blocks_0 = self.blocks.num_used_blocks
-        if not batch.fast_forwardable:
-            return
-        calls, bs = self.calls, self.config.block_size
-        ids = np.array(self.running, dtype=np.int64)  # stepping schedules decodes in running order
-        n = min(int((calls.target_tokens[ids] - calls.num_output[ids]).min()), MAX_FAST_FORWARD_ITERATIONS)
-        if n <= 1:
-            return
-        if np.array_equal(batch.calls, ids):
-            grant = batch.num_new_tokens
-        else:
-            sort = np.argsort(batch.calls)
-            grant = batch.num_new_tokens[sort[np.searchsorted(batch.calls[sort], ids)]]
-        c1 = calls.num_computed[ids] + grant
-        num = len(ids)
-        # iteration k >= 1 takes a new block for each call whose KV slot c1 + k - 1 opens one
-        first = (1 - c1) % bs
-        first[first == 0] = bs
-        free = self.blocks.num_free_blocks
-        if num * (1 + (n - 1) // bs) > free:  # a shortage is possible: stop before it
-            k = np.arange(1, n, dtype=np.int64)
-            per_k = np.zeros(n, dtype=np.int64)
-            per_k[1:] = np.bincount(first % bs, minlength=bs)[k % bs]
-            n = int(np.searchsorted(np.cumsum(per_k), free, side="right"))
-            if n <= 1:
-                return
-        k = np.arange(1, n, dtype=np.int64)
-        batch.decode_times_s = self.backend.decode_run_times_s(num, int(c1.sum()) + k * num)
-        if self.slowdown != 1.0:
-            batch.decode_times_s = batch.decode_times_s * self.slowdown
-        batch.starts = np.cumsum(np.concatenate(([now_s, dt0], batch.decode_times_s)))
-        counts = np.where(first <= n - 1, (n - 1 - first) // bs + 1, 0)
-        total = int(counts.sum())
-        if total:
-            owner = np.repeat(np.arange(num), counts)
-            offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-            when = np.repeat(first, counts) + offset * bs
-            order = np.lexsort((owner, when))
-            batch.block_when, batch.block_owner = when[order], ids[owner[order]]
-        batch.calls = ids
-        batch.num_new_tokens = batch.remaining_tokens = grant  # a run's first iteration completes them
-        batch.num_iterations = n
-
-    def iterations_done(self, batch: Batch, time_s: float, before_ties: bool) -> int:
-        """Iterations of the run that stepping would have completed before an event at
-        ``time_s`` (``before_ties``: an iteration ending exactly then completes first)."""
-        side = "right" if before_ties else "left"
-        return int(np.searchsorted(batch.starts[1 : batch.num_iterations + 1], time_s, side=side))
+        if batch.fast_forwardable:
+            fold(batch, self, now_s, dt0)
 
     def take_run_blocks(self, batch: Batch, iterations: int) -> None:
         """Allocate the run's deferred blocks for iterations < ``iterations``."""
@@ -651,14 +430,6 @@ class Replica:
             table[call].append(block)
         np.add.at(self.calls.num_held_blocks, owners, 1)
         batch.blocks_taken = stop
-
-    def truncate(self, batch: Batch, iterations: int) -> None:
-        """Cut the run to its first ``iterations`` iterations (the last one is in flight)."""
-        if iterations >= batch.num_iterations:
-            return
-        batch.num_iterations = iterations
-        keep = int(np.searchsorted(batch.block_when, iterations, side="left"))
-        batch.block_when, batch.block_owner = batch.block_when[:keep], batch.block_owner[:keep]
 
     def account(self, batch: Batch) -> None:
         """Add a finished batch (or run) to the replica's statistics."""

@@ -137,7 +137,7 @@ def test_tree_time_until_censors_at_the_horizon() -> None:
     engine = tiny_engine(2)
     run_policy(engine, FCFS())
     n = len(engine.jobs)
-    arrival, finish = engine.job_arrival_s[:n], engine.job_finish_s[:n]
+    arrival, finish = engine.job_table.arrival_s[:n], engine.job_table.finish_s[:n]
     assert tree_time_until(engine) == pytest.approx(float((finish - arrival).sum()), rel=1e-12)
     until = float(np.median(finish))
     expected = float(np.clip(np.minimum(finish, until) - arrival, 0, None).sum())

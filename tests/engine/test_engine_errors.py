@@ -47,7 +47,7 @@ def engine_for(jobs: list[Job], cluster: ClusterConfig | None = None, **config) 
 
 def calls_of(engine: Engine, job_id: str) -> range:
     index = next(i for i, job in enumerate(engine.jobs) if job.job_id == job_id)
-    base = engine.job_first_call[index]
+    base = engine.job_table.first_call[index]
     return range(base, base + len(engine.jobs[index].calls))
 
 

@@ -271,7 +271,7 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     picking = replica.config.admission == "pick" and decision.kind == DecisionKind.ORDER
     if picking:  # pick-next: the mask is what fits now; a choice exists (STOP or two that fit)
         assert decision.mask.any() and (decision.stop or decision.mask.sum() >= 2)
-        needs = replica.queue_needs(
+        needs = replica.waiting.queue_needs(
             int(
                 round(
                     decision.global_features[column("token_budget_left_frac", GLOBAL_FEATURES)]
@@ -321,8 +321,8 @@ def check_tree_state(engine: Engine, decision: Decision) -> None:
     calls = engine.calls
     for row, call in enumerate(decision.candidates.tolist()):
         job = int(calls.job[call])
-        first = engine.job_first_call[job]
-        tree = range(first, first + int(engine.job_num_calls[job]))
+        first = engine.job_table.first_call[job]
+        tree = range(first, first + int(engine.job_table.num_calls[job]))
         states = [CallState(int(calls.state[c])) for c in tree]
         counts = (
             sum(s in (CallState.WAITING, CallState.SWAPPED) for s in states),
@@ -362,11 +362,11 @@ def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:
     assert n == sum(len(job.calls) for job in jobs) == metrics.calls_completed
     assert (calls.state[:n] == CallState.FINISHED).all()
     # each call finished exactly once: a double finish would overcount its job
-    assert engine.job_calls_done[: len(jobs)].tolist() == [len(job.calls) for job in jobs]
-    assert not np.isnan(engine.job_finish_s[: len(jobs)]).any()
+    assert engine.job_table.calls_done[: len(jobs)].tolist() == [len(job.calls) for job in jobs]
+    assert not np.isnan(engine.job_table.finish_s[: len(jobs)]).any()
     delay = engine.cluster.network_delay_s
     for index, job in enumerate(jobs):
-        base = engine.job_first_call[index]
+        base = engine.job_table.first_call[index]
         for spec in job.calls:
             call = base + spec.call_id
             assert calls.call_in_job[call] == spec.call_id and calls.job[call] == index
@@ -391,12 +391,12 @@ def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:
             else:
                 assert calls.ready_s[call] == job.arrival_s
             assert calls.ready_s[call] < calls.first_token_s[call] <= calls.finish_s[call]
-        assert engine.job_finish_s[index] == max(calls.finish_s[base : base + len(job.calls)])
+        assert engine.job_table.finish_s[index] == max(calls.finish_s[base : base + len(job.calls)])
     for replica in engine.replicas:
         bm = replica.blocks
         bm.check_invariants()
         assert not replica.waiting and not replica.running
-        assert not replica.pins and not replica.pin_waiters and not replica.pins_of_child
+        assert not replica.pins and not replica.pins.waiters and not replica.pins.of_child
         assert bm.ref_count == [0] * bm.num_blocks
         assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
         assert bm.num_host_used_blocks == 0
@@ -774,6 +774,6 @@ def test_a_drained_engine_passes_the_drain_check() -> None:
     )
     engine.run(FCFS())
     engine.check_invariants()  # live and drained
-    engine.job_calls_done[0] += 1  # a call counted twice by its tree
+    engine.job_table.calls_done[0] += 1  # a call counted twice by its tree
     with pytest.raises(AssertionError, match="counted a call"):
         engine.check_invariants()

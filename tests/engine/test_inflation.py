@@ -45,7 +45,7 @@ def test_prompt_is_the_sum_of_its_segments_counted_from_the_job() -> None:
         engine = run(generator, num_jobs=6)
         calls = engine.calls
         for j, job in enumerate(engine.jobs):
-            base = engine.job_first_call[j]
+            base = engine.job_table.first_call[j]
             for spec in job.calls:
                 want = sum(
                     int(calls.num_output[base + seg.call]) if isinstance(seg, Output) else seg.num_tokens

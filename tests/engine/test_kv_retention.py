@@ -88,7 +88,7 @@ def _run(policy=None, jobs: list[Job] | None = None, **config) -> Engine:
     for replica in engine.replicas:  # the pool is whole: every pin released, nothing owned
         bm = replica.blocks
         bm.check_invariants()
-        assert not replica.pins and not replica.pin_waiters and not replica.pins_of_child
+        assert not replica.pins and not replica.pins.waiters and not replica.pins.of_child
         assert bm.ref_count == [0] * bm.num_blocks and bm.num_free_blocks == bm.num_blocks
     return engine
 
@@ -106,7 +106,7 @@ def test_a_pinned_parent_s_child_hits_its_blocks_and_admission_releases_the_pin(
     engine = _run(pin_ttl_rule="fixed", pin_ttl_s=10.0)
     assert engine.calls.cached_prompt_tokens[CHILD] == PARENT_BLOCKS_HIT
     replica = engine.replicas[0]
-    assert replica.num_pins == 1 and replica.num_pins_dropped == 0
+    assert replica.pins.num_pinned == 1 and replica.pins.num_dropped == 0
     # released when the child was admitted (~3 s), long before the 10 s TTL: the clock never
     # advanced to the stale expiry event
     assert engine.now_s < 5.0
@@ -115,7 +115,7 @@ def test_a_pinned_parent_s_child_hits_its_blocks_and_admission_releases_the_pin(
 def test_ttl_expiry_releases_the_pin_to_the_prefix_cache() -> None:
     # expires at ~0.2 s, before the others arrive: LRU then evicts it as if never pinned
     engine = _run(pin_ttl_rule="fixed", pin_ttl_s=0.2)
-    assert engine.replicas[0].num_pins == 1
+    assert engine.replicas[0].pins.num_pinned == 1
     assert engine.calls.cached_prompt_tokens[CHILD] == 0
 
 
@@ -130,8 +130,8 @@ def test_tool_mean_ttl_learns_the_pause_from_returned_tools() -> None:
     first = _tool_pause_jobs()
     second = [Job(f"{j.job_id}2", j.arrival_s + 10.0, j.calls) for j in _tool_pause_jobs()]
     engine = _run(ProgramFCFSPinning(ttl="tool_mean", grace_s=0.2), jobs=first + second)
-    assert engine.tool_stats  # observed pauses, per role
-    child_2 = engine.job_first_call[3] + 1
+    assert engine.stats.tool_stats  # observed pauses, per role
+    child_2 = engine.job_table.first_call[3] + 1
     assert engine.calls.cached_prompt_tokens[CHILD] == 0  # nothing learned yet: pinned 0.2 s only
     assert engine.calls.cached_prompt_tokens[child_2] == PARENT_BLOCKS_HIT
 
@@ -149,7 +149,7 @@ def test_a_pin_yields_when_nothing_else_could_run() -> None:
     big = Call(0, "worker", (Text("big", 96),), output_tokens=4, max_tokens=4)
     engine = _run(jobs=[jobs[0], Job("b", 0.5, (big,))], pin_ttl_rule="fixed", pin_ttl_s=10.0)
     replica = engine.replicas[0]
-    assert replica.num_pins_dropped == 1
+    assert replica.pins.num_dropped == 1
     assert engine.calls.finish_s[2] < 1.0  # ran at once, not after the TTL
 
 
@@ -187,26 +187,26 @@ def test_vtc_lifts_a_returning_tenant_to_the_least_served_backlogged_one(lift: b
     def spy(call: int, delta: int) -> None:
         original(call, delta)
         if delta > 0 and engine.calls.job[call] == 1:  # b just became backlogged
-            seen.append(engine.tenant_service.copy())
+            seen.append(engine.stats.tenant_service.copy())
 
     engine._backlog = spy
     engine.run(FCFS())
-    a, b = engine.tenants["a"], engine.tenants["b"]
+    a, b = engine.stats.tenants["a"], engine.stats.tenants["b"]
     (counters,) = seen
     assert counters[a] > 0
     if lift:  # b banks no credit from idling: it starts level with a
-        assert counters[b] == counters[a] and engine.num_vtc_lifts == 1
+        assert counters[b] == counters[a] and engine.stats.num_vtc_lifts == 1
     else:
-        assert counters[b] == 0 and engine.num_vtc_lifts == 0
-    assert (engine.tenant_backlog == 0).all()
+        assert counters[b] == 0 and engine.stats.num_vtc_lifts == 0
+    assert (engine.stats.tenant_backlog == 0).all()
 
 
 def test_vtc_lift_never_lowers_a_counter() -> None:
     engine = Engine(FixedJobs(_tenant_jobs()), engine=EngineConfig(profile=PROFILE))
-    engine.tenants = {"a": 0, "b": 1}
-    engine.tenant_service = np.array([5.0, 50.0])
-    engine.tenant_backlog = np.array([1, 0])
+    engine.stats.tenants = {"a": 0, "b": 1}
+    engine.stats.tenant_service = np.array([5.0, 50.0])
+    engine.stats.tenant_backlog = np.array([1, 0])
     engine.calls.job[0] = 1  # a call of tenant b's job
-    engine.job_tenant[1] = 1
+    engine.job_table.tenant[1] = 1
     engine._backlog(0, +1)
-    assert engine.tenant_service.tolist() == [5.0, 50.0]
+    assert engine.stats.tenant_service.tolist() == [5.0, 50.0]

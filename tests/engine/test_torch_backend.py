@@ -69,7 +69,7 @@ def check_drained(engine: Engine, metrics) -> None:
     assert_all_terminal(engine)
     calls, n = engine.calls, engine.calls.size
     assert (calls.state[:n] == CallState.FINISHED).all()
-    assert engine.job_calls_done[: len(engine.jobs)].tolist() == [len(job.calls) for job in engine.jobs]
+    assert engine.job_table.calls_done[: len(engine.jobs)].tolist() == [len(job.calls) for job in engine.jobs]
     assert (calls.num_output[:n] == calls.target_tokens[:n]).all()
     for replica in engine.replicas:
         bm = replica.blocks
@@ -113,7 +113,7 @@ def test_child_prompt_holds_its_parents_outputs(time_limit) -> None:
     store, calls = factory.tokens, engine.calls
     checked = 0
     for index, job in enumerate(engine.jobs):
-        base = engine.job_first_call[index]
+        base = engine.job_table.first_call[index]
         for spec in job.calls:
             call, pos = base + spec.call_id, 0
             prompt = store.prompt(call, calls.segments[call])

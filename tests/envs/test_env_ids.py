@@ -107,7 +107,7 @@ def test_same_seed_same_episode_and_return_is_total_tree_time(env_id: str) -> No
     assert rewards_again == rewards_a and all(same_obs(x, y) for x, y in zip(obs_a, again, strict=True))
     engine = a.unwrapped.engine
     jobs = len(engine.jobs)
-    total_tree_s = float((engine.job_finish_s[:jobs] - engine.job_arrival_s[:jobs]).sum())
+    total_tree_s = float((engine.job_table.finish_s[:jobs] - engine.job_table.arrival_s[:jobs]).sum())
     assert sum(rewards_a) == pytest.approx(-total_tree_s / a.unwrapped.config.time_scale_s, rel=1e-9)
     assert info_a["metrics"]["jobs_completed"] == jobs
     assert len(rewards_a) > 5  # the setting really asks the agent
@@ -290,7 +290,7 @@ def test_an_episode_with_no_agent_decision_ends_at_its_first_step() -> None:
     _, reward, terminated, _, info = env.step(5)
     assert terminated and info["invalid_action"] is False
     jobs = len(env.engine.jobs)
-    total_tree_s = float((env.engine.job_finish_s[:jobs] - env.engine.job_arrival_s[:jobs]).sum())
+    total_tree_s = float((env.engine.job_table.finish_s[:jobs] - env.engine.job_table.arrival_s[:jobs]).sum())
     assert reward == pytest.approx(-total_tree_s / env.config.time_scale_s) and reward < 0
     with pytest.raises(RuntimeError, match="reset"):
         env.step(0)

@@ -35,7 +35,7 @@ def test_slo_penalty_counts_each_late_tree_once() -> None:
     slo_return, info = _episode(env)
     engine = env.engine
     n = len(engine.jobs)
-    late = int(((engine.job_finish_s[:n] - engine.job_arrival_s[:n]) > 28.0).sum())
+    late = int(((engine.job_table.finish_s[:n] - engine.job_table.arrival_s[:n]) > 28.0).sum())
     assert 0 < late < n  # the setting has both kinds of tree
     assert slo_return == pytest.approx(base_return - 0.5 * late, rel=1e-9)
     assert info["metrics"]["jobs_completed"] == n
@@ -51,7 +51,7 @@ def test_fairness_term_is_zero_for_one_tenant_and_negative_for_unequal_ones() ->
     for env in (plain, weighted):
         env.action_space.seed(0)
     (plain_return, _), (weighted_return, _) = _episode(plain), _episode(weighted)
-    assert len(weighted.engine.tenant_service) > 1
+    assert len(weighted.engine.stats.tenant_service) > 1
     assert weighted_return < plain_return
 
 

@@ -57,7 +57,7 @@ def test_same_seed_same_episode_and_return_is_total_tree_time() -> None:
     assert rewards_a != rewards_c
     engine = a.engine
     jobs = len(engine.jobs)
-    total_tree_s = float((engine.job_finish_s[:jobs] - engine.job_arrival_s[:jobs]).sum())
+    total_tree_s = float((engine.job_table.finish_s[:jobs] - engine.job_table.arrival_s[:jobs]).sum())
     assert sum(rewards_a) == pytest.approx(-total_tree_s / a.config.time_scale_s, rel=1e-9)
     assert info_a["metrics"]["jobs_completed"] == jobs
 

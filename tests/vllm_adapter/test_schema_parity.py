@@ -59,21 +59,24 @@ class MirrorCheck:
         calls, replica = engine.calls, engine.replicas[decision.replica]
         bm, bs = replica.blocks, replica.config.block_size
         book = TreeBook()
-        for role, (total, count) in engine.role_output_stats.items():
+        for role, (total, count) in engine.stats.role_output_stats.items():
             book.role_outputs[KNOWN_ROLES[role]] = (int(total), int(count))
         requests, hits = [], {}
         for c in decision.candidates.tolist():
             job = int(calls.job[c])
             tag = TreeTag(
-                f"j{job}", c - engine.job_first_call[job], KNOWN_ROLES[calls.role[c]], int(calls.depth[c])
+                f"j{job}",
+                c - engine.job_table.first_call[job],
+                KNOWN_ROLES[calls.role[c]],
+                int(calls.depth[c]),
             )
             book.trees.setdefault(
                 tag.tree_id,
                 TreeStats(
-                    first_arrival_s=float(engine.job_arrival_s[job]),
-                    service_tokens=int(engine.job_service[job]),
-                    calls_seen=int(engine.job_num_calls[job]),
-                    calls_done=int(engine.job_calls_done[job]),
+                    first_arrival_s=float(engine.job_table.arrival_s[job]),
+                    service_tokens=int(engine.job_table.service[job]),
+                    calls_seen=int(engine.job_table.num_calls[job]),
+                    calls_done=int(engine.job_table.calls_done[job]),
                 ),
             )
             request = SimpleNamespace(
@@ -86,7 +89,7 @@ class MirrorCheck:
                 call=c,
             )
             book.requests[request.request_id] = RequestEntry(tag, enqueue_s=float(calls.enqueue_s[c]))
-            max_hit = replica.hit_limit(c)  # as vLLM's lookup: all tokens (outputs too) but the last
+            max_hit = replica.waiting.hit_limit(c)  # as vLLM's lookup: all tokens (outputs too) but the last
             chain = calls.hash_chain(c, max_hit, bs)
             matched = bm.match_prefix(chain, max_hit) if max_hit else []
             hits[c] = (len(matched) * bs, bm.num_reclaimed_by_taking(matched))

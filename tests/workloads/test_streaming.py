@@ -184,7 +184,7 @@ def test_streaming_gives_the_whole_file_results(tmp_path: Path, specs, shuffle, 
     streamed = run(StreamedJobs(lambda: iter_jobs(path, reorder_window_s=window)))
     assert same_metrics(whole.metrics().as_dict(), streamed.metrics().as_dict())
     n = len(jobs)
-    np.testing.assert_array_equal(whole.job_finish_s[:n], streamed.job_finish_s[:n])
+    np.testing.assert_array_equal(whole.job_table.finish_s[:n], streamed.job_table.finish_s[:n])
     np.testing.assert_array_equal(
         whole.calls.first_token_s[: whole.calls.size], streamed.calls.first_token_s[: streamed.calls.size]
     )
@@ -232,7 +232,7 @@ def test_a_long_run_holds_memory_for_live_trees_only() -> None:
     while (decision := engine.next_decision()) is not None:
         engine.decide(policy.scores(decision))
         steps += 1
-        arrived = sum(1 for first in engine.job_first_call if first >= 0)
+        arrived = sum(1 for first in engine.job_table.first_call if first >= 0)
         most["held"] = max(most["held"], engine.jobs.num_held)
         most["ahead"] = max(most["ahead"], source.pulled - arrived)
         if steps % 25 == 0:
@@ -248,11 +248,11 @@ def test_a_long_run_holds_memory_for_live_trees_only() -> None:
     assert engine.jobs.num_held == 0
     calls = engine.calls
     assert not any(calls.hashes[c] or calls.segments[c] or calls.blocks[c] for c in range(calls.size))
-    assert not engine._tools_seen
+    assert not engine.stats._tools_seen
     # every call of every tree completed exactly once
     assert calls.size == sum(len(job.calls) for job in source.jobs)
     assert (calls.state[: calls.size] == CallState.FINISHED).all()
-    assert engine.job_calls_done[:300].tolist() == [len(job.calls) for job in source.jobs]
+    assert engine.job_table.calls_done[:300].tolist() == [len(job.calls) for job in source.jobs]
     engine.check_invariants()
     same = run(FixedJobs(source.jobs))
     assert same_metrics(metrics.as_dict(), same.metrics().as_dict())

@@ -57,7 +57,7 @@ def test_family_runs_every_call_of_every_tree_exactly_once(name: str) -> None:
     assert len(jobs) == num_jobs == metrics.jobs_completed
     assert n == sum(len(job.calls) for job in jobs) == metrics.calls_completed
     assert (engine.calls.state[:n] == CallState.FINISHED).all()
-    assert engine.job_calls_done[:num_jobs].tolist() == [len(job.calls) for job in jobs]
+    assert engine.job_table.calls_done[:num_jobs].tolist() == [len(job.calls) for job in jobs]
 
 
 def test_mixed_bursty_alternates_calm_and_burst_states_at_the_documented_ratio() -> None:

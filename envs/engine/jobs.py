@@ -1,0 +1,317 @@
+"""Jobs (agent trees) in the engine: the ``Job`` objects, a table of per-job columns, and the
+trees' lifecycle over the call table.
+
+A job is one agent tree. The engine numbers jobs in the order it adds them (the job index);
+every column here is indexed by it. The numpy columns are what the metrics, the reward and the
+features read for many jobs at once, so they are arrays (grown by doubling, like
+``CallTable``); the structural per-job data that only the engine walks one job at a time (first
+call id, children, replicas) stays in Python lists.
+
+``Trees`` holds the agent-tree semantics: a tree's calls get consecutive ids when it arrives; a
+call becomes ready once its parents finished and their tools returned (plus the network hop);
+its prompt is then resolved from its ancestors' outputs; a rejected call takes the rest of its
+tree with it. The engine owns the clock: it pushes the events these transitions return.
+
+A streaming engine drops a finished tree's ``Job`` and structure (``Trees.release``) but keeps
+its row of columns: arrival, finish, service and counts are all that per-tree metrics need once
+a tree is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import overload
+
+import numpy as np
+
+from servegym.envs.engine.calls import CallState, CallTable
+from servegym.envs.engine.config import ClusterConfig
+from servegym.envs.engine.stats import OnlineStats
+from servegym.envs.workloads.job import Call, Job, Output, role_id
+from servegym.envs.workloads.source import JobSource
+
+_RELEASED: tuple = ()  # a dropped call's segments, hashes and (empty) block table
+
+
+class JobLog(Sequence[Job]):
+    """``Engine.jobs`` of a streaming source: the jobs in engine order, a finished one dropped
+    (``release``) and read again from the source's ``jobs`` (every job, in engine order) if
+    asked for; and the source's jobs not pulled yet, which the engine pulls one arrival ahead of
+    its clock (``pull``)."""
+
+    def __init__(self, source: JobSource) -> None:
+        self._jobs: list[Job | None] = []
+        self._source = source
+        self._pending: Iterator[Job] | None = iter(source.initial_jobs())
+        self._last_arrival_s = -np.inf  # of the latest job appended
+        self.num_held = 0  # jobs held now (the live trees)
+
+    def append(self, job: Job) -> None:
+        self._jobs.append(job)
+        self._last_arrival_s = job.arrival_s
+        self.num_held += 1
+
+    def pull(self) -> Job | None:
+        """The source's next job (not appended yet), or None once it has no more."""
+        job = None if self._pending is None else next(self._pending, None)
+        if job is None:
+            self._pending = None
+        elif job.arrival_s < self._last_arrival_s:
+            raise ValueError(
+                f"streaming source {type(self._source).__name__}: job {job.job_id!r} arrives at "
+                f"{job.arrival_s!r} s, before the previous job ({self._last_arrival_s!r} s); a "
+                "streaming source must yield jobs in arrival order"
+            )
+        return job
+
+    def release(self, index: int) -> None:
+        if self._jobs[index] is not None:
+            self._jobs[index] = None
+            self.num_held -= 1
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        job = self._jobs[index]
+        return self._source.jobs[index if index >= 0 else len(self) + index] if job is None else job
+
+    def __iter__(self) -> Iterator[Job]:
+        return (self[i] for i in range(len(self)))
+
+
+def _extended(column: np.ndarray, extra: int, fill: float) -> np.ndarray:
+    return np.concatenate([column, np.full(extra, fill, dtype=column.dtype)])
+
+
+class JobTable:
+    """Per-job columns, indexed by engine job index. The numpy columns are longer than
+    ``size`` (rows past it hold their fill value), so slice them with ``[:size]``; a column is
+    a new array after growing, so hold it in a local only while no job is added."""
+
+    def __init__(self) -> None:
+        self.size = 0  # rows in use: the jobs added so far (== len(Engine.jobs))
+        self.arrival_s = np.zeros(0)  # (capacity,) float: when the tree arrived
+        self.finish_s = np.full(0, np.nan)  # (capacity,) float: when its last call turned terminal, else NaN
+        self.service = np.zeros(0)  # (capacity,) float: tokens computed for its calls (attained service)
+        self.calls_done = np.zeros(0, dtype=np.int64)  # (capacity,) its calls that are terminal
+        self.num_calls = np.zeros(0, dtype=np.int64)  # (capacity,) len(job.calls)
+        self.tenant = np.zeros(0, dtype=np.int64)  # (capacity,) tenant id (``OnlineStats.tenants``)
+        self.failed = np.zeros(0, dtype=np.bool_)  # (capacity,) a call was rejected and its tree cut
+        # Python lists, exactly ``size`` long; a released tree's structure is None
+        self.first_call: list[int] = []  # id of its first call (its ids are consecutive); -1 until it arrives
+        self.children: list[list[list[int]] | None] = []  # call index -> child call indices
+        self.replicas: list[set[int] | None] = []  # replicas its calls were routed to (a route feature)
+
+    def add(self, job: Job, tenant: int) -> int:
+        """A row for a new job (not arrived yet: its calls have no ids); returns its index."""
+        index = self.size
+        if index == len(self.arrival_s):
+            self._grow(max(16, index))
+        self.size += 1
+        self.arrival_s[index] = job.arrival_s
+        self.num_calls[index] = len(job.calls)
+        self.tenant[index] = tenant
+        self.replicas.append(set())
+        self.first_call.append(-1)
+        self.children.append(job.children())
+        return index
+
+    def _grow(self, extra: int) -> None:
+        self.arrival_s = _extended(self.arrival_s, extra, 0.0)
+        self.finish_s = _extended(self.finish_s, extra, np.nan)
+        self.service = _extended(self.service, extra, 0.0)
+        self.calls_done = _extended(self.calls_done, extra, 0)
+        self.num_calls = _extended(self.num_calls, extra, 0)
+        self.tenant = _extended(self.tenant, extra, 0)
+        self.failed = _extended(self.failed, extra, False)
+
+    def call_done(self, index: int, now_s: float) -> bool:
+        """Count one more terminal call of job ``index``; True (and its finish time set) when
+        it was the tree's last."""
+        self.calls_done[index] += 1
+        if self.calls_done[index] == self.num_calls[index]:
+            self.finish_s[index] = now_s
+            return True
+        return False
+
+    def unfinished(self) -> list[int]:
+        """Indices of the jobs whose tree has not finished (or failed) yet."""
+        return np.flatnonzero(np.isnan(self.finish_s[: self.size])).tolist()
+
+    def release(self, index: int) -> None:
+        """Drop a finished tree's structure (streaming); its row of columns stays."""
+        self.children[index] = None
+        self.replicas[index] = None
+
+
+class Trees:
+    """The trees' transitions over the call table, the job table and the online statistics."""
+
+    def __init__(
+        self,
+        calls: CallTable,
+        jobs: list[Job] | JobLog,
+        table: JobTable,
+        stats: OnlineStats,
+        cluster: ClusterConfig,
+        keys: dict[str, int],
+    ) -> None:
+        self.calls = calls
+        self.jobs = jobs
+        self.table = table
+        self.stats = stats
+        self.cluster = cluster
+        self.keys = keys  # prompt content key -> id for block hashing (shared with real backends)
+
+    def spec(self, call: int) -> Call:
+        """The workload's description of an engine call."""
+        calls = self.calls
+        return self.jobs[int(calls.job[call])].calls[int(calls.call_in_job[call])]
+
+    def arrive(self, index: int) -> list[int]:
+        """Job ``index`` arrived: its calls get ids and rows (PENDING); returns its roots, ready now."""
+        job = self.jobs[index]
+        calls = self.calls
+        ids = calls.add(len(job.calls))
+        self.table.first_call[index] = ids.start
+        depths = job.depth()
+        for call, spec, depth in zip(ids, job.calls, depths, strict=True):
+            calls.job[call] = index
+            calls.call_in_job[call] = spec.call_id
+            calls.replica[call] = -1
+            calls.state[call] = CallState.PENDING
+            calls.max_tokens[call] = spec.max_tokens
+            calls.true_output_tokens[call] = spec.output_tokens
+            calls.target_tokens[call] = spec.generated_tokens
+            calls.tool_latency_s[call] = spec.tool_latency_s
+            calls.tool_failures[call] = 0
+            calls.role[call] = role_id(spec.role)
+            calls.depth[call] = depth
+            calls.pending_parents[call] = len(spec.parents)
+            calls.release_s[call] = job.arrival_s
+            calls.path_service[call] = 0.0
+        if self.cluster.faults:
+            self._draw_faults(index, ids, job)
+        return [call for call, spec in zip(ids, job.calls, strict=True) if not spec.parents]
+
+    def _draw_faults(self, index: int, ids: range, job: Job) -> None:
+        """Each call's tool attempts and hop jitter, from a generator keyed by (fault_seed, job
+        index, call index) alone, so a call meets the same faults under every schedule. A
+        failed attempt costs the timeout; the pause is the timeouts, the successful attempt's
+        latency (none when every attempt failed: the error returns at the last timeout) and the
+        jitter. Only calls that run a tool (latency > 0) fail."""
+        cluster, calls = self.cluster, self.calls
+        for call, spec in zip(ids, job.calls, strict=True):
+            rng = np.random.default_rng((cluster.fault_seed, index, spec.call_id))
+            if spec.tool_latency_s > 0 and cluster.tool_failure_prob > 0:
+                attempts = cluster.tool_retries + 1
+                succeeded = np.flatnonzero(rng.random(attempts) >= cluster.tool_failure_prob)
+                failures = int(succeeded[0]) if len(succeeded) else attempts
+                calls.tool_failures[call] = failures
+                pause = failures * cluster.tool_timeout_s + (
+                    spec.tool_latency_s if failures < attempts else 0.0
+                )
+            else:
+                pause = spec.tool_latency_s
+            if cluster.network_jitter_s > 0:
+                pause += float(rng.exponential(cluster.network_jitter_s))
+            calls.tool_latency_s[call] = pause
+
+    def resolve_prompt(self, call: int) -> None:
+        """Turn the call's segments into (content id, tokens) now that its ancestors ran."""
+        calls, keys = self.calls, self.keys
+        job_index = int(calls.job[call])
+        job = self.jobs[job_index]
+        base = self.table.first_call[job_index]
+        segments = []
+        for seg in job.calls[int(calls.call_in_job[call])].prompt:
+            if isinstance(seg, Output):
+                source = base + seg.call
+                segments.append((-1 - source, int(calls.num_output[source])))
+            else:
+                segments.append((keys.setdefault(seg.key, len(keys)), seg.num_tokens))
+        calls.segments[call] = segments
+        calls.prompt_tokens[call] = sum(length for _, length in segments)
+        spec = job.calls[int(calls.call_in_job[call])]
+        # ATLAS's priority: the critical-path service of its parents (a call adds its own on finishing)
+        calls.path_service[call] = max((calls.path_service[base + p] for p in spec.parents), default=0.0)
+        # A continuing agent's prompt starts with its parent's prompt and output: the parent's
+        # block hashes are this call's first ones, so reuse them instead of hashing again.
+        for parent in spec.parents:
+            source = base + parent
+            inherited = calls.segments[source] + [(-1 - source, int(calls.num_output[source]))]
+            if (
+                len(calls.hashes[source]) > len(calls.hashes[call])
+                and segments[: len(inherited)] == inherited
+            ):
+                calls.hashes[call] = list(calls.hashes[source])
+
+    def observe_tools(self, call: int) -> None:
+        """The parents' tools have returned by now: their pauses join the per-role means that
+        ``pin_ttl_rule=tool_mean`` predicts from."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        base = self.table.first_call[job_index]
+        for parent in self.jobs[job_index].calls[int(calls.call_in_job[call])].parents:
+            source = base + parent
+            self.stats.observe_tool(source, int(calls.role[source]), float(calls.tool_latency_s[source]))
+
+    def finish(self, call: int, now_s: float) -> list[tuple[float, int]]:
+        """The call finished at ``now_s``; returns the children this makes ready, as (time the
+        tool returns and the hop is crossed, child)."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        base = self.table.first_call[job_index]
+        calls.state[call] = CallState.FINISHED
+        calls.finish_s[call] = now_s
+        calls.path_service[call] += calls.prompt_tokens[call] + calls.num_output[call]
+        self.stats.observe_output(
+            int(calls.role[call]), int(self.table.tenant[job_index]), float(calls.num_output[call])
+        )
+        release = now_s + calls.tool_latency_s[call]
+        ready = []
+        for child in self.table.children[job_index][int(calls.call_in_job[call])]:
+            child_id = base + child
+            calls.release_s[child_id] = max(calls.release_s[child_id], release)
+            calls.pending_parents[child_id] -= 1
+            if calls.pending_parents[child_id] == 0 and calls.state[child_id] == CallState.PENDING:
+                ready.append((calls.release_s[child_id] + self.cluster.network_delay_s, child_id))
+        return ready
+
+    def cut(self, call: int, now_s: float) -> list[int]:
+        """The call was rejected: its tree failed, and every call of it that has not run yet
+        is rejected too; returns the calls now terminal."""
+        calls = self.calls
+        job_index = int(calls.job[call])
+        base = self.table.first_call[job_index]
+        self.table.failed[job_index] = True
+        cut = []
+        for other in range(base, base + int(self.table.num_calls[job_index])):
+            if calls.state[other] == CallState.PENDING:
+                calls.state[other] = CallState.REJECTED
+                calls.finish_s[other] = now_s
+                cut.append(other)
+        return cut
+
+    def release(self, index: int) -> None:
+        """Streaming: drop a finished tree's heavy state (its ``Job``, call tree, replica set,
+        and its calls' prompt segments, block hashes and tool marks); nothing reads them again
+        once every call of the tree is terminal. Its per-job and per-call rows stay."""
+        calls, table = self.calls, self.table
+        first = table.first_call[index]
+        if first >= 0:  # it arrived: its calls have ids
+            for call in range(first, first + int(table.num_calls[index])):
+                calls.segments[call] = _RELEASED
+                calls.hashes[call] = _RELEASED
+                if not calls.blocks[call]:
+                    calls.blocks[call] = _RELEASED
+                self.stats.forget_call(call)
+        self.jobs.release(index)
+        table.release(index)
