@@ -133,10 +133,11 @@ def check_drained(engine: Engine) -> None:
     states = calls.state[:n]
     bad = np.flatnonzero(~np.isin(states, [int(s) for s in TERMINAL]))
     _require(not len(bad), f"{len(bad)} calls not terminal, e.g. call {bad[0] if len(bad) else -1}")
-    done = engine.job_calls_done[: len(jobs)].tolist()
-    want = engine.job_num_calls[: len(jobs)].tolist()  # len(job.calls), set at arrival
+    done = engine.job_calls_done[: len(jobs)].tolist()  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    want = engine.job_num_calls[: len(jobs)].tolist()  # type: ignore[attr-defined]  # job column (setattr in Engine): len(job.calls)
     _require(done == want, "a tree counted a call more or less than once")
-    _require(not np.isnan(engine.job_finish_s[: len(jobs)]).any(), "a tree has no finish time")
+    finish_s = engine.job_finish_s[: len(jobs)]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    _require(not np.isnan(finish_s).any(), "a tree has no finish time")
     for replica in engine.replicas:
         bm, r = replica.blocks, replica.index
         bm.check_invariants()

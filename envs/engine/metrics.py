@@ -27,10 +27,12 @@ length varies with the workload, and ``RunMetrics`` stays flat scalars)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from servegym.envs.engine.calls import CallState
 
@@ -116,7 +118,7 @@ class RunMetrics:
     # Faults (ClusterConfig.tool_failure_prob, network_jitter_s), over finished calls:
     tool_failures: int  # failed tool attempts (each held its tree for tool_timeout_s)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -126,8 +128,9 @@ def collect_metrics(engine: Engine) -> RunMetrics:
     state = calls.state[:n]
     finished = state == CallState.FINISHED
     jobs = len(engine.jobs)
-    arrival_s, finish_s = engine.job_arrival_s[:jobs], engine.job_finish_s[:jobs]
-    failed = engine.job_failed[:jobs]
+    arrival_s = engine.job_arrival_s[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    finish_s = engine.job_finish_s[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    failed = engine.job_failed[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
     done_jobs = _done_jobs(engine)
     jct = (finish_s - arrival_s)[done_jobs]
     ttft = (calls.first_token_s[:n] - calls.ready_s[:n])[finished]
@@ -135,7 +138,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         calls.job[:n][finished], weights=calls.num_output[:n][finished], minlength=jobs
     )[:jobs]
     per_token = jct / np.maximum(tree_tokens[done_jobs], 1.0)
-    done_tenant = engine.job_tenant[:jobs][done_jobs]
+    done_tenant = engine.job_tenant[:jobs][done_jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
     tenant_jct = [jct[done_tenant == t].mean() for t in np.unique(done_tenant)]
     params = np.array([r.profile.num_params for r in engine.replicas])
     on_large = params[calls.replica[:n][finished]] == params.max()
@@ -205,10 +208,21 @@ def _finished_tree_calls(engine: Engine, done_jobs: np.ndarray) -> np.ndarray:
 
 def _done_jobs(engine: Engine) -> np.ndarray:
     jobs = len(engine.jobs)
-    return ~np.isnan(engine.job_finish_s[:jobs]) & ~engine.job_failed[:jobs]
+    finish_s: npt.NDArray[np.float64] = engine.job_finish_s[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    failed: npt.NDArray[np.bool_] = engine.job_failed[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    return ~np.isnan(finish_s) & ~failed
 
 
-def _inflation(engine: Engine, done_jobs: np.ndarray) -> dict:
+class _Inflation(TypedDict):
+    tokens_per_tree_mean: float
+    prompt_tokens_per_tree_mean: float
+    prompt_tokens_root_mean: float
+    prompt_growth_per_level: float
+    prompt_tokens_added_per_level: float
+    call_depth_max: int
+
+
+def _inflation(engine: Engine, done_jobs: np.ndarray) -> _Inflation:
     """The contextual-inflation fields of ``RunMetrics`` (see the module docstring), from the call
     table's prompt tokens, output tokens and depths alone (no ``Job`` is read: a streaming run
     has dropped them)."""
@@ -282,7 +296,7 @@ class KvSamples:
         """(T, 3) copy of the samples."""
         return self._rows[: self._size].copy()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[float, ...]]:
         return iter(map(tuple, self._rows[: self._size].tolist()))
 
 
@@ -305,15 +319,17 @@ class SloMetrics:
     slowdown_p99: float
     jain_job_speed: float  # Jain's index over completed trees of unloaded / actual time (1: equal)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def job_completion_s(engine: Engine) -> np.ndarray:
     """Per job (engine order): finish - arrival, NaN for a job that failed or never finished."""
     jobs = len(engine.jobs)
-    jct = engine.job_finish_s[:jobs] - engine.job_arrival_s[:jobs]
-    return np.where(engine.job_failed[:jobs], np.nan, jct)
+    finish_s: npt.NDArray[np.float64] = engine.job_finish_s[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    arrival_s: npt.NDArray[np.float64] = engine.job_arrival_s[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    failed: npt.NDArray[np.bool_] = engine.job_failed[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    return np.where(failed, np.nan, finish_s - arrival_s)
 
 
 def slo_metrics(engine: Engine, slo_s: np.ndarray, unloaded_s: np.ndarray, makespan_s: float) -> SloMetrics:
