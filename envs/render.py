@@ -54,11 +54,10 @@ def tree_colours(job_indices: np.ndarray) -> np.ndarray:
     saturation, value = 0.75, 0.95
     sector = np.floor(hue * 6.0).astype(int) % 6
     f = hue * 6.0 - np.floor(hue * 6.0)
-    p = value * (1 - saturation)
     q = value * (1 - f * saturation)
     t = value * (1 - (1 - f) * saturation)
     v = np.full_like(hue, value)
-    p = np.full_like(hue, p)
+    p = np.full_like(hue, value * (1 - saturation))
     table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
     rgb = np.zeros((len(hue), 3))
     for index, (r, g, b) in enumerate(table):
@@ -95,8 +94,8 @@ def block_states(engine: Engine, replica_index: int) -> tuple[np.ndarray, np.nda
 def tree_status(engine: Engine) -> np.ndarray:
     """(J,) int per tree released so far: 0 live, 1 done, 2 failed."""
     jobs = len(engine.jobs)
-    finish = engine.job_finish_s[:jobs]
-    failed = engine.job_failed[:jobs]
+    finish = engine.job_finish_s[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    failed = engine.job_failed[:jobs]  # type: ignore[attr-defined]  # job column (setattr in Engine)
     status = np.where(np.isnan(finish), 0, 1)
     status[failed] = 2
     return status
@@ -130,8 +129,9 @@ def render_text(engine: Engine | None, decision: Decision | None = None, max_row
             if len(queue) > max_rows:
                 lines.append(f"  {label:7s} ... {len(queue) - max_rows} more")
     live = np.flatnonzero(status == 0)
+    arrival_s = engine.job_arrival_s  # type: ignore[attr-defined]  # job column (setattr in Engine)
     if len(live):
-        oldest = live[np.argsort(engine.job_arrival_s[live], kind="stable")][:max_rows]
+        oldest = live[np.argsort(arrival_s[live], kind="stable")][:max_rows]
         lines.append(f"trees in flight ({len(live)}; oldest first):")
         done = np.bincount(
             calls.job[: calls.size][calls.state[: calls.size] == CallState.FINISHED], minlength=len(status)
@@ -140,7 +140,7 @@ def render_text(engine: Engine | None, decision: Decision | None = None, max_row
             tree = engine.jobs[job]
             lines.append(
                 f"  {tree.job_id} ({tree.kind}, tenant {tree.tenant}): {int(done[job])}/{len(tree.calls)} calls "
-                f"done, age {engine.now_s - engine.job_arrival_s[job]:.2f} s"
+                f"done, age {engine.now_s - arrival_s[job]:.2f} s"
             )
     return "\n".join(lines) + "\n"
 
