@@ -70,8 +70,9 @@ class TreeSecondsCurve:
         """The curve of a drained engine; a tree that never finished (a stalled run) is
         counted in flight until the engine's last event."""
         n = len(engine.jobs)
-        finish = np.where(np.isnan(engine.job_finish_s[:n]), engine.now_s, engine.job_finish_s[:n])
-        return cls(engine.job_arrival_s[:n], finish)
+        finish_s = engine.job_finish_s[:n]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+        arrival_s = engine.job_arrival_s[:n]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+        return cls(arrival_s, np.where(np.isnan(finish_s), engine.now_s, finish_s))
 
     def __call__(self, time_s: float) -> float:
         return float(np.interp(time_s, self.knots, self.values, left=0.0, right=self.total))

@@ -24,7 +24,8 @@ def tree_time_until(engine: Engine, until_s: float = math.inf) -> float:
     With ``until_s`` = inf on a drained engine this is the total tree time; a tree that
     never finished makes it inf."""
     n = len(engine.jobs)
-    arrival, finish = engine.job_arrival_s[:n], engine.job_finish_s[:n]
+    arrival = engine.job_arrival_s[:n]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    finish = engine.job_finish_s[:n]  # type: ignore[attr-defined]  # job column (setattr in Engine)
     end = np.minimum(np.where(np.isnan(finish), until_s, finish), until_s)
     return float(np.maximum(end - arrival, 0.0).sum())
 

@@ -174,7 +174,7 @@ def _job_rows(task: RunTask, engine: Engine, unloaded: np.ndarray, slo: np.ndarr
             "num_calls": [len(job.calls) for job in engine.jobs],
             "output_tokens": outputs.astype(np.int64),
             "prompt_tokens": prompts.astype(np.int64),
-            "arrival_s": engine.job_arrival_s[:n],
+            "arrival_s": engine.job_arrival_s[:n],  # type: ignore[attr-defined]  # job column (setattr in Engine)
             "jct_s": jct,
             "unloaded_s": unloaded,
             "slo_s": slo,
@@ -191,7 +191,8 @@ def _kv_rows(task: RunTask, engine: Engine) -> pd.DataFrame | None:
     samples = kv_utilization_timeline(engine)
     if not task.kv_bins or not len(samples):
         return None
-    end_s = float(np.nanmax(engine.job_finish_s[: len(engine.jobs)], initial=samples[:, 0].max()))
+    finish_s = engine.job_finish_s[: len(engine.jobs)]  # type: ignore[attr-defined]  # job column (setattr in Engine)
+    end_s = float(np.nanmax(finish_s, initial=samples[:, 0].max()))
     edges = np.linspace(0.0, max(end_s, samples[:, 0].max()) + 1e-9, task.kv_bins + 1)
     frames = []
     for replica in np.unique(samples[:, 1]).astype(int):
