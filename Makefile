@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo simulate test test-fast lint bench clean
+.PHONY: install demo simulate test test-fast lint typecheck bench clean
 
 $(PY):
 	python3 -m venv .venv
@@ -33,11 +33,18 @@ lint: $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# mypy, configured in pyproject.toml ([tool.mypy]: strict on the engine and the workloads). The
+# code imports as servegym.* from envs/, agents/ and kernels/ (package-dir), which no search path
+# shows mypy, so it reads servegym.* through the link .typecheck/servegym -> .. (made here).
+typecheck: $(PY)
+	@mkdir -p .typecheck && ln -sfn .. .typecheck/servegym
+	$(PY) -m mypy
+
 bench: $(PY)
 	$(PY) scripts/bench_env.py
 
 clean:
-	rm -rf .venv outputs multirun .pytest_cache .hypothesis
+	rm -rf .venv outputs multirun .pytest_cache .hypothesis .mypy_cache .typecheck
 
 # vLLM adapter tests against real vLLM (CPU build) in their own venv, .venv-vllm (scripts/setup_vllm.sh:
 # 2 min 47 s and 4.0 GB the first time, measured 2026-12-03 on 2 cores), including `vllm serve` with

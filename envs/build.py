@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import gymnasium as gym
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import Policy
 
@@ -19,8 +22,9 @@ def build_engine(cfg: DictConfig, seed: int | None = None) -> Engine:
     workload = instantiate(cfg.workload)
     return Engine(
         workload.build(cfg.seed if seed is None else seed),
-        cluster=OmegaConf.to_object(cfg.cluster),
-        engine=OmegaConf.to_object(cfg.engine),
+        # the ConfigStore schemas (envs/configs.py) make these nodes their dataclasses
+        cluster=cast(ClusterConfig, OmegaConf.to_object(cfg.cluster)),
+        engine=cast(EngineConfig, OmegaConf.to_object(cfg.engine)),
         time_scale_s=cfg.time_scale_s,
     )
 

@@ -84,6 +84,6 @@ class EvictionEnv(MaskedChoiceEnv):
         return mask
 
     def _choice_scores(self, slot: int) -> np.ndarray:
-        scores = np.zeros(len(self._decision))
+        scores = np.zeros(len(self._pending()))
         scores[slot] = -1.0  # the lowest score is preempted
         return scores

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from gymnasium import spaces
@@ -60,8 +60,8 @@ class PickNextEnv(MaskedChoiceEnv):
     every Scheduling-v0 out of date.
     """
 
-    allowed_decisions = ("order", "evict")
-    default_decisions = ("order",)
+    allowed_decisions: ClassVar[tuple[str, ...]] = ("order", "evict")
+    default_decisions: ClassVar[tuple[str, ...]] = ("order",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,7 +119,7 @@ class PickNextEnv(MaskedChoiceEnv):
         sign = -1.0 if decision.kind == DecisionKind.EVICT else 1.0  # EVICT: the lowest goes
         shown = np.where(valid, sign * scores[rows], -np.inf)
         best[: len(rows)] = valid & (shown == shown.max())
-        slot = np.flatnonzero(rows == choice) if choice is not None else []
+        slot = np.flatnonzero(rows == choice) if choice is not None else np.zeros(0, dtype=np.int64)
         return (int(slot[0]) if len(slot) else int(np.argmax(shown))), best
 
     def _cut(self) -> int:
@@ -135,7 +135,7 @@ class PickNextEnv(MaskedChoiceEnv):
         return pick_valid(self._decision, self._rows, self.config.max_candidates)
 
     def _choice_scores(self, slot: int) -> np.ndarray:
-        return pick_scores(self._decision, self._rows, slot, self.config.max_candidates)
+        return pick_scores(self._pending(), self._rows, slot, self.config.max_candidates)
 
 
 class PickRetainEnv(PickNextEnv):

@@ -54,11 +54,10 @@ def tree_colours(job_indices: np.ndarray) -> np.ndarray:
     saturation, value = 0.75, 0.95
     sector = np.floor(hue * 6.0).astype(int) % 6
     f = hue * 6.0 - np.floor(hue * 6.0)
-    p = value * (1 - saturation)
     q = value * (1 - f * saturation)
     t = value * (1 - (1 - f) * saturation)
     v = np.full_like(hue, value)
-    p = np.full_like(hue, p)
+    p = np.full_like(hue, value * (1 - saturation))
     table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
     rgb = np.zeros((len(hue), 3))
     for index, (r, g, b) in enumerate(table):

@@ -129,18 +129,20 @@ class EngineEnv(gym.Env):
         self.cluster = cluster or self.default_cluster()
         self.engine_config = engine or self.default_engine()
         config = env or EnvConfig()
-        if config.decisions is None:
-            config = replace(config, decisions=self.default_decisions)
-        if not set(config.decisions) <= set(self.allowed_decisions):
+        decisions = config.decisions
+        if decisions is None:
+            decisions = self.default_decisions
+            config = replace(config, decisions=decisions)
+        if not set(decisions) <= set(self.allowed_decisions):
             raise ValueError(
                 f"{type(self).__name__} answers {list(self.allowed_decisions)} decisions, but "
-                f"env.decisions={config.decisions}; use servegym/Serving-v0 for all three kinds, "
+                f"env.decisions={decisions}; use servegym/Serving-v0 for all three kinds, "
                 "or leave env.decisions None for this env's own"
             )
         self.config = config
         self._fallback = fallback
         self.fallback = fallback or DefaultPolicy()
-        self._agent_kinds = {KIND_NAMES[name] for name in self.config.decisions}
+        self._agent_kinds = {KIND_NAMES[name] for name in decisions}
         self.num_replicas = len(self.cluster.profiles(self.engine_config.profile))
         self.engine: Engine | None = None
         self._decision: Decision | None = None
@@ -236,7 +238,7 @@ class EngineEnv(gym.Env):
         minus ``slo_miss_penalty`` per tree whose age passed ``slo_s`` unfinished since the last
         step, minus ``fairness_weight`` x (1 - Jain's index of the tenants' attained service)
         x the elapsed time over ``time_scale_s``. The last two are 0 by default."""
-        engine, cfg = self.engine, self.config
+        engine, cfg = self._running(), self.config
         reward = -(engine.tree_seconds - self._tree_seconds) / cfg.time_scale_s
         self._tree_seconds = engine.tree_seconds
         if cfg.slo_miss_penalty:
@@ -273,12 +275,25 @@ class EngineEnv(gym.Env):
         return LAYOUTS[self.layout](decision, self.num_slots)
 
     # ------------------------------------------------------------------ internals
+    def _running(self) -> Engine:
+        """The episode's engine (``reset`` builds it)."""
+        if self.engine is None:
+            raise RuntimeError("call reset() before step()")
+        return self.engine
+
+    def _pending(self) -> Decision:
+        """The decision being answered: ``step`` calls ``_answer`` only while one is pending."""
+        if self._decision is None:
+            raise RuntimeError("no decision is pending: the episode has ended; call reset()")
+        return self._decision
+
     def _advance(self) -> Decision | None:
         """Run the engine to the next decision the agent owns, answering others by fallback."""
-        while (decision := self.engine.next_decision()) is not None:
+        engine = self._running()
+        while (decision := engine.next_decision()) is not None:
             if decision.kind in self._agent_kinds:
                 return decision
-            self.engine.decide(self.fallback.scores(decision))
+            engine.decide(self.fallback.scores(decision))
         return None
 
     def _kind_name(self) -> str | None:
@@ -340,7 +355,7 @@ class SchedulingEnv(EngineEnv):
     default_decisions = ("order", "evict")
 
     def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
-        return slot_scores(self._decision, action, self.config.max_candidates, self.fallback)
+        return slot_scores(self._pending(), action, self.config.max_candidates, self.fallback)
 
 
 class ServingEnv(EngineEnv):
@@ -410,7 +425,7 @@ class ServingEnv(EngineEnv):
         return eviction_engine()
 
     def _answer(self, action: Any, info: dict[str, Any]) -> np.ndarray:
-        d = self._decision
+        d = self._pending()
         if d.kind == DecisionKind.ROUTE:  # the engine ignores ineligible replicas
             return score_action(action, self.config.max_candidates)[: len(d)].copy()
         return slot_scores(d, action, self.config.max_candidates, self.fallback)
@@ -451,7 +466,7 @@ class MaskedChoiceEnv(EngineEnv):
             info["invalid_action"] = False
             return self._choice_scores(slot)
         info["invalid_action"] = True
-        return self.fallback.scores(self._decision)
+        return self.fallback.scores(self._pending())
 
     def step(self, action: Any):
         obs, reward, terminated, truncated, info = super().step(action)

@@ -10,15 +10,17 @@ replicas for routing), so most of the engine's work is a step the soak checks. U
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
 from servegym.envs.engine.invariants import InvariantError
-from servegym.envs.serving_env import EnvConfig
+from servegym.envs.serving_env import EngineEnv, EnvConfig, MaskedChoiceEnv
 from servegym.envs.workloads.generators import (
     Debate,
     Generator,
@@ -30,6 +32,10 @@ from servegym.envs.workloads.generators import (
 )
 from servegym.envs.workloads.workload import Workload
 
+if TYPE_CHECKING:
+    from servegym.envs.engine.engine import Engine
+    from servegym.envs.engine.metrics import RunMetrics
+
 MAX_CONTEXT_TOKENS = 256
 
 
@@ -38,7 +44,7 @@ def generators(
 ) -> dict[str, Generator]:
     """Every family with short calls: few iterations per call, many decisions per iteration.
     (The engine's property tests use the same families with longer outputs.)"""
-    short = dict(
+    short: dict[str, Any] = dict(
         system_tokens=16,
         input_tokens_mean=24.0,
         tool_tokens_mean=16.0,
@@ -90,12 +96,14 @@ def soak_env(env_id: str, family: str, swap: bool) -> gym.Env:
     )
 
 
-def random_action(env: gym.Env, rng: np.random.Generator):
+def random_action(env: gym.Env, rng: np.random.Generator) -> int | np.ndarray:
     """Uniform over the action space; the discrete envs pick a valid slot 3 times in 4."""
     space = env.action_space
     if isinstance(space, gym.spaces.Discrete):
         if rng.random() < 0.75:
-            return int(rng.choice(np.flatnonzero(env.unwrapped.action_masks())))
+            masked = env.unwrapped
+            assert isinstance(masked, MaskedChoiceEnv), "servegym's Discrete envs are MaskedChoiceEnvs"
+            return int(rng.choice(np.flatnonzero(masked.action_masks())))
         return int(rng.integers(space.n))
     return rng.uniform(-1, 1, space.shape).astype(np.float32)
 
@@ -105,14 +113,19 @@ class SoakResult:
     steps: int = 0
     episodes: int = 0
     seconds: float = 0.0
-    decisions: Counter = field(default_factory=Counter)  # decision kind -> steps
-    steps_by_env: Counter = field(default_factory=Counter)
-    seconds_by_env: Counter = field(default_factory=Counter)
+    decisions: Counter[str] = field(default_factory=Counter)  # decision kind -> steps
+    steps_by_env: Counter[str] = field(default_factory=Counter)
+    seconds_by_env: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     violations: list[str] = field(default_factory=list)  # "env family seed: message"
     unfinished: list[str] = field(default_factory=list)  # episodes that truncated or stalled
 
 
-def soak(steps: dict[str, int], check_every: int = 10, seed: int = 0, on_episode=None) -> SoakResult:
+def soak(
+    steps: dict[str, int],
+    check_every: int = 10,
+    seed: int = 0,
+    on_episode: Callable[[Engine, RunMetrics], object] | None = None,
+) -> SoakResult:
     """Random actions for ``steps[env_id]`` steps per env id, split evenly over the families;
     invariants every ``check_every`` steps and at each episode end. A violation is recorded
     (the episode is abandoned) rather than raised, so a report can count them."""
@@ -129,7 +142,9 @@ def soak(steps: dict[str, int], check_every: int = 10, seed: int = 0, on_episode
             taken, episode_seed = 0, seed
             while taken < budget:
                 env.reset(seed=episode_seed)
-                engine = env.unwrapped.engine
+                unwrapped = env.unwrapped
+                assert isinstance(unwrapped, EngineEnv) and unwrapped.engine is not None, "reset() builds it"
+                engine = unwrapped.engine
                 done = False
                 try:
                     while not done and taken < budget:

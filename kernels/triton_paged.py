@@ -333,7 +333,7 @@ def paged_decode_attention(
     direct = config.num_splits == 1
     if direct:
         part_out = part_lse = out  # unused
-        part_strides = (0, 0, 0)
+        part_strides: tuple[int, ...] = (0, 0, 0)
     else:
         part_lse = torch.empty(batch, num_heads, config.num_splits, dtype=torch.float32, device=q.device)
         part_out = torch.empty(

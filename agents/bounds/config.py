@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -145,7 +145,7 @@ def bounds_from_cfg(node: DictConfig | dict | None) -> BoundsConfig:
         merged = OmegaConf.merge(schema, node or {})
     except Exception as error:  # omegaconf's errors name the key
         raise BoundsConfigError(f"bounds: {error}") from error
-    return OmegaConf.to_object(merged)
+    return cast(BoundsConfig, OmegaConf.to_object(merged))  # the schema makes it one
 
 
 def _group_options(conf_dir: Path, group: str) -> set[str]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -95,12 +95,14 @@ class Task:
 
 def make_world(config: BoundsConfig, base_cfg: DictConfig, conf_dir: Path, policies: Iterable[str]) -> World:
     """Load every workload and agent node once (failing at start on a bad one)."""
-    base = OmegaConf.to_container(base_cfg, resolve=False)
+    base = cast("dict[str, Any]", OmegaConf.to_container(base_cfg, resolve=False))
     base.pop("bounds", None)
-    agents = {}
+    agents: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(policies):
         if name in config.agents:
-            agents[name] = OmegaConf.to_container(OmegaConf.create(config.agents[name]))
+            agents[name] = cast(
+                "dict[str, Any]", OmegaConf.to_container(OmegaConf.create(config.agents[name]))
+            )
         else:
             agents[name] = load_option(conf_dir, "agent", name)
     workloads = {name: load_option(conf_dir, "workload", name) for name in config.families}
@@ -122,7 +124,7 @@ def make_world(config: BoundsConfig, base_cfg: DictConfig, conf_dir: Path, polic
 
 
 def _as(node: Any, kind: type) -> Any:
-    obj = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+    obj: Any = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
     return obj if isinstance(obj, kind) else kind(**obj)
 
 

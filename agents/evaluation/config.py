@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -118,7 +118,7 @@ class SuiteConfig:
             )
         if not self.loads:
             raise SuiteConfigError("suite.loads is empty; list at least one load multiplier, e.g. [1.0]")
-        lists = {
+        lists: dict[str, list[Any]] = {
             "suite.policies": self.policies,
             "suite.workloads": self.workloads,
             "suite.loads": self.loads,
@@ -263,7 +263,7 @@ def load_option(conf_dir: Path, group: str, name: str, overrides: Any = None) ->
         )
     if overrides:
         node = OmegaConf.merge(node, overrides)
-    return OmegaConf.to_container(node, resolve=False)
+    return cast("dict[str, Any]", OmegaConf.to_container(node, resolve=False))
 
 
 def compose_config(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
@@ -292,7 +292,11 @@ def register_suite_schema() -> None:
 
 def suite_from_cfg(node: DictConfig | dict) -> SuiteConfig:
     """The ``suite:`` node as a ``SuiteConfig`` (unknown keys fail, naming the key)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    data = (
+        cast("dict[str, Any]", OmegaConf.to_container(node, resolve=True))
+        if isinstance(node, DictConfig)
+        else dict(node)
+    )
     names = {f.name for f in dataclasses.fields(SuiteConfig)}
     for key in data:
         if key not in names:

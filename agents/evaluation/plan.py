@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,7 +91,9 @@ def _suite_workloads(config: SuiteConfig, base: dict, conf_dir: Path) -> list[tu
     for name, entry in zip(config.trace_names(), config.traces, strict=True):
         fields = {"path": entry} if isinstance(entry, str) else dict(entry)
         merged = OmegaConf.merge(fields, config.workload_overrides.get(name) or {})
-        entries.append(("suite.traces", "trace", OmegaConf.to_container(merged), name))
+        entries.append(
+            ("suite.traces", "trace", cast("dict[str, Any]", OmegaConf.to_container(merged)), name)
+        )
     built: list[tuple[str, dict, bool]] = []
     for key, option, overrides, trace_name in entries:
         node = load_option(conf_dir, "workload", option, overrides)
@@ -115,7 +117,7 @@ def _suite_workloads(config: SuiteConfig, base: dict, conf_dir: Path) -> list[tu
 def _plan(
     config: SuiteConfig, base_cfg: DictConfig, conf_dir: Path, extra_policies: dict[str, Callable[[], Policy]]
 ) -> SuitePlan:
-    base = OmegaConf.to_container(base_cfg, resolve=False)
+    base = cast("dict[str, Any]", OmegaConf.to_container(base_cfg, resolve=False))
     base.pop("suite", None)
     engine = _as_object(base_cfg.engine, EngineConfig)
     cluster = _as_object(base_cfg.cluster, ClusterConfig)
@@ -186,6 +188,6 @@ def _as_object(node: Any, kind: type) -> Any:
     if isinstance(node, kind):
         return node
     if isinstance(node, DictConfig):
-        obj = OmegaConf.to_object(node)
+        obj: Any = OmegaConf.to_object(node)
         return obj if isinstance(obj, kind) else kind(**obj)
     return kind(**node)

@@ -215,6 +215,7 @@ class Replayer:
                 job.job_id, job.kind, job.arrival_s, finish, len(job.calls), sum(r.ok for r in records)
             )
         )
+        assert self.source is not None, "run() sets the source before any tree starts"
         launch(self.source.on_job_finished(job, finish))  # a closed loop's next job
 
     def _body(self, prompt: str, record: CallRecord) -> dict:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
 
@@ -83,7 +83,7 @@ def train_config(cfg: Any) -> TrainConfig:
     naming the key, e.g. ``train.n_envs must be >= 1, got 0``."""
     from omegaconf import OmegaConf
 
-    return TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    return TrainConfig(**cast("dict[str, Any]", OmegaConf.to_container(cfg.train, resolve=True)))
 
 
 def config_error_message(error: BaseException) -> str | None:

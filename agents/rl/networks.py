@@ -19,6 +19,7 @@ logit per slot and lets sb3-contrib apply the action mask.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch as th
@@ -30,6 +31,13 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from servegym.envs.observation import observation_layout
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.policies import BasePolicy
+
+    _PolicyBase = BasePolicy  # what _SetPolicy is mixed into, for type checkers
+else:
+    _PolicyBase = object
 
 OBS_KEYS = ("global", "candidates", "mask")
 """The Dict observation of Scheduling-v0 and Eviction-v0; ``SlotFlatten`` concatenates it in
@@ -43,12 +51,16 @@ def _tables(observation_space: spaces.Dict) -> list[str]:
     return list(observation_layout(observation_space.spaces))
 
 
+def _box(observation_space: spaces.Dict, key: str) -> spaces.Box:
+    return cast(spaces.Box, observation_space[key])  # every part is a Box (envs/observation.py)
+
+
 def _table_shape(observation_space: spaces.Dict) -> tuple[int, int, int]:
     """(G, K, F): per-slot features are the slot's rows of every table, side by side."""
     tables = _tables(observation_space)
-    num_global = int(observation_space["global"].shape[0])
-    num_slots = int(observation_space[tables[0]].shape[0])
-    num_features = sum(int(observation_space[key].shape[1]) for key in tables)
+    num_global = int(_box(observation_space, "global").shape[0])
+    num_slots = int(_box(observation_space, tables[0]).shape[0])
+    num_features = sum(int(_box(observation_space, key).shape[1]) for key in tables)
     return num_global, num_slots, num_features
 
 
@@ -176,7 +188,7 @@ class MaskedDiagGaussian(DiagGaussianDistribution):
     """A Gaussian per slot whose padded slots do not count: their sampled score is ignored by
     the env, so their log-probability and entropy would only add noise to the gradient."""
 
-    def proba_distribution(  # type: ignore[override]
+    def proba_distribution(
         self, mean_actions: th.Tensor, log_std: th.Tensor, mask: th.Tensor | None = None
     ) -> MaskedDiagGaussian:
         super().proba_distribution(mean_actions, log_std)
@@ -190,14 +202,18 @@ class MaskedDiagGaussian(DiagGaussianDistribution):
         return (self.distribution.entropy() * self.mask).sum(dim=1)
 
 
-def _init_set_modules(policy: nn.Module, gains: dict[nn.Module, float]) -> None:
+def _init_set_modules(policy: BasePolicy, gains: dict[nn.Module, float]) -> None:
     for module, gain in gains.items():
         module.apply(partial(policy.init_weights, gain=gain))
 
 
-class _SetPolicy:
+class _SetPolicy(_PolicyBase):
     """What both SB3 policies share: the set trunk, ``hidden`` as a saved constructor argument,
     the value head, orthogonal init and the optimizer; each policy builds its own action head."""
+
+    observation_space: spaces.Dict  # the Dict observation (SlotFlatten)
+    ortho_init: bool  # set by the SB3 policy it is mixed into
+    action_net: SlotHead  # set by _build_action_head
 
     def __init__(self, observation_space, action_space, lr_schedule, hidden: int = 64, **kwargs) -> None:
         self.hidden = hidden
@@ -228,12 +244,20 @@ class _SetPolicy:
             _init_set_modules(
                 self, {self.mlp_extractor: np.sqrt(2), self.action_net: 0.01, self.value_net: 1.0}
             )
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        # as in SB3's own _build: type[Optimizer] has no lr, every optimizer class takes one
+        self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
+            self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
 
 
-class SetActorCriticPolicy(_SetPolicy, ActorCriticPolicy):
+# SB3 types mlp_extractor as its MlpExtractor; SetTrunk stands in for it (same latent_dim_*,
+# forward_actor and forward_critic), hence the ignore[misc] on the two policies.
+class SetActorCriticPolicy(_SetPolicy, ActorCriticPolicy):  # type: ignore[misc]
     """PPO policy over a Box of per-slot scores. ``hidden`` sizes every layer; the standard
     deviation is one shared parameter, so no slot is special."""
+
+    action_space: spaces.Box
+    action_dist: MaskedDiagGaussian
 
     def _build_action_head(self) -> None:
         self.action_dist = MaskedDiagGaussian(int(np.prod(self.action_space.shape)))
@@ -245,7 +269,7 @@ class SetActorCriticPolicy(_SetPolicy, ActorCriticPolicy):
         return self.action_dist.proba_distribution(mean, self.log_std, slot_mask(latent_pi, self.hidden))
 
 
-class MaskableSetActorCriticPolicy(_SetPolicy, MaskableActorCriticPolicy):
+class MaskableSetActorCriticPolicy(_SetPolicy, MaskableActorCriticPolicy):  # type: ignore[misc]
     """MaskablePPO policy over Discrete(K): one logit per slot from the shared head; over
     Discrete(K + 1) (pick-next) a learned STOP logit from the pooled context follows them.
 

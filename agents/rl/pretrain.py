@@ -22,6 +22,7 @@ left for PPO to find.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -106,13 +107,13 @@ def behaviour_clone(
 
 def collect_choices(
     cfg: DictConfig, make_teacher: Callable[[], Policy], num_decisions: int, first_seed: int = 0
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Observations, valid-action masks and the teacher's slot, from the teacher driving the
     config's slot env (``policy_slot``) on workloads ``first_seed``, ``first_seed + 1``, ..."""
-    env = build_env(cfg).unwrapped
+    env: Any = build_env(cfg).unwrapped  # a slot env (PickNextEnv, RowChoiceEnv): policy_slot
     if not hasattr(env, "policy_slot"):
         raise ValueError(f"{cfg.env.id} has no policy_slot: clone a score policy with collect()")
-    rows: dict[str, list[np.ndarray]] = {"obs": [], "valid": [], "target": [], "best": []}
+    rows: dict[str, list[Any]] = {"obs": [], "valid": [], "target": [], "best": []}
     seed = first_seed
     while len(rows["target"]) < num_decisions:
         obs, _ = env.reset(options={"workload_seed": seed})

@@ -27,7 +27,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import torch as th
@@ -93,7 +93,7 @@ def trainer_config(cfg: DictConfig) -> RLlibTrainerConfig:
             f"+trainer=rllib trains slot actions with the agent=maskable_ppo settings; got agent.algo="
             f"{cfg.agent.get('algo')!r}: add agent=maskable_ppo (or experiment=routing)"
         )
-    data = OmegaConf.to_container(cfg.trainer, resolve=True)
+    data = cast("dict[str, Any]", OmegaConf.to_container(cfg.trainer, resolve=True))
     known = set(RLlibTrainerConfig.__dataclass_fields__)
     for key in data:
         if key not in known:
@@ -109,7 +109,7 @@ def ppo_config(cfg: DictConfig, trainer: RLlibTrainerConfig) -> Any:
 
     from servegym.agents.rl.rllib_module import SetRLModule
 
-    hyper = OmegaConf.to_container(cfg.agent.hyperparams, resolve=True)
+    hyper = cast("dict[str, Any]", OmegaConf.to_container(cfg.agent.hyperparams, resolve=True))
     hidden = int(cfg.agent.network.get("hidden", 64))
     register_env(ENV_NAME, EnvCreator(cfg))
     return (

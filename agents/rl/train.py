@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -61,7 +61,9 @@ def heuristic_factory(cfg: DictConfig, name: str):
     built as the evaluation suite builds them, in the scope of ``cfg``."""
     if not (DEFAULT_CONF_DIR / "agent" / f"{name}.yaml").exists():
         raise FileNotFoundError(f"no conf/agent/{name}.yaml (train.baseline / train.pretrain_teacher)")
-    factory = HydraPolicyFactory(load_option(DEFAULT_CONF_DIR, "agent", name), OmegaConf.to_container(cfg))
+    factory = HydraPolicyFactory(
+        load_option(DEFAULT_CONF_DIR, "agent", name), cast("dict[str, Any]", OmegaConf.to_container(cfg))
+    )
     return lambda: factory(cfg.seed)
 
 
@@ -133,7 +135,8 @@ def make_train_venv(cfg: DictConfig):
             f"{gamma}): with discounting the baseline no longer adds up to a constant of the workload"
         )
     group = cfg.train.group_size
-    caches = [OrderedDict() for _ in range(cfg.train.n_envs // group)]  # one per workload group
+    # one per workload group
+    caches: list[OrderedDict] = [OrderedDict() for _ in range(cfg.train.n_envs // group)]
     envs = [partial(make_train_env, cfg, rank, caches[rank // group]) for rank in range(cfg.train.n_envs)]
     venv = vec_env_class(cfg.train.vec_env)(envs)
     venv.seed(cfg.seed)
@@ -149,14 +152,14 @@ def make_model(cfg: DictConfig, venv, tensorboard_dir: str | None):
         raise ValueError(
             f"agent={cfg.agent.get('_target_', '?')} is not trainable; use agent=ppo or agent=maskable_ppo"
         )
-    hyper = OmegaConf.to_container(cfg.agent.hyperparams, resolve=True)
-    network = OmegaConf.to_container(cfg.agent.network, resolve=True)
+    hyper = cast("dict[str, Any]", OmegaConf.to_container(cfg.agent.hyperparams, resolve=True))
+    network = cast("dict[str, Any]", OmegaConf.to_container(cfg.agent.network, resolve=True))
     policy = SetActorCriticPolicy if algo == "ppo" else MaskableSetActorCriticPolicy
     cls = PPO if algo == "ppo" else MaskablePPO
     if cfg.train.resume_from:
         return cls.load(cfg.train.resume_from, env=venv, device="cpu", tensorboard_log=tensorboard_dir)
     return cls(
-        policy,
+        policy,  # type: ignore[arg-type]  # the policy class matching cls: both follow algo
         venv,
         policy_kwargs=network,
         seed=cfg.seed,
@@ -179,7 +182,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
         entity=cfg.logger.entity,
         mode=cfg.logger.mode,
         tags=list(cfg.logger.tags),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True)),
         dir=str(run_dir),
         sync_tensorboard=True,
         id=resumed,

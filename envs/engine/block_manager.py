@@ -17,7 +17,7 @@ reference: a pinned block is owned, never in the free queue.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 from typing import Protocol
 
@@ -123,7 +123,10 @@ class WorkflowFreeQueue:
         return iter(self._level)
 
 
-PREFIX_EVICTION_ORDERS = {"lru": LRUFreeQueue, "workflow": WorkflowFreeQueue}
+PREFIX_EVICTION_ORDERS: dict[str, Callable[[Sequence[int]], FreeQueue]] = {
+    "lru": LRUFreeQueue,
+    "workflow": WorkflowFreeQueue,
+}
 _NEVER, _EMPTY = int(NextUse.NEVER), int(NextUse.EMPTY)  # plain ints: enum lookups cost on hot paths
 """Values of ``EngineConfig.prefix_eviction``."""
 
@@ -210,14 +213,14 @@ class BlockManager:
             raise OutOfBlocks(f"asked for {num} blocks, {len(self.free_queue)} free")
         blocks = self.free_queue.pop_many(num)
         block_hash, ref, cached = self.block_hash, self.ref_count, self.cached
-        evicted = [block for block in blocks if block_hash[block] is not None]
-        for block in evicted:
-            del cached[block_hash[block]]
+        evicted = [(block, h) for block in blocks if (h := block_hash[block]) is not None]
+        for block, h in evicted:
+            del cached[h]
             block_hash[block] = None
         self.num_evictions += len(evicted)
         self.num_cached_free_blocks -= len(evicted)
         if evicted and self.listener is not None:
-            self.listener.evicted(evicted)  # while still unreferenced
+            self.listener.evicted([block for block, _ in evicted])  # while still unreferenced
         for block in blocks:
             ref[block] = 1
         self.num_allocated_total += num

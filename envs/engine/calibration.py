@@ -34,15 +34,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from servegym.envs.engine.cost_model import CostModel, ModelProfile
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
+    from servegym.envs.engine.backend import Batch
     from servegym.envs.engine.torch_backend import TimedIteration, TorchBackend
 
 PARAMS = (
@@ -125,6 +126,9 @@ def default_grid(model: str, quick: bool) -> list[BatchSpec]:
     """Batch compositions to time: decodes over batch sizes and contexts, prefill chunks with and
     without a cached prefix, mixed batches, ragged decodes. ``tiny`` stays small (2 CPU cores);
     ``llama1b`` spans what an H100 serves (decodes up to 256 x 4k, chunks up to 4k tokens)."""
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    chunks: tuple[int, ...]
     if model == "tiny":
         batches, contexts = (
             ((1, 4, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)),
@@ -175,7 +179,9 @@ class Point:
         return float((q3 - q1) / np.median(self.times_s))
 
 
-def make_backend_replica(backend: TorchBackend, specs: list[BatchSpec], block_size: int, max_num_seqs: int):
+def make_backend_replica(
+    backend: TorchBackend, specs: list[BatchSpec], block_size: int, max_num_seqs: int
+) -> SimpleNamespace:
     """Attach ``backend`` to a stand-in replica whose KV cache holds the largest spec: the
     fields ``TorchBackend`` reads (call table, block size, block count) and nothing else."""
     most_seqs = max(s.num_seqs for s in specs)
@@ -191,11 +197,11 @@ def make_backend_replica(backend: TorchBackend, specs: list[BatchSpec], block_si
         config=SimpleNamespace(block_size=block_size, max_num_seqs=max_num_seqs),
         blocks=SimpleNamespace(num_blocks=most_blocks + 1),
     )
-    backend.attach(replica, {"calibration/text": 0})
+    backend.attach(replica, {"calibration/text": 0})  # type: ignore[arg-type]  # a stand-in Replica
     return replica
 
 
-def _batch_for(replica, spec: BatchSpec, block_perm: np.ndarray):
+def _batch_for(replica: SimpleNamespace, spec: BatchSpec, block_perm: np.ndarray) -> Batch:
     from servegym.envs.engine.backend import Batch
 
     bs = replica.config.block_size
@@ -228,7 +234,7 @@ def profile_points(
     warmup: int = 2,
     seed: int = 0,
     budget_s: float | None = None,
-    log=None,
+    log: Callable[[str], object] | None = None,
 ) -> list[Point]:
     """Time every spec ``repeats`` times through ``backend.iteration_time_s`` (the engine's own
     timing: CUDA events on a GPU, perf_counter on CPU). Repeats go round-robin over the specs in
@@ -315,7 +321,7 @@ def breakdown(profile: ModelProfile, iterations: Sequence[TimedIteration]) -> li
     return rows
 
 
-def outliers(profile: ModelProfile, iterations: Sequence[TimedIteration], k: int = 8) -> list[dict]:
+def outliers(profile: ModelProfile, iterations: Sequence[TimedIteration], k: int = 8) -> list[dict[str, Any]]:
     """The ``k`` iterations whose measured time exceeds the prediction by the most seconds (a
     one-off stall such as a kernel compile shows up here, not in a MAPE)."""
     points, pred, true = _predicted_and_measured(profile, iterations)
@@ -349,7 +355,8 @@ def _design(base: ModelProfile, f: dict[str, np.ndarray]) -> tuple[np.ndarray, n
 
 
 def predict(theta: np.ndarray, linear: np.ndarray, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-    return linear @ theta[:NUM_LINEAR] + np.maximum(theta[3] * flops, nbytes @ theta[4:])
+    predicted_s: np.ndarray = linear @ theta[:NUM_LINEAR] + np.maximum(theta[3] * flops, nbytes @ theta[4:])
+    return predicted_s
 
 
 def _nnls(a: np.ndarray, b: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, float]:
@@ -394,7 +401,8 @@ def fit_theta(
             [linear, (flops * compute_bound)[:, None], nbytes * ~compute_bound[:, None]], axis=1
         )
         a = a * w[:, None]
-        return lower + _nnls(a, b - a @ lower, free)[0]  # theta = lower + a non-negative step
+        theta: np.ndarray = lower + _nnls(a, b - a @ lower, free)[0]  # lower + a non-negative step
+        return theta
 
     def cost(theta: np.ndarray) -> float:
         # a relative residual below ~1e-9 per point is an exact fit: rounding noise must not

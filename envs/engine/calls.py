@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import numpy as np
+import numpy.typing as npt
 
 
 class CallState(IntEnum):
@@ -63,6 +64,38 @@ _FLOAT_COLUMNS = (
 
 class CallTable:
     """Columns for every call the engine has seen, grown by doubling."""
+
+    # the columns (set in __init__ from _INT_COLUMNS and _FLOAT_COLUMNS), declared for type checkers
+    job: npt.NDArray[np.int64]
+    call_in_job: npt.NDArray[np.int64]
+    replica: npt.NDArray[np.int64]
+    state: npt.NDArray[np.int64]
+    prompt_tokens: npt.NDArray[np.int64]
+    target_tokens: npt.NDArray[np.int64]
+    max_tokens: npt.NDArray[np.int64]
+    true_output_tokens: npt.NDArray[np.int64]
+    num_computed: npt.NDArray[np.int64]
+    num_output: npt.NDArray[np.int64]
+    num_held_blocks: npt.NDArray[np.int64]
+    num_registered_blocks: npt.NDArray[np.int64]
+    num_preemptions: npt.NDArray[np.int64]
+    recomputed_tokens: npt.NDArray[np.int64]
+    lost_tokens: npt.NDArray[np.int64]
+    host_blocks: npt.NDArray[np.int64]
+    cached_prompt_tokens: npt.NDArray[np.int64]
+    role: npt.NDArray[np.int64]
+    depth: npt.NDArray[np.int64]
+    pending_parents: npt.NDArray[np.int64]
+    prefix_hits: npt.NDArray[np.int64]
+    prefix_free_hits: npt.NDArray[np.int64]
+    tool_failures: npt.NDArray[np.int64]
+    ready_s: npt.NDArray[np.float64]
+    enqueue_s: npt.NDArray[np.float64]
+    first_token_s: npt.NDArray[np.float64]
+    finish_s: npt.NDArray[np.float64]
+    release_s: npt.NDArray[np.float64]
+    tool_latency_s: npt.NDArray[np.float64]
+    path_service: npt.NDArray[np.float64]
 
     def __init__(self, capacity: int = 1024) -> None:
         self.size = 0

@@ -133,8 +133,13 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 def _check_number(name: str, value: object, positive: bool = False) -> None:
     """A finite real number, >= 0 (or > 0): NaN or inf would silently poison the clock."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 

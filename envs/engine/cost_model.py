@@ -210,11 +210,12 @@ class CostModel:
                 raise ValueError(f"iteration_time_s: arguments must be >= 0, got {args}")
             tokens, busy_s = self._busy_s(p, a, d, k, max)
             return (busy_s if tokens > 0 else 0.0) + s / self._host_link_bytes_per_s
-        p, a, d, k, s = (np.asarray(x, dtype=np.float64) for x in args)
-        if not all(np.all(x >= 0) for x in (p, a, d, k, s)):
+        arrays = [np.asarray(x, dtype=np.float64) for x in args]
+        if not all(np.all(x >= 0) for x in arrays):
             raise ValueError("iteration_time_s: arguments must be >= 0 (and not NaN)")
-        tokens, busy_s = self._busy_s(p, a, d, k, np.maximum)
-        out = np.where(tokens > 0, busy_s, 0.0) + s / self._host_link_bytes_per_s
+        p_arr, a_arr, d_arr, k_arr, s_arr = arrays
+        tokens_arr, busy_arr = self._busy_s(p_arr, a_arr, d_arr, k_arr, np.maximum)
+        out = np.where(tokens_arr > 0, busy_arr, 0.0) + s_arr / self._host_link_bytes_per_s
         return float(out) if out.ndim == 0 else out
 
     def decode_run_times_s(self, decode_seqs: int, kv_read_tokens: np.ndarray) -> np.ndarray:

@@ -27,8 +27,9 @@ length varies with the workload, and ``RunMetrics`` stays flat scalars)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class RunMetrics:
     # Faults (ClusterConfig.tool_failure_prob, network_jitter_s), over finished calls:
     tool_failures: int  # failed tool attempts (each held its tree for tool_timeout_s)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -208,7 +209,16 @@ def _done_jobs(engine: Engine) -> np.ndarray:
     return ~np.isnan(engine.job_table.finish_s[:jobs]) & ~engine.job_table.failed[:jobs]
 
 
-def _inflation(engine: Engine, done_jobs: np.ndarray) -> dict:
+class _Inflation(TypedDict):
+    tokens_per_tree_mean: float
+    prompt_tokens_per_tree_mean: float
+    prompt_tokens_root_mean: float
+    prompt_growth_per_level: float
+    prompt_tokens_added_per_level: float
+    call_depth_max: int
+
+
+def _inflation(engine: Engine, done_jobs: np.ndarray) -> _Inflation:
     """The contextual-inflation fields of ``RunMetrics`` (see the module docstring), from the call
     table's prompt tokens, output tokens and depths alone (no ``Job`` is read: a streaming run
     has dropped them)."""
@@ -282,7 +292,7 @@ class KvSamples:
         """(T, 3) copy of the samples."""
         return self._rows[: self._size].copy()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[float, ...]]:
         return iter(map(tuple, self._rows[: self._size].tolist()))
 
 
@@ -305,7 +315,7 @@ class SloMetrics:
     slowdown_p99: float
     jain_job_speed: float  # Jain's index over completed trees of unloaded / actual time (1: equal)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

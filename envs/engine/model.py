@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +125,7 @@ PROFILE_MODELS = {"tiny_cpu": "tiny", "llama1b_h100": "llama1b"}
 """The model preset that each cost profile describes (the torch backend's default)."""
 
 
-def model_config(name: str, **overrides: object) -> ModelConfig:
+def model_config(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name, optionally with fields replaced (e.g. ``dtype="float32"``)."""
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
@@ -158,11 +160,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (T, H, D), k and v (T, KV, D), rotary applied to q and k (in one pass: fewer kernels)."""
         qkv = self.qkv_proj(x).unflatten(-1, (-1, self.head_dim))  # (T, H + 2 KV, D)
         qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)  # (T, H + KV, D)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
         return q, k, qkv[:, self.num_heads + self.num_kv_heads :]
 
     def dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -174,7 +178,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=self.scale
         )  # (H, T, D)
-        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.q_size))
+        projected: torch.Tensor = self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.q_size))
+        return projected
 
     def paged(
         self,
@@ -210,7 +215,8 @@ class Attention(nn.Module):
                 )
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, H, D)
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        projected: torch.Tensor = self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return projected
 
 
 class MLP(nn.Module):
@@ -221,7 +227,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        down: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return down
 
 
 class DecoderLayer(nn.Module):
@@ -267,6 +274,9 @@ class PagedBatch:
 
 
 class LlamaModel(nn.Module):
+    rope_cos: torch.Tensor  # (P, D/2) fp32 buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> None:
         super().__init__()
         self.config = cfg
@@ -314,24 +324,33 @@ class LlamaModel(nn.Module):
         """Reference: logits (T, vocab) of one whole sequence, dense causal attention."""
         cos, sin = self._rope(torch.arange(token_ids.shape[0], device=token_ids.device))
         x = self.embed_tokens(token_ids)  # (T, hidden)
-        for layer in self.layers:
+        for layer in self._decoder_layers():
             x = x + layer.attn.dense(layer.input_norm(x), cos, sin)
             x = x + layer.mlp(layer.post_attn_norm(x))
-        return self.norm(x) @ self.head_weight.T
+        logits: torch.Tensor = self.norm(x) @ self.head_weight.T
+        return logits
 
-    def forward_paged(self, batch: PagedBatch, kv_cache: torch.Tensor, logits_indices: torch.Tensor):
+    def forward_paged(
+        self, batch: PagedBatch, kv_cache: torch.Tensor, logits_indices: torch.Tensor
+    ) -> torch.Tensor:
         """Logits (len(logits_indices), vocab) of the rows ``logits_indices`` of a flat batch,
         after writing every token's K/V. ``kv_cache`` is (2, layers, blocks, block_size, KV, D)."""
         if batch.num_seqs > batch.num_decodes and batch.max_prefill_query_tokens is None:
             batch = replace(batch, max_prefill_query_tokens=batch.longest_prefill_chunk())  # one sync
         cos, sin = self._rope(batch.positions)
         x = self.embed_tokens(batch.input_ids)  # (T, hidden)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self._decoder_layers()):
             x = x + layer.attn.paged(
                 layer.input_norm(x), cos, sin, kv_cache[0, index], kv_cache[1, index], batch
             )
             x = x + layer.mlp(layer.post_attn_norm(x))
-        return self.norm(x[logits_indices]) @ self.head_weight.T  # the lm head over B rows, not T
+        # the lm head over B rows, not T
+        logits: torch.Tensor = self.norm(x[logits_indices]) @ self.head_weight.T
+        return logits
+
+    def _decoder_layers(self) -> Iterable[DecoderLayer]:
+        """``layers`` as what they are (``nn.ModuleList`` types its items as plain modules)."""
+        return cast("Iterable[DecoderLayer]", self.layers)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, device: str | torch.device) -> torch.Tensor:
         """(2, layers, blocks, block_size, KV heads, head_dim), zeroed."""

@@ -52,7 +52,9 @@ class PrefixWatch:
         limit = self._limit.pop(call)
         users = self._users
         for block in hits:
-            users[block].discard(call)
+            holders = users[block]
+            assert holders is not None, "a hit block has its set of users (_extend)"
+            holders.discard(call)
         if len(hits) < limit:
             self._discard_next(self.calls.hashes[call][len(hits)], call)
 
@@ -96,7 +98,9 @@ class PrefixWatch:
             self._discard_next(self.calls.hashes[call][len(hits)], call)
         free = 0
         for dropped in hits[pos:]:
-            users[dropped].discard(call)
+            holders = users[dropped]
+            assert holders is not None, "a hit block has its set of users (_extend)"
+            holders.discard(call)
             if ref[dropped] == 0:
                 free += 1
         del hits[pos:]

@@ -130,16 +130,17 @@ class Table:
 
 def _scaled(
     scale: Scale, value: np.ndarray | float | int | bool, context: ScaleContext
-) -> np.ndarray | float:
+) -> np.ndarray | float | int | bool:
+    """``value`` scaled (numpy casts bools and ints to float32 on assignment into the table)."""
     if scale is Scale.AS_IS:
-        return value  # type: ignore[return-value]  # numpy casts bools and ints on assignment
+        return value
     if scale is Scale.LOG1P:
-        return np.log1p(value)  # type: ignore[no-any-return]
+        return np.log1p(value)
     if scale is Scale.TIME:
-        return np.divide(value, context.time_scale_s)  # type: ignore[no-any-return]
+        return np.divide(value, context.time_scale_s)
     if scale is Scale.BLOCKS:
-        return np.divide(value, context.num_blocks)  # type: ignore[no-any-return]
-    return np.divide(value, context.max_num_batched_tokens)  # type: ignore[no-any-return]
+        return np.divide(value, context.num_blocks)
+    return np.divide(value, context.max_num_batched_tokens)
 
 
 # The tables are laid out one Feature per entry, argument order (name, scale, doc, vllm, reading,

@@ -313,20 +313,26 @@ class TorchBackend:
         collection of the engine's own objects would otherwise land in whichever iteration
         allocates past the threshold (eager forwards allocate the most) and add tens of ms to
         it, which is the harness, not the inference step (vLLM freezes its GC for the same reason)."""
-        if self.runner is None:
-            raise RuntimeError("TorchBackend.attach(replica, keys) must run before the first batch")
+        runner = self._attached_runner()
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._run(batch)
+            return self._run(batch, runner)
         finally:
             if enabled:
                 gc.enable()
 
-    def _run(self, batch: Batch) -> float:
-        cuda = self.runner.device.type == "cuda"
+    def _attached_runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise RuntimeError("TorchBackend.attach(replica, keys) must run before the first batch")
+        return self.runner
+
+    def _run(self, batch: Batch, runner: ModelRunner) -> float:
+        cuda = runner.device.type == "cuda"
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # torch.cuda.Event's constructor is unannotated
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
         else:
             t0 = time.perf_counter()
@@ -349,8 +355,8 @@ class TorchBackend:
                 f"a call reached {longest} tokens, past the model's max_position "
                 f"{self.model.config.max_position}; shorten the workload's contexts"
             )
-        replays = self.runner.num_graph_replays
-        logits = self.runner.execute(arrays, num_decodes)  # (B, vocab)
+        replays = runner.num_graph_replays
+        logits = runner.execute(arrays, num_decodes)  # (B, vocab)
         next_tokens = logits.argmax(dim=-1)
         if cuda:
             end.record()
@@ -379,7 +385,7 @@ class TorchBackend:
                     decode_seqs=batch.num_decodes,
                     kv_read_tokens=batch.kv_read_tokens,
                     num_seqs=len(ids_list),
-                    graphed=self.runner.num_graph_replays > replays,
+                    graphed=runner.num_graph_replays > replays,
                     time_s=elapsed,
                 )
             )
@@ -394,7 +400,7 @@ class TorchBackend:
         num = -(-int(self.calls.num_computed[call]) // self.block_size)
         blocks = self.calls.blocks[call][:num]
         if blocks:
-            self.host_kv[call] = self.runner.copy_out(blocks)
+            self.host_kv[call] = self._attached_runner().copy_out(blocks)
             self.num_swapped_out_blocks += len(blocks)
 
     def swap_in(self, call: int, num_hit_blocks: int) -> None:
@@ -403,7 +409,9 @@ class TorchBackend:
         num = -(-int(self.calls.num_computed[call]) // self.block_size)
         if host is None or num <= num_hit_blocks:
             return
-        self.runner.copy_in(host[:, :, num_hit_blocks:num], self.calls.blocks[call][num_hit_blocks:num])
+        self._attached_runner().copy_in(
+            host[:, :, num_hit_blocks:num], self.calls.blocks[call][num_hit_blocks:num]
+        )
         self.num_swapped_in_blocks += num - num_hit_blocks
 
 

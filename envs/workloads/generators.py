@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -384,7 +384,11 @@ class TreeOfThoughts(AgentGenerator):
                 for n in kept
                 for _ in range(self.branching)
             ]
-        aggregator_prompt = (self._system("aggregator", tenant), question, *(Output(n) for n in kept))
+        aggregator_prompt: tuple[Segment, ...] = (
+            self._system("aggregator", tenant),
+            question,
+            *(Output(n) for n in kept),
+        )
         self._add(calls, rng, "aggregator", aggregator_prompt, parents=kept)
         return self._job(job_id, arrival_s, calls, tenant, pruned=pruned)
 
@@ -404,9 +408,10 @@ class Mixed:
     """(generator, weight, tenant) triples; weights need not sum to 1."""
 
     def __post_init__(self) -> None:
-        self.entries = [tuple(entry) for entry in self.entries]  # Hydra hands over lists
-        if not self.entries or any(len(entry) != 3 for entry in self.entries):
+        entries: list[tuple[Any, ...]] = [tuple(entry) for entry in self.entries]  # Hydra hands over lists
+        if not entries or any(len(entry) != 3 for entry in entries):
             raise ValueError("Mixed.entries must be a non-empty list of (generator, weight, tenant) triples")
+        self.entries = [(generator, weight, tenant) for generator, weight, tenant in entries]
         weights = np.array([float(weight) for _, weight, _ in self.entries])
         if np.any(weights < 0) or not weights.sum() > 0:
             raise ValueError(

@@ -86,7 +86,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from servegym.envs.workloads.job import Call, Job, Output, Text
+from servegym.envs.workloads.job import Call, Job, Output, Segment, Text
 from servegym.envs.workloads.traces import (
     REORDER_WINDOW_S,
     RawTime,
@@ -167,6 +167,7 @@ def iter_import(
     (module docstring). Skipped rows are counted into ``skipped`` as they are read."""
     path = Path(path)
     _check_options(DEFAULT_SESSION_GAP_S, max_tokens_budget, limit)
+    unit: RawTime  # seconds per timestamp unit
     if format == "mooncake":
         rows, field, unit, source, prompt_for = (
             _mooncake_rows(path),
@@ -449,6 +450,7 @@ def _session_job(chain: list[_Request], stem: str, max_tokens_budget: int | None
     job_id = f"{stem}/{chain[0].line}"
     calls: list[Call] = []
     for index, r in enumerate(chain):
+        prompt: tuple[Segment, ...]
         if index == 0:
             prompt = _mooncake_prompt(r, job_id)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 KNOWN_ROLES: tuple[str, ...] = (
     "user",
@@ -101,7 +102,7 @@ class Job:
     tenant: str = "default"
     kind: str = "custom"
     slo_s: float | None = None
-    meta: dict = field(default_factory=dict, compare=False)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         validate_job(self)

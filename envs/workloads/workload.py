@@ -9,7 +9,7 @@ about completions, hence ``ClosedLoop`` implements ``on_job_finished``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,7 +279,7 @@ class TraceWorkload:
 
         if self.format == "jsonl":
             return traces.load_jobs(self.path, limit=self.limit)
-        load = getattr(importers, f"import_{self.format}")
+        load: Callable[..., importers.ImportResult] = getattr(importers, f"import_{self.format}")
         return load(self.path, group_sessions=self.group_sessions, limit=self.limit).jobs
 
 
