@@ -5,7 +5,8 @@ exactly the same table in training and in deployment. Numpy only.
 * ``observe``: the Dict observation: ``global`` = the decision's global features and a one-hot
   of its kind; ``candidates`` = the first K feature rows of an ORDER/EVICT decision,
   zero-padded; ``mask`` = 1 for real rows. Routing-v0 shows ``replicas`` (ROUTE rows),
-  Retention-v0 ``options`` (RETAIN rows), in place of ``candidates``.
+  Retention-v0 ``options`` (RETAIN rows), Config-v0 ``configs`` (CONFIG rows), in place of
+  ``candidates``.
 * ``slot_scores``: a (K,) score action back to one score per candidate. Scores are clipped to
   [-1, 1] (``ClipAction`` semantics; NaN is an error); candidates beyond K rank after every
   slot, in the fallback policy's order (ORDER admits them last, EVICT never picks one before a
@@ -20,6 +21,7 @@ import numpy as np
 
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
+    CONFIG_FEATURES,
     GLOBAL_FEATURES,
     RETAIN_FEATURES,
     ROUTE_FEATURES,
@@ -36,7 +38,12 @@ scales would be clipped)."""
 GLOBAL_SIZE = len(GLOBAL_FEATURES) + len(DecisionKind)
 """Length of the ``global`` observation: the engine's global features and the kind one-hot."""
 
-TABLE_FEATURES = {"candidates": CANDIDATE_FEATURES, "replicas": ROUTE_FEATURES, "options": RETAIN_FEATURES}
+TABLE_FEATURES = {
+    "candidates": CANDIDATE_FEATURES,
+    "replicas": ROUTE_FEATURES,
+    "options": RETAIN_FEATURES,
+    "configs": CONFIG_FEATURES,
+}
 """The columns of each slot table an observation may hold."""
 
 
@@ -70,19 +77,34 @@ def replica_table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.
     return np.clip(replicas, -FEATURE_BOUND, FEATURE_BOUND), mask
 
 
-def option_table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, len(RETAIN_FEATURES)) option rows of a RETAIN decision and their mask."""
-    options = np.zeros((rows, len(RETAIN_FEATURES)), dtype=np.float32)
-    mask = np.zeros(rows, dtype=np.float32)
-    if decision is not None and decision.kind == DecisionKind.RETAIN:
-        if len(decision) > rows:
-            raise ValueError(
-                f"RETAIN decision with {len(decision)} options, the observation holds {rows}: the env and "
-                "the engine must share engine.retain_ttls_s"
-            )
-        options[: len(decision)] = decision.features
-        mask[: len(decision)] = decision.mask
-    return np.clip(options, -FEATURE_BOUND, FEATURE_BOUND), mask
+def _menu_table(kind: DecisionKind, columns: tuple[str, ...], menu: str) -> Any:
+    """A table builder for a decision whose rows are a fixed menu of options (RETAIN, CONFIG):
+    (rows, len(columns)) option rows and their mask, zeros for any other decision."""
+
+    def table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        options = np.zeros((rows, len(columns)), dtype=np.float32)
+        mask = np.zeros(rows, dtype=np.float32)
+        if decision is not None and decision.kind == kind:
+            if len(decision) > rows:
+                raise ValueError(
+                    f"{kind.name} decision with {len(decision)} options, the observation holds {rows}: "
+                    f"the env and the engine must share {menu}"
+                )
+            options[: len(decision)] = decision.features
+            mask[: len(decision)] = decision.mask
+        return np.clip(options, -FEATURE_BOUND, FEATURE_BOUND), mask
+
+    return table
+
+
+option_table = _menu_table(DecisionKind.RETAIN, RETAIN_FEATURES, "engine.retain_ttls_s")
+"""(rows, len(RETAIN_FEATURES)) option rows of a RETAIN decision and their mask."""
+config_table = _menu_table(
+    DecisionKind.CONFIG,
+    CONFIG_FEATURES,
+    "engine.config_max_num_seqs and engine.config_max_num_batched_tokens",
+)
+"""(rows, len(CONFIG_FEATURES)) option rows of a CONFIG decision and their mask."""
 
 
 def observe(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
@@ -116,10 +138,20 @@ def _with_candidates(key: str, table: Any, kind: DecisionKind) -> Any:
     return build
 
 
-def observe_options(decision: Decision | None, num_options: int) -> dict[str, np.ndarray]:
-    """The Retention-v0 observation: global, ``options`` (O, len(RETAIN_FEATURES)), their mask."""
-    options, mask = option_table(decision, num_options)
-    return {"global": global_observation(decision), "options": options, "mask": mask}
+def _menu_only(key: str, table: Any) -> Any:
+    """An observation builder with one option table (``key``) and its mask."""
+
+    def build(decision: Decision | None, num_options: int) -> dict[str, np.ndarray]:
+        options, mask = table(decision, num_options)
+        return {"global": global_observation(decision), key: options, "mask": mask}
+
+    return build
+
+
+observe_options = _menu_only("options", option_table)
+"""The Retention-v0 observation: global, ``options`` (O, len(RETAIN_FEATURES)), their mask."""
+observe_configs = _menu_only("configs", config_table)
+"""The Config-v0 observation: global, ``configs`` (O, len(CONFIG_FEATURES)), their mask."""
 
 
 observe_serving = _with_candidates("replicas", replica_table, DecisionKind.ROUTE)
@@ -134,9 +166,10 @@ LAYOUTS = {
     ("candidates", "replicas"): observe_serving,
     ("options",): observe_options,
     ("candidates", "options"): observe_pick_retain,
+    ("configs",): observe_configs,
 }
 """Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving, Retention,
-PickRetain)."""
+PickRetain, Config)."""
 
 
 def observation_layout(keys: Any) -> tuple[str, ...]:
@@ -227,9 +260,11 @@ __all__ = [
     "LAYOUTS",
     "observation_layout",
     "observe",
+    "observe_configs",
     "observe_options",
     "observe_pick_retain",
     "observe_replicas",
+    "config_table",
     "option_table",
     "observe_serving",
     "pick_scores",

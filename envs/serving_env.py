@@ -41,6 +41,7 @@ KIND_NAMES = {
     "evict": DecisionKind.EVICT,
     "route": DecisionKind.ROUTE,
     "retain": DecisionKind.RETAIN,
+    "config": DecisionKind.CONFIG,
 }
 
 
@@ -476,15 +477,20 @@ class MaskedChoiceEnv(EngineEnv):
 
 class RowChoiceEnv(MaskedChoiceEnv):
     """A masked choice whose slots are the decision's rows one to one (Routing-v0's replicas,
-    Retention-v0's options): valid slots are the decision's mask, and the choice scores 1."""
+    Retention-v0's and Config-v0's options; a decision may have fewer rows than slots): valid
+    slots are the decision's mask, and the choice scores 1."""
 
     def _valid_slots(self) -> np.ndarray:
-        if self._decision is None:
-            return np.zeros(self.num_slots, dtype=bool)
-        return self._decision.mask.astype(bool).copy()
+        valid = np.zeros(self.num_slots, dtype=bool)
+        if self._decision is not None:
+            valid[: len(self._decision)] = self._decision.mask
+        return valid
 
     def _choice_scores(self, slot: int) -> np.ndarray:
-        return np.eye(self.num_slots)[slot]
+        assert self._decision is not None
+        scores = np.zeros(len(self._decision))
+        scores[slot] = 1.0
+        return scores
 
     def policy_slot(self, policy: Policy) -> tuple[int, np.ndarray]:
         """The action that carries out ``policy``'s answer to the pending decision (its
@@ -494,9 +500,11 @@ class RowChoiceEnv(MaskedChoiceEnv):
         if self._decision is None:  # the episode's last step: any action
             best[0] = True
             return 0, best
-        scores = np.asarray(policy.scores(self._decision), dtype=np.float64)
+        scores = np.full(self.num_slots, -np.inf)
+        answer = np.asarray(policy.scores(self._decision), dtype=np.float64)[: self.num_slots]
+        scores[: len(answer)] = answer
         valid = self._valid_slots()
-        shown = np.where(valid, scores[: self.num_slots], -np.inf)
+        shown = np.where(valid, scores, -np.inf)
         best[:] = valid & (shown == shown.max())
         return int(np.argmax(shown)), best
 

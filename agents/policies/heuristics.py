@@ -27,6 +27,7 @@ from servegym.envs.engine.policy import (
     RoundRobinRouting,
     column,
     fcfs_scores,
+    keep_config_scores,
     release_scores,
 )
 
@@ -70,6 +71,8 @@ class FCFS(DefaultPolicy):
             return self.route_scores(decision)
         if decision.kind == DecisionKind.RETAIN:  # vLLM keeps no pin; agents/policies/retention.py does
             return release_scores(decision)
+        if decision.kind == DecisionKind.CONFIG:  # a static engine; agents/policies/batching.py adapts
+            return keep_config_scores(decision)
         return self.call_scores(decision)
 
     def call_scores(self, decision: Decision) -> np.ndarray:

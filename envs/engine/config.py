@@ -15,9 +15,9 @@ PREFIX_EVICTIONS = ("lru", "workflow")
 PIN_TTL_RULES = ("off", "fixed", "tool_mean", "oracle", "policy")
 """Values of ``engine.pin_ttl_rule`` (see ``EngineConfig.pin_ttl_rule``)."""
 RETENTION_FIELDS = ("pin_ttl_rule", "pin_ttl_s", "prefix_eviction")
+"""The fields a policy may set through its ``retention`` hints (``Engine.apply_retention``)."""
 ADMISSIONS = ("rank", "pick")
 """Values of ``engine.admission`` (see ``EngineConfig.admission``)."""
-"""The fields a policy may set through its ``retention`` hints (``Engine.apply_retention``)."""
 
 
 @dataclass
@@ -69,6 +69,17 @@ class EngineConfig:
     admission stops at the first that does not fit, as in vLLM) or pick (pick-next: one call
     among those that fit, or STOP, per decision, asked again after each admission; STOP is
     offered once something is scheduled this iteration, so an idle replica never stops)."""
+    config_every_s: float = 0.0
+    """CONFIG decisions, the slow batching lever: every this many seconds of virtual time (from 0)
+    each replica asks its policy for its running-call cap and token budget, one of
+    ``config_max_num_seqs`` x ``config_max_num_batched_tokens`` (or to keep its current pair); the
+    pair holds until the next decision. 0 (the default) never asks: ``max_num_seqs`` and
+    ``max_num_batched_tokens`` stay as configured. Lowering the cap preempts nothing: the replica
+    admits no more until fewer calls run (as vLLM would after a restart with the lower cap)."""
+    config_max_num_seqs: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256])
+    """CONFIG options: running-call caps, ascending."""
+    config_max_num_batched_tokens: list[int] = field(default_factory=lambda: [2048, 8192])
+    """CONFIG options: token budgets per iteration, ascending."""
     fast_forward: bool = True
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
     backend: str = "sim"
@@ -120,6 +131,15 @@ class EngineConfig:
                 f"engine.retain_ttls_s must be a non-empty, strictly ascending list of TTLs in seconds "
                 f"(0 = release now), got {self.retain_ttls_s!r}"
             )
+        _check_number("engine.config_every_s", self.config_every_s)
+        for name in ("config_max_num_seqs", "config_max_num_batched_tokens"):
+            values = list(getattr(self, name))
+            for i, value in enumerate(values):
+                _check_int(f"engine.{name}[{i}]", value, minimum=1)
+            if not values or any(b <= a for a, b in zip(values, values[1:], strict=False)):
+                raise ValueError(
+                    f"engine.{name} must be a non-empty, strictly ascending list, got {values!r}"
+                )
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(
                 f"engine.preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"

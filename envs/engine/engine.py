@@ -30,14 +30,20 @@ from servegym.envs.engine.backend import Backend, Batch, make_backend_factory
 from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
-from servegym.envs.engine.features import candidate_decision, retain_decision, route_decision
+from servegym.envs.engine.features import (
+    candidate_decision,
+    config_decision,
+    config_options,
+    retain_decision,
+    route_decision,
+)
 from servegym.envs.engine.invariants import check_drained, check_live, diagnose_stall
 from servegym.envs.engine.jobs import JobLog, JobTable, Trees
 from servegym.envs.engine.metrics import KvSamples, RunMetrics, collect_metrics
 from servegym.envs.engine.policy import Decision, DecisionKind, Policy, check_scores
 from servegym.envs.engine.retention import Retention
 from servegym.envs.engine.runs import apply_tokens, iterations_done, truncate
-from servegym.envs.engine.scheduler import Replica, eligible_replicas
+from servegym.envs.engine.scheduler import ConfigMark, Replica, eligible_replicas
 from servegym.envs.engine.stats import OnlineStats
 from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import JobSource
@@ -48,9 +54,11 @@ class EventKind(IntEnum):
 
     ARRIVAL = 0
     READY = 1
-    STEP = 2
-    UNPIN = 3  # a TTL pin expires (key: the pinned call, payload: its replica)
-    SLOW = 4  # a slowdown window opens or closes (key: the replica, payload: its new speed factor)
+    CONFIG = 2  # a replica asks for its cap and budget (key: the replica; config_every_s > 0),
+    # before the iteration that starts at the same instant, which then runs under the answer
+    STEP = 3
+    UNPIN = 4  # a TTL pin expires (key: the pinned call, payload: its replica)
+    SLOW = 5  # a slowdown window opens or closes (key: the replica, payload: its new speed factor)
 
 
 class Engine:
@@ -113,6 +121,9 @@ class Engine:
         for window in self.cluster.slowdowns:
             self._push(window.start_s, EventKind.SLOW, window.replica, float(window.factor))
             self._push(window.end_s, EventKind.SLOW, window.replica, 1.0)
+        if self.config.config_every_s > 0:
+            for replica in self.replicas:
+                self._push(0.0, EventKind.CONFIG, replica.index)
         if self.streaming:
             self._pull_arrival()
         else:
@@ -229,6 +240,8 @@ class Engine:
             elif kind == EventKind.SLOW:
                 self._cut_run(self.replicas[key])  # what starts from now runs at the new speed
                 self.replicas[key].slowdown = payload
+            elif kind == EventKind.CONFIG:
+                yield from self._configure(self.replicas[key])
             else:
                 yield from self._step(self.replicas[key])
         self._drain_arrivals()
@@ -409,12 +422,51 @@ class Engine:
             if ttl_s is not None:
                 self._push(self.now_s + ttl_s, EventKind.UNPIN, call, replica.index)
             replica.running.remove(call)
+            replica.num_calls_finished += 1
             self._finish(call)
 
     # ------------------------------------------------------------------ KV retention
     def _retain_decision(self, replica: Replica, call: int, children: int, pin_blocks: int) -> Decision:
         self._sync_all()
         return retain_decision(self, replica, call, children, pin_blocks)
+
+    # ------------------------------------------------------------------ batching (CONFIG)
+    def _configure(self, replica: Replica) -> Generator[Decision, np.ndarray, None]:
+        """Every ``config_every_s``: the replica's cap and budget, a CONFIG decision, applied
+        from its next iteration (a folded run is cut there, as for any change). Once every tree
+        is done nobody asks any more, so the clock stops with the workload."""
+        if self.num_jobs_finished == len(self.jobs) and all(e[1] == EventKind.CONFIG for e in self._events):
+            return  # the workload drained: nothing more will arrive
+        self._cut_run(replica)
+        self._sync_all()
+        now = self._config_counters(replica)
+        options = config_options(replica.config)
+        scores = yield config_decision(self, replica, options, now)
+        seqs, tokens = options[int(np.argmax(scores))]
+        changed = (seqs, tokens) != (replica.config.max_num_seqs, replica.config.max_num_batched_tokens)
+        replica.config = dataclasses.replace(replica.config, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+        replica.config_mark = now
+        if changed and replica.in_flight is None and replica.waiting:  # idle behind the old cap
+            self._wake(replica)
+        self._push(self.now_s + self.config.config_every_s, EventKind.CONFIG, replica.index)
+
+    def _config_counters(self, replica: Replica) -> ConfigMark:
+        """The replica's counters now, as stepping would have them: the iterations of a folded
+        run that are complete count already (stepping would have accounted each)."""
+        iterations, running = replica.num_iterations, replica.running_call_iterations
+        batch = replica.in_flight
+        if batch is not None and batch.num_iterations > 1:
+            done = self._sync(replica)
+            iterations += done
+            running += done * len(batch.calls)
+        return ConfigMark(
+            self.now_s,
+            replica.num_preemptions,
+            replica.num_calls_finished,
+            running,
+            iterations,
+            len(replica.running),
+        )
 
     def _expire_pin(self, replica: Replica, call: int) -> None:
         """A TTL ran out: the pinned blocks join the prefix cache, and the replica sees them at

@@ -10,12 +10,13 @@ import numpy as np
 
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.policy import Decision, DecisionKind
-from servegym.envs.engine.schema import CANDIDATE, GLOBAL, PRIVILEGED, RETAIN, ROUTE, ScaleContext
+from servegym.envs.engine.schema import CANDIDATE, CONFIG, GLOBAL, PRIVILEGED, RETAIN, ROUTE, ScaleContext
 from servegym.envs.workloads.job import KNOWN_ROLES
 
 if TYPE_CHECKING:
+    from servegym.envs.engine.config import EngineConfig
     from servegym.envs.engine.engine import Engine
-    from servegym.envs.engine.scheduler import QueueNeeds, Replica
+    from servegym.envs.engine.scheduler import ConfigMark, QueueNeeds, Replica
 
 
 def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.ndarray:
@@ -285,9 +286,58 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     )
 
 
+def config_options(config: EngineConfig) -> list[tuple[int, int]]:
+    """The (max_num_seqs, max_num_batched_tokens) options of a CONFIG decision: the grid, cap
+    outer, then the replica's current pair when it lies off the grid."""
+    grid = [(s, t) for s in config.config_max_num_seqs for t in config.config_max_num_batched_tokens]
+    current = (config.max_num_seqs, config.max_num_batched_tokens)
+    return grid if current in grid else [*grid, current]
+
+
+def config_decision(
+    engine: Engine, replica: Replica, options: list[tuple[int, int]], now: ConfigMark
+) -> Decision:
+    """Rows are ``options`` for the replica's cap and budget until its next CONFIG decision;
+    ``now`` holds the replica's counters at this instant (``replica.config_mark`` at the last)."""
+    calls, config, mark = engine.calls, replica.config, replica.config_mark
+    pairs = np.array(options, dtype=np.float64)
+    seqs, tokens = pairs[:, 0], pairs[:, 1]
+    running = np.fromiter(replica.running, dtype=np.int64, count=len(replica.running))
+    waiting = np.fromiter(replica.waiting, dtype=np.int64, count=len(replica.waiting))
+    held = float(calls.num_held_blocks[running].mean()) if len(running) else 0.0
+    queued = float((calls.prompt_tokens[waiting] - calls.num_computed[waiting]).sum()) + len(running)
+    iterations = now.iterations - mark.iterations
+    ran = now.running_call_iterations - mark.running_call_iterations
+    raw = {
+        "max_num_seqs_log": seqs,
+        "max_num_batched_tokens_log": tokens,
+        "is_current": (seqs == config.max_num_seqs) & (tokens == config.max_num_batched_tokens),
+        "seqs_over_demand": np.minimum(seqs / max(len(running) + len(waiting), 1), 4.0),
+        "kv_demand_frac": np.minimum(seqs * held / replica.blocks.num_blocks, 4.0),
+        "budget_over_queued": np.minimum(tokens / max(queued, 1.0), 4.0),
+        "interval_s": engine.now_s - mark.time_s,
+        "preemptions_since_log": now.preemptions - mark.preemptions,
+        "finished_since_log": now.calls_finished - mark.calls_finished,
+        "mean_running_frac": ran / max(iterations, 1) / config.max_num_seqs,
+    }
+    context = _context(engine, replica)
+    return Decision(
+        kind=DecisionKind.CONFIG,
+        replica=replica.index,
+        candidates=np.arange(len(options), dtype=np.int64),
+        features=CONFIG.encode(raw, context, len(options)),
+        privileged=np.zeros((len(options), len(PRIVILEGED)), dtype=np.float32),
+        global_features=global_features(engine, replica, config.max_num_batched_tokens),
+        mask=np.ones(len(options), dtype=bool),
+        now_s=engine.now_s,
+    )
+
+
 __all__ = [
     "TREE_STATE_COLUMNS",
     "candidate_decision",
+    "config_decision",
+    "config_options",
     "global_features",
     "predicted_output_tokens",
     "retain_decision",

@@ -76,7 +76,9 @@ def check_live(engine: Engine) -> None:
             set(waiting) == {c for c in here if state[c] in (CallState.WAITING, CallState.SWAPPED)},
             f"replica {r}: waiting queue differs from the WAITING and SWAPPED calls",
         )
-        _require(len(running) <= replica.config.max_num_seqs, f"replica {r}: more than max_num_seqs run")
+        # a CONFIG decision that lowered the cap preempts nothing: the calls running then may finish
+        cap = max(replica.config.max_num_seqs, replica.config_mark.running)
+        _require(len(running) <= cap, f"replica {r}: more than max_num_seqs run")
         host_blocks = 0
         for call in here:
             table = calls.blocks[call]

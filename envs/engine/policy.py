@@ -22,6 +22,11 @@ a global feature vector, and a validity mask. A policy answers with one score pe
   pin that prefix for the option's TTL (0: release it to the prefix cache now, vLLM's
   behaviour). The highest score is taken. A pin ends early once every child was admitted, or
   under memory pressure (oldest first), as the TTL rules' pins do.
+* ``CONFIG`` (with ``EngineConfig.config_every_s > 0``): every that many seconds a replica asks
+  for its running-call cap and token budget. Candidates are the options (rows of
+  ``CONFIG_FEATURES``, ``candidates`` their indices): the grid ``config_max_num_seqs`` x
+  ``config_max_num_batched_tokens``, plus the current pair last when it is off the grid. The
+  highest score is taken and holds until the next CONFIG decision.
 
 The columns of every table (candidates, globals, routes, retention options, privileged truth),
 their order, scale and meaning are declared once in ``servegym.envs.engine.schema``; the name
@@ -36,13 +41,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from servegym.envs.engine.schema import CANDIDATE, GLOBAL, PRIVILEGED, RETAIN, ROUTE
+from servegym.envs.engine.schema import CANDIDATE, CONFIG, GLOBAL, PRIVILEGED, RETAIN, ROUTE
 
 CANDIDATE_FEATURES: tuple[str, ...] = CANDIDATE.names
 PRIVILEGED_FEATURES: tuple[str, ...] = PRIVILEGED.names
 GLOBAL_FEATURES: tuple[str, ...] = GLOBAL.names
 ROUTE_FEATURES: tuple[str, ...] = ROUTE.names
 RETAIN_FEATURES: tuple[str, ...] = RETAIN.names
+CONFIG_FEATURES: tuple[str, ...] = CONFIG.names
 
 
 def column(name: str, schema: tuple[str, ...] = CANDIDATE_FEATURES) -> int:
@@ -58,6 +64,7 @@ class DecisionKind(IntEnum):
     EVICT = 1
     ROUTE = 2
     RETAIN = 3
+    CONFIG = 4
 
 
 @dataclass
@@ -65,8 +72,8 @@ class Decision:
     """A choice the engine needs made. Rows of ``features`` align with ``candidates``."""
 
     kind: DecisionKind
-    replica: int  # deciding replica (ORDER/EVICT/RETAIN) or -1 (ROUTE)
-    candidates: np.ndarray  # (K,) int64: engine call ids, replica ids (ROUTE), option indices (RETAIN)
+    replica: int  # deciding replica (ORDER/EVICT/RETAIN/CONFIG) or -1 (ROUTE)
+    candidates: np.ndarray  # (K,) int64: call ids, replica ids (ROUTE), option indices (RETAIN, CONFIG)
     features: np.ndarray  # (K, F) float32
     privileged: np.ndarray  # (K, P) float32; never part of an RL observation
     global_features: np.ndarray  # (G,) float32
@@ -137,6 +144,11 @@ class RoundRobinRouting:
         raise ValueError("route decision with no eligible replica")
 
 
+def keep_config_scores(decision: Decision) -> np.ndarray:
+    """CONFIG as a static engine: keep the current cap and budget."""
+    return decision.features[:, CONFIG_FEATURES.index("is_current")].astype(np.float64)
+
+
 def release_scores(decision: Decision) -> np.ndarray:
     """RETAIN as vLLM: the shortest TTL (0, release now when offered) scores highest."""
     return -decision.features[:, RETAIN_FEATURES.index("ttl_s")].astype(np.float64)
@@ -144,7 +156,8 @@ def release_scores(decision: Decision) -> np.ndarray:
 
 class DefaultPolicy:
     """What vLLM does when nobody else decides: FCFS admission, the newest running call
-    preempted, round-robin routing, a finished call's KV released to the prefix cache. The envs
+    preempted, round-robin routing, a finished call's KV released to the prefix cache, the
+    configured cap and budget kept. The envs
     answer the decisions an agent does not own with it; ``servegym.agents.policies.heuristics.FCFS`` is
     the same policy as a named baseline."""
 
@@ -156,4 +169,6 @@ class DefaultPolicy:
             return self.router.route(decision)
         if decision.kind == DecisionKind.RETAIN:
             return release_scores(decision)
+        if decision.kind == DecisionKind.CONFIG:
+            return keep_config_scores(decision)
         return fcfs_scores(decision)

@@ -20,6 +20,7 @@ closed form (``fast_forward``, ``runs.py``); the result equals stepping them one
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,6 +82,19 @@ def eligible_replicas(
     )
 
 
+@dataclass
+class ConfigMark:
+    """A replica's counters when it last answered a CONFIG decision: what the next decision's
+    "since then" columns subtract."""
+
+    time_s: float = 0.0
+    preemptions: int = 0
+    calls_finished: int = 0
+    running_call_iterations: int = 0
+    iterations: int = 0
+    running: int = 0  # calls running then: past a lowered cap they may run on until they finish
+
+
 class Replica:
     """A model instance: its KV cache, queues and iteration timeline."""
 
@@ -122,6 +136,9 @@ class Replica:
         self.busy_s = 0.0
         self.kv_used_block_s = 0.0
         self.num_preemptions = 0
+        self.num_calls_finished = 0
+        self.running_call_iterations = 0  # sum over iterations of the calls that ran in them
+        self.config_mark = ConfigMark()  # the counters at the replica's last CONFIG decision
         self.swap_bytes = 0.0
         self.prompt_tokens_admitted = 0
         self.prompt_tokens_hit = 0
@@ -439,5 +456,6 @@ class Replica:
         used = batch.used_blocks_0 + np.cumsum(taken)
         dt0 = float(batch.starts[1] - batch.starts[0])
         self.num_iterations += n
+        self.running_call_iterations += len(batch.calls) * n
         self.busy_s += batch.end_s - batch.start_s
         self.kv_used_block_s += float(used[0] * dt0 + np.dot(used[1:], batch.decode_times_s[: n - 1]))

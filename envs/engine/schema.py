@@ -23,10 +23,11 @@ from enum import Enum
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 4
+FEATURE_SCHEMA_VERSION = 5
 """v2 added predicted_output_log and pinned_prefix_frac; v3 the tree-state columns (tree_ready_log
 to tree_depth_left) and the global free_slots_frac; v4 the RETAIN decision kind (its one-hot in
-the global observation) and its option table ``RETAIN``. Bump it whenever a column's name, order,
+the global observation) and its option table ``RETAIN``; v5 the CONFIG decision kind and its
+option table ``CONFIG``. Bump it whenever a column's name, order,
 scale or meaning changes: the runtime refuses a sidecar of another version."""
 
 
@@ -320,9 +321,34 @@ RETAIN = Table(
 """One row per option of ``EngineConfig.retain_ttls_s`` of a RETAIN decision; non-privileged (the
 oracle's truth is the privileged ``true_tool_latency_s`` of every row)."""
 
+CONFIG = Table(
+    "config",
+    (
+        # the option
+        Feature("max_num_seqs_log", Scale.LOG1P, "the option's running-call cap", "", _X),
+        Feature("max_num_batched_tokens_log", Scale.LOG1P, "the option's token budget per iteration", "", _X),
+        Feature("is_current", Scale.AS_IS, "1 for the replica's current pair (keeping it)", "", _X),
+        Feature("seqs_over_demand", Scale.AS_IS,
+                "cap / (running + waiting calls), at most 4: below 1 the cap leaves calls waiting", "", _X),
+        Feature("kv_demand_frac", Scale.AS_IS,
+                "cap x mean blocks held per running call / replica blocks, at most 4: past 1 a full "
+                "batch of today's calls would not fit the cache (preemptions); 0 when nothing runs", "", _X),
+        Feature("budget_over_queued", Scale.AS_IS,
+                "token budget / (prompt tokens waiting to be computed + running calls), at most 4", "", _X),
+        # the replica since its last CONFIG decision
+        Feature("interval_s", Scale.TIME, "time since the replica's last CONFIG decision", "", _X),
+        Feature("preemptions_since_log", Scale.LOG1P, "calls preempted on the replica since then", "", _X),
+        Feature("finished_since_log", Scale.LOG1P, "calls finished on the replica since then", "", _X),
+        Feature("mean_running_frac", Scale.AS_IS,
+                "running calls averaged over the iterations since then / the current cap: how much of "
+                "the cap was used", "", _X),
+    ),
+)
+"""One row per option of a CONFIG decision: the grid ``config_max_num_seqs`` x
+``config_max_num_batched_tokens`` in order, plus the current pair last when it lies off the grid."""
 # fmt: on
 
-TABLES: tuple[Table, ...] = (CANDIDATE, PRIVILEGED, GLOBAL, ROUTE, RETAIN)
+TABLES: tuple[Table, ...] = (CANDIDATE, PRIVILEGED, GLOBAL, ROUTE, RETAIN, CONFIG)
 
 
 def markdown(table: Table) -> str:
@@ -343,6 +369,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "CANDIDATE",
+    "CONFIG",
     "FEATURE_SCHEMA_VERSION",
     "GLOBAL",
     "PRIVILEGED",

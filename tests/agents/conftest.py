@@ -56,3 +56,25 @@ def tiny_suite(**changes):
         kv_timeline_bins=20,
     )
     return SuiteConfig(**{**fields, **changes})
+
+
+def tiny_maskable_model(env):
+    """A MaskablePPO set policy trained 64 steps (weights off their initialisation), for the
+    export parity tests of the one-choice envs (Retention-v0, Config-v0)."""
+    import torch as th
+    from sb3_contrib import MaskablePPO
+
+    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy
+
+    th.manual_seed(0)
+    model = MaskablePPO(
+        MaskableSetActorCriticPolicy,
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        policy_kwargs={"hidden": 16},
+    )
+    model.learn(64)
+    return model

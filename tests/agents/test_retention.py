@@ -9,7 +9,6 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch as th
 
 import servegym.envs  # noqa: F401  (registers the ids)
 from servegym.agents.deploy.export import export_policy
@@ -22,6 +21,7 @@ from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind
 from servegym.envs.workloads.generators import ReactChain
 from servegym.envs.workloads.workload import Workload
+from tests.agents.conftest import tiny_maskable_model
 from tests.envs.small import TINY
 
 MENU = [0.0, 0.5, 2.0, 8.0]
@@ -36,26 +36,6 @@ def _config(**changes) -> EngineConfig:
         profile="tiny_cpu", block_size=4, num_gpu_blocks=300, max_num_seqs=4, retain_ttls_s=MENU
     )
     return dataclasses.replace(base, **changes)
-
-
-def _tiny_model(env):
-    """A MaskablePPO set policy trained 64 steps (weights off their initialisation), for parity tests."""
-    from sb3_contrib import MaskablePPO
-
-    from servegym.agents.rl.networks import MaskableSetActorCriticPolicy
-
-    th.manual_seed(0)
-    model = MaskablePPO(
-        MaskableSetActorCriticPolicy,
-        env,
-        n_steps=32,
-        batch_size=32,
-        n_epochs=1,
-        seed=0,
-        policy_kwargs={"hidden": 16},
-    )
-    model.learn(64)
-    return model
 
 
 def _run(policy, seed: int = 0, **changes) -> tuple[dict, list]:
@@ -161,7 +141,7 @@ def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallba
     env = gym.make(
         "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
     )
-    model = _tiny_model(env)
+    model = tiny_maskable_model(env)
     fallback = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
     paths = export_policy(
         model,
@@ -255,7 +235,7 @@ def test_pick_retain_env_driven_by_a_heuristic_reproduces_its_run() -> None:
 @pytest.mark.slow
 def test_exported_pick_retain_policy_makes_the_sb3_decisions(tmp_path) -> None:
     env = _pick_retain_env()
-    model = _tiny_model(env)
+    model = tiny_maskable_model(env)
     kinds = ("order", "retain")
     paths = export_policy(model, tmp_path / "policy.onnx", kinds, env_id="servegym/PickRetain-v0")
     meta = json.loads(paths["sidecar"].read_text())

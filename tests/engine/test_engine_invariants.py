@@ -28,6 +28,7 @@ from servegym.envs.engine.features import predicted_output_tokens
 from servegym.envs.engine.metrics import RunMetrics
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
+    CONFIG_FEATURES,
     GLOBAL_FEATURES,
     PRIVILEGED_FEATURES,
     RETAIN_FEATURES,
@@ -75,9 +76,14 @@ class Linear:
         self.w = rng.normal(size=len(CANDIDATE_FEATURES))
         self.w_route = rng.normal(size=len(ROUTE_FEATURES))
         self.w_retain = rng.normal(size=len(RETAIN_FEATURES))  # drawn last: w, w_route as before
+        self.w_config = rng.normal(size=len(CONFIG_FEATURES))
 
     def scores(self, decision: Decision) -> np.ndarray:
-        weights = {DecisionKind.ROUTE: self.w_route, DecisionKind.RETAIN: self.w_retain}
+        weights = {
+            DecisionKind.ROUTE: self.w_route,
+            DecisionKind.RETAIN: self.w_retain,
+            DecisionKind.CONFIG: self.w_config,
+        }
         return decision.features.astype(np.float64) @ weights.get(decision.kind, self.w)
 
 
@@ -169,6 +175,7 @@ class Scenario:
     prefix_eviction: str = "lru"
     admission: str = "rank"
     faults: bool = False  # tool failures (retried after a timeout) and network jitter
+    config_every_s: float = 0.0  # CONFIG decisions over CONFIG_GRID
 
 
 @st.composite
@@ -195,6 +202,7 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         prefix_eviction=draw(st.sampled_from(["lru", "workflow"])),
         admission=draw(st.sampled_from(["rank", "rank", "pick"])),
         faults=draw(st.sampled_from([False, False, True])),
+        config_every_s=draw(st.sampled_from([0.0, 0.0, 0.02])),  # drawn last: the others as before
     )
 
 
@@ -233,6 +241,9 @@ def build(sc: Scenario) -> Engine:
         retain_ttls_s=RETAIN_TTLS_S,
         prefix_eviction=sc.prefix_eviction,
         admission=sc.admission,
+        config_every_s=sc.config_every_s,
+        config_max_num_seqs=[2, 4, 256],
+        config_max_num_batched_tokens=[16, 8192],
     )
     faults = FAULTS if sc.faults else {}
     if sc.replicas == "hetero":
@@ -266,6 +277,9 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     if decision.kind == DecisionKind.RETAIN:
         check_retain(engine, replica, decision)
         return
+    if decision.kind == DecisionKind.CONFIG:
+        check_config(replica, decision)
+        return
     assert decision.features.shape == (k, len(CANDIDATE_FEATURES))
     assert decision.features.dtype == np.float32
     picking = replica.config.admission == "pick" and decision.kind == DecisionKind.ORDER
@@ -292,6 +306,20 @@ def check_decision(engine: Engine, decision: Decision) -> None:
     free_slots = decision.global_features[column("free_slots_frac", GLOBAL_FEATURES)]
     assert np.isclose(free_slots, 1 - len(replica.running) / replica.config.max_num_seqs)
     check_tree_state(engine, decision)
+
+
+def check_config(replica, decision: Decision) -> None:
+    """A CONFIG decision: the grid's options (plus the current pair when off it), exactly one
+    of them the current pair, and a full batch's KV demand growing with the cap."""
+    config = replica.config
+    assert config.config_every_s > 0
+    grid = len(config.config_max_num_seqs) * len(config.config_max_num_batched_tokens)
+    assert decision.features.shape in ((grid, len(CONFIG_FEATURES)), (grid + 1, len(CONFIG_FEATURES)))
+    assert decision.features[:, column("is_current", CONFIG_FEATURES)].sum() == 1
+    seqs = np.expm1(decision.features[:, column("max_num_seqs_log", CONFIG_FEATURES)].astype(np.float64))
+    demand = decision.features[:, column("kv_demand_frac", CONFIG_FEATURES)]
+    order = np.argsort(seqs, kind="stable")
+    assert (np.diff(demand[order]) >= -1e-6).all()
 
 
 def check_retain(engine: Engine, replica, decision: Decision) -> None:

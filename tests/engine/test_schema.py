@@ -7,6 +7,7 @@ import pytest
 
 from servegym.envs.engine.policy import (
     CANDIDATE_FEATURES,
+    CONFIG_FEATURES,
     GLOBAL_FEATURES,
     PRIVILEGED_FEATURES,
     RETAIN_FEATURES,
@@ -85,6 +86,7 @@ def test_the_name_tuples_everyone_imports_are_the_schema() -> None:
         GLOBAL_FEATURES,
         ROUTE_FEATURES,
         RETAIN_FEATURES,
+        CONFIG_FEATURES,
     ]
     for table in TABLES:
         for feature in table.features:

@@ -3,6 +3,7 @@ importable servegym objects so vector envs can pickle them into subprocesses).""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from servegym.envs.engine.config import ClusterConfig, EngineConfig
@@ -59,6 +60,16 @@ def small_kwargs(env_id: str) -> dict[str, Any]:
         return dict(
             workload=Workload(generator=ReactChain(turns_mean=4.0, **TINY), arrival_rate=20.0, num_jobs=6),
             engine=EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=400, max_num_seqs=4),
+        )
+    if name == "Config-v0":  # short ReAct chains, a CONFIG decision every 20 ms of virtual time
+        return dict(
+            workload=Workload(generator=ReactChain(turns_mean=4.0, **TINY), arrival_rate=20.0, num_jobs=6),
+            engine=replace(
+                TIGHT,
+                config_every_s=0.02,
+                config_max_num_seqs=[2, 4, 16],
+                config_max_num_batched_tokens=[64, 8192],
+            ),
         )
     raise KeyError(f"no small setting for {env_id!r}")
 

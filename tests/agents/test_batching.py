@@ -1,0 +1,86 @@
+"""CONFIG's baselines (agents/policies/batching.py), Config-v0, and the exported CONFIG policy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import servegym.envs  # noqa: F401  (registers the ids)
+from servegym.agents.deploy.export import export_policy
+from servegym.agents.deploy.runtime import OnnxPolicy
+from servegym.agents.policies.batching import Batching
+from servegym.agents.policies.heuristics import PredictedTreeSRPT
+from servegym.agents.rl.learned import SB3Policy
+from servegym.envs.engine.engine import Engine
+from servegym.envs.engine.policy import DecisionKind
+from tests.agents.conftest import tiny_maskable_model
+from tests.envs.small import small_kwargs
+
+KWARGS = small_kwargs("servegym/Config-v0")
+
+
+def _run(policy, seed: int) -> dict:
+    engine = Engine(KWARGS["workload"].build(seed), engine=KWARGS["engine"])
+    return engine.run(policy).as_dict()
+
+
+def test_config_env_slots_carry_out_a_rule_and_the_fallback_answers_the_rest() -> None:
+    """Driving Config-v0 with kv_fit's own slots (what cloning learns from), tree-SRPT as the
+    fallback, is Batching(tree-SRPT, kv_fit)'s run."""
+    rule = Batching(PredictedTreeSRPT(), "kv_fit")
+    env = gym.make("servegym/Config-v0", **KWARGS, fallback=PredictedTreeSRPT())
+    env.reset(seed=0, options={"workload_seed": 6})
+    done, steps = False, 0
+    while not done:
+        slot, best = env.unwrapped.policy_slot(rule)
+        assert best[slot] and env.unwrapped.action_masks()[slot]
+        _, _, terminated, truncated, info = env.step(slot)
+        done, steps = terminated or truncated, steps + 1
+    assert steps > 3
+    assert (
+        info["metrics"]["jct_mean_s"] == _run(Batching(PredictedTreeSRPT(), "kv_fit"), seed=6)["jct_mean_s"]
+    )
+
+
+def test_fixed_and_keep_rules() -> None:
+    with pytest.raises(ValueError, match="rule"):
+        Batching(PredictedTreeSRPT(), "bogus")
+    keep = _run(Batching(PredictedTreeSRPT(), "keep"), seed=2)
+    plain = _run(PredictedTreeSRPT(), seed=2)  # a heuristic keeps the cap by itself
+    assert (keep["jct_mean_s"], keep["jct_p99_s"]) == (plain["jct_mean_s"], plain["jct_p99_s"])
+    launched = replace(KWARGS["engine"], config_every_s=0.0, max_num_seqs=2, max_num_batched_tokens=64)
+    static = Engine(KWARGS["workload"].build(2), engine=launched).run(PredictedTreeSRPT()).as_dict()
+    fixed = _run(Batching(PredictedTreeSRPT(), "fixed", max_num_seqs=2, max_num_batched_tokens=64), seed=2)
+    assert fixed["jct_mean_s"] == pytest.approx(static["jct_mean_s"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_exported_config_policy_reproduces_its_decisions(tmp_path) -> None:
+    env = gym.make("servegym/Config-v0", **KWARGS, fallback=PredictedTreeSRPT())
+    model = tiny_maskable_model(env)
+    fallback = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
+    paths = export_policy(
+        model,
+        tmp_path / "policy.onnx",
+        ("config",),
+        env_id="servegym/Config-v0",
+        config={"env": {"fallback": fallback}},
+    )
+    assert json.loads(paths["sidecar"].read_text())["layout"] == ["configs"]
+
+    def run(policy):
+        engine = Engine(KWARGS["workload"].build(3), engine=KWARGS["engine"])
+        decisions = []
+        while (decision := engine.next_decision()) is not None:
+            scores = policy.scores(decision)
+            decisions.append((decision.kind, int(np.argmax(scores))))
+            engine.decide(scores)
+        return decisions
+
+    sb3 = run(SB3Policy(model=model, kinds=("config",), fallback=PredictedTreeSRPT()))
+    assert sum(kind == DecisionKind.CONFIG for kind, _ in sb3) > 3
+    assert run(OnnxPolicy(str(paths["onnx"]))) == sb3
