@@ -248,6 +248,7 @@ class EngineEnv(gym.Env):
             counted[: len(self._slo_counted)] = self._slo_counted
             finish = engine.job_table.finish_s[:n]
             end = np.where(np.isnan(finish), engine.now_s, finish)
+            assert cfg.slo_s is not None  # EnvConfig refuses a penalty without slo_s
             missed = (end - engine.job_table.arrival_s[:n] > cfg.slo_s) & ~counted
             reward -= cfg.slo_miss_penalty * int(missed.sum())
             self._slo_counted = counted | missed

@@ -23,6 +23,7 @@ import dataclasses
 import heapq
 from collections.abc import Callable, Generator
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,7 @@ from servegym.envs.engine.retention import Retention
 from servegym.envs.engine.runs import apply_tokens, iterations_done, truncate
 from servegym.envs.engine.scheduler import ConfigMark, Replica, eligible_replicas
 from servegym.envs.engine.stats import OnlineStats
+from servegym.envs.engine.waiting import QueueNeeds
 from servegym.envs.workloads.job import Job
 from servegym.envs.workloads.source import JobSource
 
@@ -100,7 +102,9 @@ class Engine:
             if attach is not None:
                 attach(replica, self._keys)
         self.now_s = 0.0
-        self._events: list[tuple[float, int, int, object]] = []
+        # (time, kind, key, payload); the payload's type follows the kind (STEP: the step version,
+        # UNPIN: the replica index, SLOW: the speed factor), which a tuple type cannot tie together
+        self._events: list[tuple[float, int, int, Any]] = []
         self.jobs: list[Job] | JobLog = JobLog(source) if self.streaming else []
         self.job_table = JobTable()
         self.stats = OnlineStats()  # what features may learn from (nothing privileged)
@@ -112,7 +116,7 @@ class Engine:
         self.tree_seconds = 0.0  # integral of unfinished trees over virtual time = total tree time
         self.stall: str | None = None
         self.kv_samples = KvSamples()  # (time, replica, used fraction) per scheduled batch
-        self._loop = self._run()
+        self._loop: Generator[Decision, np.ndarray | None, None] | None = self._run()
         self._event: tuple[int, int] = (EventKind.ARRIVAL, -1)  # latest event key handled at now_s
         self._event_time = -np.inf
         self._pending: Decision | None = None
@@ -148,6 +152,7 @@ class Engine:
         if self._started and self._loop is None:
             return None
         self._started = True
+        assert self._loop is not None  # None only once the loop returned, after the first start
         try:
             self._pending = self._loop.send(self._answer)  # None starts the generator
         except StopIteration:
@@ -271,6 +276,7 @@ class Engine:
     def _pull_arrival(self) -> None:
         """Streaming: schedule the source's next job, one arrival ahead of the clock. Its
         arrival event sorts exactly where it would have had every job been pushed at start."""
+        assert isinstance(self.jobs, JobLog)  # streaming: __init__ made jobs a JobLog
         job = self.jobs.pull()
         if job is not None:
             self._add_job(job)
@@ -278,7 +284,7 @@ class Engine:
     def _drain_arrivals(self) -> None:
         """Streaming, after a stall: count the jobs that never arrived (as a list source would
         have them) without scheduling or holding them."""
-        while self.streaming and (job := self.jobs.pull()) is not None:
+        while isinstance(self.jobs, JobLog) and (job := self.jobs.pull()) is not None:  # streaming
             index = len(self.jobs)
             self._add_job(job, schedule=False)
             self.trees.release(index)
@@ -322,7 +328,9 @@ class Engine:
         calls.state[call] = CallState.WAITING
         calls.ready_s[call] = self.now_s
         calls.enqueue_s[call] = self.now_s
-        self.job_table.replicas[int(calls.job[call])].add(target)
+        tree_replicas = self.job_table.replicas[int(calls.job[call])]
+        assert tree_replicas is not None  # released only once every call of the tree is terminal
+        tree_replicas.add(target)
         replica.waiting.enqueue(call)
         if replica.in_flight is None:  # idle: wake it now
             self._wake(replica)
@@ -361,7 +369,15 @@ class Engine:
         self._call_done(call)
 
     # ------------------------------------------------------------------ iterations
-    def _build_decision(self, replica, kind, candidates, needs, budget_left, stop: bool = False) -> Decision:
+    def _build_decision(
+        self,
+        replica: Replica,
+        kind: DecisionKind,
+        candidates: list[int],
+        needs: QueueNeeds | None,
+        budget_left: int,
+        stop: bool = False,
+    ) -> Decision:
         self._sync_all()
         decision = candidate_decision(self, replica, kind, candidates, needs, budget_left)
         if replica.config.admission == "pick" and needs is not None:
@@ -370,6 +386,7 @@ class Engine:
         return decision
 
     def _push_step(self, replica: Replica) -> None:
+        assert replica.in_flight is not None  # every caller has just set or checked it
         replica.step_version += 1
         self._push(replica.in_flight.end_s, EventKind.STEP, replica.index, replica.step_version)
 

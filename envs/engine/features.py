@@ -33,7 +33,8 @@ def global_features(engine: Engine, replica: Replica, budget_left: int) -> np.nd
         "token_budget_left_frac": budget_left,
         "free_slots_frac": (replica.config.max_num_seqs - len(replica.running)) / replica.config.max_num_seqs,
     }
-    return GLOBAL.encode(raw, _context(engine, replica), 1)[0]
+    row: np.ndarray = GLOBAL.encode(raw, _context(engine, replica), 1)[0]  # (len(GLOBAL),)
+    return row
 
 
 def _context(engine: Engine, replica: Replica) -> ScaleContext:
@@ -44,7 +45,7 @@ def predicted_output_tokens(engine: Engine, ids: np.ndarray) -> np.ndarray:
     """Online output-length predictor: the mean output of finished calls of the same (role,
     tenant), else of the role, else the call's budget (``max_tokens``). Non-privileged: it
     learns only from calls that already finished."""
-    out = engine.calls.max_tokens[ids].astype(np.float64)
+    out: np.ndarray = engine.calls.max_tokens[ids].astype(np.float64)
     if not engine.stats.role_output_stats:
         return out
     calls = engine.calls
@@ -192,8 +193,9 @@ def route_decision(engine: Engine, call: int, eligible: np.ndarray) -> Decision:
     calls = engine.calls
     prompt = int(calls.prompt_tokens[call])
     tree_replicas = engine.job_table.replicas[int(calls.job[call])]
+    assert tree_replicas is not None  # released only once every call of the tree is terminal
     rows = [_route_row(engine, replica, call, prompt, tree_replicas) for replica in engine.replicas]
-    raw = {name: np.array([row[name] for row in rows]) for name in rows[0]}
+    raw: dict[str, np.ndarray | int] = {name: np.array([row[name] for row in rows]) for name in rows[0]}
     raw["call_prompt_tokens_log"] = prompt
     raw["call_role_id"] = calls.role[call]
     num_blocks = np.array([replica.blocks.num_blocks for replica in engine.replicas])

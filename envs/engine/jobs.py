@@ -30,7 +30,9 @@ from servegym.envs.engine.stats import OnlineStats
 from servegym.envs.workloads.job import Call, Job, Output, role_id
 from servegym.envs.workloads.source import JobSource
 
-_RELEASED: tuple = ()  # a dropped call's segments, hashes and (empty) block table
+# A dropped call's segments, hashes and (empty) block table: one shared empty tuple in place of the
+# columns' lists (no list per released call; nothing reads or extends a released call's rows again).
+_RELEASED: tuple[()] = ()
 
 
 class JobLog(Sequence[Job]):
@@ -80,7 +82,9 @@ class JobLog(Sequence[Job]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         job = self._jobs[index]
-        return self._source.jobs[index if index >= 0 else len(self) + index] if job is None else job
+        # a streaming source's ``jobs`` (``StreamedJobs.jobs``): ``JobSource`` does not declare it, and
+        # an isinstance check on a Protocol with ``jobs`` would load the whole trace
+        return self._source.jobs[index if index >= 0 else len(self) + index] if job is None else job  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[Job]:
         return (self[i] for i in range(len(self)))
@@ -277,7 +281,9 @@ class Trees:
         )
         release = now_s + calls.tool_latency_s[call]
         ready = []
-        for child in self.table.children[job_index][int(calls.call_in_job[call])]:
+        children = self.table.children[job_index]
+        assert children is not None  # released only once every call of the tree is terminal
+        for child in children[int(calls.call_in_job[call])]:
             child_id = base + child
             calls.release_s[child_id] = max(calls.release_s[child_id], release)
             calls.pending_parents[child_id] -= 1
@@ -308,10 +314,11 @@ class Trees:
         first = table.first_call[index]
         if first >= 0:  # it arrived: its calls have ids
             for call in range(first, first + int(table.num_calls[index])):
-                calls.segments[call] = _RELEASED
-                calls.hashes[call] = _RELEASED
+                calls.segments[call] = _RELEASED  # type: ignore[call-overload]  # see _RELEASED
+                calls.hashes[call] = _RELEASED  # type: ignore[call-overload]
                 if not calls.blocks[call]:
-                    calls.blocks[call] = _RELEASED
+                    calls.blocks[call] = _RELEASED  # type: ignore[call-overload]
                 self.stats.forget_call(call)
+        assert isinstance(self.jobs, JobLog)  # streaming: the engine made its jobs a JobLog
         self.jobs.release(index)
         table.release(index)

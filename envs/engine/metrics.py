@@ -206,7 +206,8 @@ def _finished_tree_calls(engine: Engine, done_jobs: np.ndarray) -> np.ndarray:
 
 def _done_jobs(engine: Engine) -> np.ndarray:
     jobs = len(engine.jobs)
-    return ~np.isnan(engine.job_table.finish_s[:jobs]) & ~engine.job_table.failed[:jobs]
+    done: np.ndarray = ~np.isnan(engine.job_table.finish_s[:jobs]) & ~engine.job_table.failed[:jobs]
+    return done
 
 
 class _Inflation(TypedDict):

@@ -140,7 +140,8 @@ class RoundRobinRouting:
             replica = (self._next + step) % n
             if decision.mask[replica]:
                 self._next = replica + 1
-                return np.eye(n)[replica]
+                scores: np.ndarray = np.eye(n)[replica]  # one-hot
+                return scores
         raise ValueError("route decision with no eligible replica")
 
 

@@ -136,7 +136,9 @@ class Retention:
         spec = job.calls[int(calls.call_in_job[call])]
         lengths = [n for _, n in calls.segments[call]] + [int(calls.num_output[call])]
         own = (*spec.prompt, Output(spec.call_id))
-        children = self.trees.table.children[job_index][spec.call_id]
+        tree_children = self.trees.table.children[job_index]
+        assert tree_children is not None  # released only once every call of the tree is terminal
+        children = tree_children[spec.call_id]
         reuse = 0
         for child in children:
             prompt = job.calls[child].prompt

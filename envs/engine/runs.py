@@ -12,7 +12,7 @@ lazily (``apply_tokens``). Every result equals stepping one iteration at a time,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -79,7 +79,7 @@ def fold(batch: Batch, replica: Replica, now_s: float, dt0: float) -> None:
 def iterations_done(batch: Batch, time_s: float, before_ties: bool) -> int:
     """Iterations of the run that stepping would have completed before an event at
     ``time_s`` (``before_ties``: an iteration ending exactly then completes first)."""
-    side = "right" if before_ties else "left"
+    side: Literal["left", "right"] = "right" if before_ties else "left"
     return int(np.searchsorted(batch.starts[1 : batch.num_iterations + 1], time_s, side=side))
 
 

@@ -19,7 +19,7 @@ closed form (``fast_forward``, ``runs.py``); the result equals stepping them one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,7 +191,9 @@ class Replica:
         self.blocks.register(calls.blocks[call][done:full], chain[done:full])
         calls.num_registered_blocks[call] = full
 
-    def release_blocks(self, call: int, levels: list[int] | None = None, pin_blocks: int = 0) -> list[int]:
+    def release_blocks(
+        self, call: int, levels: Sequence[int] | None = None, pin_blocks: int = 0
+    ) -> list[int]:
         """Free the call's blocks (``levels``: their ``NextUse``, aligned with its block table),
         first taking a reference (a TTL pin's, returned) on the cached blocks holding its first
         ``pin_blocks`` full blocks."""
@@ -298,7 +300,9 @@ class Replica:
         )
         return batch
 
-    def _schedule_under_pressure(self, run: np.ndarray, grant: np.ndarray):
+    def _schedule_under_pressure(
+        self, run: np.ndarray, grant: np.ndarray
+    ) -> Generator[Decision, np.ndarray, tuple[list[int], list[int], float]]:
         """The slow path: allocate call by call, preempting victims the policy picks."""
         calls, bm, bs = self.calls, self.blocks, self.config.block_size
         order: list[int] = []
@@ -333,7 +337,9 @@ class Replica:
             grants.append(n)
         return order, grants, swap_bytes
 
-    def _admit_waiting(self, order: list[int], grants: list[int], budget: int):
+    def _admit_waiting(
+        self, order: list[int], grants: list[int], budget: int
+    ) -> Generator[Decision, np.ndarray, tuple[bool, int, float, bool]]:
         cfg = self.config
         if cfg.admission == "pick":
             return (yield from self._pick_waiting(order, grants, budget))
@@ -382,7 +388,9 @@ class Replica:
             needs = self.waiting.queue_needs(budget)
         return needs
 
-    def _pick_waiting(self, order: list[int], grants: list[int], budget: int):
+    def _pick_waiting(
+        self, order: list[int], grants: list[int], budget: int
+    ) -> Generator[Decision, np.ndarray, tuple[bool, int, float, bool]]:
         """Pick-next admission: each decision admits one call among those that fit now, or
         STOP; asked again until STOP, nothing fits, or no slot or budget is left. Returns as
         ``_admit_waiting``: (admitted, tokens spent, swap-in bytes, blocked: nothing fitted)."""
