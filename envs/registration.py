@@ -27,8 +27,8 @@ ENTRY_POINTS: dict[str, str] = {
     "servegym/Serving-v0": "servegym.envs.serving_env:ServingEnv",
     "servegym/PickNext-v0": "servegym.envs.pick_env:PickNextEnv",
     "servegym/Retention-v0": "servegym.envs.retention_env:RetentionEnv",
-    "servegym/Config-v0": "servegym.envs.config_env:ConfigEnv",
     "servegym/PickRetain-v0": "servegym.envs.pick_env:PickRetainEnv",
+    "servegym/Config-v0": "servegym.envs.config_env:ConfigEnv",
 }
 """Each env id and the ``module:Class`` gymnasium imports when the id is first made."""
 ENV_IDS = tuple(ENTRY_POINTS)

@@ -48,7 +48,7 @@ CASES: dict[str, list[int]] = {
     "replicas": [1, 4, 16],
     "k": [32, 128, 512],
     "evict": [1],
-    "envs": [0, 1, 2, 3, 4, 5, 6],  # index into ENV_IDS (a reference tree without an id fails)
+    "envs": [0, 1, 2, 3, 4, 5, 6, 7],  # index into ENV_IDS (a reference tree without an id fails)
     "presets": [0, 1, 2],  # index into PRESETS
 }
 QUICK: dict[str, list[int]] = {
@@ -276,16 +276,9 @@ def measure(root: Path, case: str, param: int, seed: int) -> dict[str, float]:
 
 def _label(case: str, param: int) -> str:
     if case == "envs":
-        names = (
-            "Scheduling-v0",
-            "Eviction-v0",
-            "Routing-v0",
-            "Serving-v0",
-            "PickNext-v0",
-            "Retention-v0",
-            "PickRetain-v0",
-        )
-        return names[param]
+        from servegym.envs import ENV_IDS
+
+        return ENV_IDS[param].split("/")[-1]
     if case == "presets":
         return PRESETS[param]
     return "" if case == "evict" else f"{param:,}"
