@@ -78,3 +78,17 @@ def tiny_maskable_model(env):
     )
     model.learn(64)
     return model
+
+
+def decision_trace(engine, policy) -> list:
+    """Run ``engine`` under ``policy`` (its retention hints applied) and return each decision's
+    (kind, chosen row): what an exported policy must reproduce of the SB3 policy it came from."""
+    import numpy as np
+
+    engine.apply_retention(policy)
+    decisions = []
+    while (decision := engine.next_decision()) is not None:
+        scores = policy.scores(decision)
+        decisions.append((decision.kind, int(np.argmax(scores))))
+        engine.decide(scores)
+    return decisions

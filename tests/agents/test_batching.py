@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import gymnasium as gym
-import numpy as np
 import pytest
 
 import servegym.envs  # noqa: F401  (registers the ids)
@@ -17,7 +16,7 @@ from servegym.agents.policies.heuristics import PredictedTreeSRPT
 from servegym.agents.rl.learned import SB3Policy
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind
-from tests.agents.conftest import tiny_maskable_model
+from tests.agents.conftest import decision_trace, tiny_maskable_model
 from tests.envs.small import small_kwargs
 
 KWARGS = small_kwargs("servegym/Config-v0")
@@ -73,13 +72,7 @@ def test_exported_config_policy_reproduces_its_decisions(tmp_path) -> None:
     assert json.loads(paths["sidecar"].read_text())["layout"] == ["configs"]
 
     def run(policy):
-        engine = Engine(KWARGS["workload"].build(3), engine=KWARGS["engine"])
-        decisions = []
-        while (decision := engine.next_decision()) is not None:
-            scores = policy.scores(decision)
-            decisions.append((decision.kind, int(np.argmax(scores))))
-            engine.decide(scores)
-        return decisions
+        return decision_trace(Engine(KWARGS["workload"].build(3), engine=KWARGS["engine"]), policy)
 
     sb3 = run(SB3Policy(model=model, kinds=("config",), fallback=PredictedTreeSRPT()))
     assert sum(kind == DecisionKind.CONFIG for kind, _ in sb3) > 3

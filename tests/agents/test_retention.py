@@ -21,7 +21,7 @@ from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind
 from servegym.envs.workloads.generators import ReactChain
 from servegym.envs.workloads.workload import Workload
-from tests.agents.conftest import tiny_maskable_model
+from tests.agents.conftest import decision_trace, tiny_maskable_model
 from tests.envs.small import TINY
 
 MENU = [0.0, 0.5, 2.0, 8.0]
@@ -157,15 +157,8 @@ def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallba
     onnx = OnnxPolicy(str(paths["onnx"]))
     assert isinstance(onnx.fallback, PredictedTreeSRPT) and onnx.retention == {"pin_ttl_rule": "policy"}
 
-    def run(policy):
-        engine = Engine(_workload().build(3), engine=_config(pin_ttl_rule="off"))  # the policy asks
-        engine.apply_retention(policy)
-        decisions = []
-        while (decision := engine.next_decision()) is not None:
-            scores = policy.scores(decision)
-            decisions.append((decision.kind, int(np.argmax(scores))))
-            engine.decide(scores)
-        return decisions
+    def run(policy):  # the policy's retention hints make the engine ask
+        return decision_trace(Engine(_workload().build(3), engine=_config(pin_ttl_rule="off")), policy)
 
     sb3 = run(SB3Policy(model=model, kinds=("retain",), fallback=PredictedTreeSRPT()))
     assert sum(kind == DecisionKind.RETAIN for kind, _ in sb3) > 5
