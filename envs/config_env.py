@@ -18,9 +18,9 @@ def config_workload() -> Workload:
     """``workload=react_long`` at load 8 arriving in bursts (a two-state MMPP, 25x burst-to-calm
     rate, 30 s mean dwell, as ``workload=mixed_bursty``), 40 trees an episode: long ReAct
     sessions whose contexts grow by ~2,300 tokens a turn. Under a burst the cache cannot hold
-    every session's history and a large cap thrashes it (the headroom table's best static cap for
-    react_long at load 8 is 16, 2x better than vLLM's 256); between bursts few sessions run and
-    the cap does not bind. So no static cap is right all the time (``scripts/config_table.py``)."""
+    every session's history and a large cap thrashes it; between bursts few sessions run and the
+    cap does not bind. Whether a cap that follows the load beats the best static one here is
+    what ``scripts/config_table.py`` measures (``scripts/results/config.md``)."""
     generator = ReactChain(turns_mean=10.9, tool_tokens_mean=2300.0, max_context_tokens=131072)
     return Workload(
         generator=generator,

@@ -22,9 +22,8 @@ def retention_workload() -> Workload:
 def retention_engine() -> EngineConfig:
     """One llama8b_h100 replica with 12,000 KV blocks (192K tokens, ~43% of its default cache:
     about seven of the workload's final contexts) at the cap that the headroom table found best
-    for this family (16 running calls, 2048-token budget). Here the rule matters: under
-    tree-SRPT admission, mean tree time over training seeds 0-4 runs from 184 s (release) to
-    164 s (Continuum's mean tool pause + 1 s) and 158 s (the true pause + 4 s)."""
+    for this family (16 running calls, 2048-token budget). Here the retention rule matters
+    (``scripts/results/retention.md`` has each rule by cache size)."""
     return EngineConfig(
         num_gpu_blocks=12000, max_num_seqs=16, max_num_batched_tokens=2048, pin_ttl_rule="policy"
     )

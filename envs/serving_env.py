@@ -92,7 +92,7 @@ class EnvConfig:
 
 def default_workload() -> Workload:
     """Map-reduce trees arriving faster than one replica serves them, so queues form and the
-    admission order matters (FCFS and program-level FCFS differ by ~1.5x in mean tree time)."""
+    admission order matters (the README's main-job table compares the orders here)."""
     return Workload(generator=MapReduce(), arrival_rate=8.0, num_jobs=60)
 
 

@@ -119,9 +119,8 @@ DEFAULT_STEP_S = 0.02
 HORIZON_ENV = "SERVEGYM_HORIZON_S"
 DEFAULT_HORIZON_S = 0.2
 """Overtaking horizon in clock seconds (the tail guard in the module docstring): 10 steps of the
-step clock. In real vLLM (tiny Llama, 20 map-reduce or debate trees arriving every 3 steps) 0.2
-kept both routes' p99 at or below FCFS's with their mean gain; 1.0 and 2.0 let the priority route's
-mean fall behind FCFS (scripts/results/replay_vllm.md has the sweep)."""
+step clock, the value chosen by the sweep in ``scripts/results/replay_vllm.md`` (longer horizons
+let the priority route's mean fall behind FCFS)."""
 PRIORITY_QUANTUM_S = 1e-3
 """``PriorityRoute`` priorities count this many clock seconds per unit."""
 STATS_PATH_ENV = "SERVEGYM_STATS_PATH"

@@ -3,9 +3,9 @@ and a reference policy's cost on that workload subtracted from the reward.
 
 Why. In servegym the return of an episode is minus the total tree time of its workload, and
 the workload (trees, sizes, arrivals) is an exogenous input that the policy does not choose.
-Measured on pick-next admission, the return's spread across workload seeds is ~45x (in
-variance) the spread due to the policy, so a critic that sees only the current state cannot
-tell a bad decision from a heavy workload. Mao et al., "Variance Reduction for Reinforcement
+On pick-next admission the return's spread across workload seeds dwarfs the spread due to
+the policy (the README's "Learning pick-next admission" has the numbers), so a critic that sees
+only the current state cannot tell a bad decision from a heavy workload. Mao et al., "Variance Reduction for Reinforcement
 Learning in Input-Driven Environments" (ICLR 2019), and Decima subtract an *input-dependent*
 baseline: the return-to-go, from the same virtual time, of other rollouts on the same input.
 Such a baseline depends on the input and on the state before the action, never on the action,
