@@ -54,7 +54,9 @@ def unloaded_completion_s(
     jobs: Sequence[Job], engine: EngineConfig, cluster: ClusterConfig, time_scale_s: float = 30.0
 ) -> np.ndarray:
     """Each tree's completion time alone on an idle cluster under FCFS (see ``servegym.agents.evaluation``).
-    Cached per process by tree contents, so the policies and loads of a seed share one replay."""
+    Cached per process by tree contents, so the policies and loads of a seed share one replay.
+    The replay asks no CONFIG decisions (FCFS would keep the configured cap anyway, and the
+    trees sit ``_UNLOADED_GAP_S`` apart, so a decision every few seconds would be millions)."""
     from servegym.agents.policies.heuristics import FCFS
 
     key = (repr(engine), repr(cluster), time_scale_s, tuple((job.calls, job.tenant) for job in jobs))
@@ -63,7 +65,8 @@ def unloaded_completion_s(
     spaced = [
         dataclasses.replace(job, job_id=f"u{i}", arrival_s=i * _UNLOADED_GAP_S) for i, job in enumerate(jobs)
     ]
-    replay = Engine(FixedJobs(spaced), cluster=cluster, engine=engine, time_scale_s=time_scale_s)
+    static = dataclasses.replace(engine, config_every_s=0.0)
+    replay = Engine(FixedJobs(spaced), cluster=cluster, engine=static, time_scale_s=time_scale_s)
     replay.run(FCFS())
     order = {job.job_id: i for i, job in enumerate(replay.jobs)}
     unloaded = job_completion_s(replay)[[order[f"u{i}"] for i in range(len(jobs))]]
