@@ -68,9 +68,11 @@ def heuristic_factory(cfg: DictConfig, name: str):
 
 
 class CompareWithBaseline(BaseCallback):
-    """Every ``every`` env steps: mean tree time of the deterministic policy on held-out seeds,
-    its ratio to the baseline heuristic's on the same seeds (below 1 beats it), and the best
-    model so far saved to ``best_path``."""
+    """At the start and every ``every`` env steps: mean tree time of the deterministic policy on
+    held-out seeds, its ratio to the baseline heuristic's on the same seeds (below 1 beats it),
+    and the best model so far saved to ``best_path``. The start counts, so a policy that PPO only
+    makes worse (after cloning a teacher, say) is exported as it started, not as its least bad
+    later point."""
 
     def __init__(self, cfg: DictConfig, every: int, best_path: Path, verbose: int = 0) -> None:
         super().__init__(verbose)
@@ -97,6 +99,10 @@ class CompareWithBaseline(BaseCallback):
             self.model.save(self.best_path)
         self.history.append(row)
         return row
+
+    def _on_training_start(self) -> None:
+        self._last = self.num_timesteps
+        self.evaluate()
 
     def _on_step(self) -> bool:
         if self.num_timesteps - self._last >= self.every:
