@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from servegym.envs.engine.policy import CONFIG_FEATURES, Decision, DecisionKind, Policy
+from servegym.envs.engine.policy import CONFIG_FEATURES, Decision, DecisionKind, Policy, keep_config_scores
 
 RULES = ("keep", "fixed", "kv_fit")
 _SEQS = CONFIG_FEATURES.index("max_num_seqs_log")
 _TOKENS = CONFIG_FEATURES.index("max_num_batched_tokens_log")
-_CURRENT = CONFIG_FEATURES.index("is_current")
 _KV_DEMAND = CONFIG_FEATURES.index("kv_demand_frac")
 
 
@@ -70,7 +69,7 @@ class Batching:
         if decision.kind != DecisionKind.CONFIG:
             return self.policy.scores(decision)
         if self.rule == "keep":
-            return decision.features[:, _CURRENT].astype(np.float64)
+            return keep_config_scores(decision)
         pairs = option_pairs(decision)
         if self.rule == "fixed":  # nearest in log space, cap first
             distance = np.abs(np.log(pairs) - np.log(self.pair))

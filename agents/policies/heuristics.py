@@ -27,8 +27,6 @@ from servegym.envs.engine.policy import (
     RoundRobinRouting,
     column,
     fcfs_scores,
-    keep_config_scores,
-    release_scores,
 )
 
 _WAIT = column("wait_s")
@@ -69,11 +67,11 @@ class FCFS(DefaultPolicy):
     def scores(self, decision: Decision) -> np.ndarray:
         if decision.kind == DecisionKind.ROUTE:
             return self.route_scores(decision)
-        if decision.kind == DecisionKind.RETAIN:  # vLLM keeps no pin; agents/policies/retention.py does
-            return release_scores(decision)
-        if decision.kind == DecisionKind.CONFIG:  # a static engine; agents/policies/batching.py adapts
-            return keep_config_scores(decision)
-        return self.call_scores(decision)
+        if decision.kind in (DecisionKind.ORDER, DecisionKind.EVICT):
+            return self.call_scores(decision)
+        # RETAIN, CONFIG: what vLLM does (no pin, a static cap); agents/policies/retention.py and
+        # batching.py wrap a heuristic with other answers
+        return super().scores(decision)
 
     def call_scores(self, decision: Decision) -> np.ndarray:
         return fcfs_scores(decision)

@@ -468,12 +468,13 @@ class Engine:
         self._push(self.now_s + self.config.config_every_s, EventKind.CONFIG, replica.index)
 
     def _config_counters(self, replica: Replica) -> ConfigMark:
-        """The replica's counters now, as stepping would have them: the iterations of a folded
-        run that are complete count already (stepping would have accounted each)."""
+        """The replica's counters now, as stepping would have them. Called after ``_cut_run``,
+        so a folded run in flight ends with the iteration in flight: the ones before it are
+        complete and count already (stepping would have accounted each)."""
         iterations, running = replica.num_iterations, replica.running_call_iterations
         batch = replica.in_flight
-        if batch is not None and batch.num_iterations > 1:
-            done = self._sync(replica)
+        if batch is not None:
+            done = max(batch.num_iterations - 1, 0)
             iterations += done
             running += done * len(batch.calls)
         return ConfigMark(

@@ -275,16 +275,14 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     true_pause = calls.tool_latency_s[call] + engine.cluster.network_delay_s
     privileged = {"true_remaining_output_tokens": 0.0, "true_tool_latency_s": true_pause}
     context = _context(engine, replica)
-    return Decision(
-        kind=DecisionKind.RETAIN,
-        replica=replica.index,
-        candidates=np.arange(len(ttls), dtype=np.int64),
-        features=RETAIN.encode(raw, context, len(ttls)),
-        privileged=PRIVILEGED.encode(privileged, context, len(ttls)),
-        global_features=global_features(engine, replica, replica.config.max_num_batched_tokens),
-        mask=np.ones(len(ttls), dtype=bool),
-        call=call,
-        now_s=engine.now_s,
+    rows = len(ttls)
+    return _menu_decision(
+        engine,
+        replica,
+        DecisionKind.RETAIN,
+        RETAIN.encode(raw, context, rows),
+        PRIVILEGED.encode(privileged, context, rows),
+        call,
     )
 
 
@@ -322,15 +320,32 @@ def config_decision(
         "finished_since_log": now.calls_finished - mark.calls_finished,
         "mean_running_frac": ran / max(iterations, 1) / config.max_num_seqs,
     }
-    context = _context(engine, replica)
+    features = CONFIG.encode(raw, _context(engine, replica), len(options))
+    privileged = np.zeros((len(options), len(PRIVILEGED)), dtype=np.float32)
+    return _menu_decision(engine, replica, DecisionKind.CONFIG, features, privileged)
+
+
+def _menu_decision(
+    engine: Engine,
+    replica: Replica,
+    kind: DecisionKind,
+    features: np.ndarray,
+    privileged: np.ndarray,
+    call: int = -1,
+) -> Decision:
+    """A decision among a fixed menu of options (RETAIN's TTLs, CONFIG's caps): candidates are
+    the option indices, every option is allowed, and the global features are the replica's
+    with its whole token budget (no iteration is being scheduled)."""
+    rows = len(features)
     return Decision(
-        kind=DecisionKind.CONFIG,
+        kind=kind,
         replica=replica.index,
-        candidates=np.arange(len(options), dtype=np.int64),
-        features=CONFIG.encode(raw, context, len(options)),
-        privileged=np.zeros((len(options), len(PRIVILEGED)), dtype=np.float32),
-        global_features=global_features(engine, replica, config.max_num_batched_tokens),
-        mask=np.ones(len(options), dtype=bool),
+        candidates=np.arange(rows, dtype=np.int64),
+        features=features,
+        privileged=privileged,
+        global_features=global_features(engine, replica, replica.config.max_num_batched_tokens),
+        mask=np.ones(rows, dtype=bool),
+        call=call,
         now_s=engine.now_s,
     )
 
