@@ -234,12 +234,13 @@ def case_presets(index: int, seed: int) -> dict[str, float]:
     """The env of training preset ``PRESETS[index]``, composed as ``scripts/train.py`` composes it."""
     from hydra import compose, initialize_config_dir
 
-    import servegym
+    import servegym.envs
     from servegym.agents.rl.configs import register_configs
     from servegym.envs.build import build_env
 
     register_configs()
-    conf = Path(list(servegym.__path__)[0]) / "conf"  # the measured revision's presets
+    # the measured revision's presets (servegym.__path__ may start with the editable finder's hook)
+    conf = Path(servegym.envs.__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose("config", overrides=[f"experiment={PRESETS[index]}"])
     return _step_env(build_env(cfg), 1500, seed)
