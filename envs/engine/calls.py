@@ -49,6 +49,7 @@ _INT_COLUMNS = (
     "prefix_hits",  # while waiting: leading blocks the prefix cache holds (prefix_watch.py)
     "prefix_free_hits",  # while waiting: how many of those sit unreferenced in the free queue
     "tool_failures",  # failed attempts of its tool (ClusterConfig.tool_failure_prob)
+    "continues",  # the call whose truncated output it continues (EngineConfig.continue_truncated), else -1
 )
 _FLOAT_COLUMNS = (
     "ready_s",
@@ -89,6 +90,7 @@ class CallTable:
     prefix_hits: npt.NDArray[np.int64]
     prefix_free_hits: npt.NDArray[np.int64]
     tool_failures: npt.NDArray[np.int64]
+    continues: npt.NDArray[np.int64]
     ready_s: npt.NDArray[np.float64]
     enqueue_s: npt.NDArray[np.float64]
     first_token_s: npt.NDArray[np.float64]

@@ -18,6 +18,8 @@ RETENTION_FIELDS = ("pin_ttl_rule", "pin_ttl_s", "prefix_eviction")
 """The fields a policy may set through its ``retention`` hints (``Engine.apply_retention``)."""
 ADMISSIONS = ("rank", "pick")
 """Values of ``engine.admission`` (see ``EngineConfig.admission``)."""
+BUDGET_RULES = ("workload", "policy")
+"""Values of ``engine.budget_rule`` (see ``EngineConfig.budget_rule``)."""
 
 
 @dataclass
@@ -80,6 +82,22 @@ class EngineConfig:
     """CONFIG options: running-call caps, ascending."""
     config_max_num_batched_tokens: list[int] = field(default_factory=lambda: [2048, 8192])
     """CONFIG options: token budgets per iteration, ascending."""
+    continue_truncated: bool = False
+    """A call stopped by its ``max_tokens`` before its natural end spawns a continuation call that
+    generates the missing tokens: same role and tree, its prompt the stopped call's prompt and
+    output plus ``continuation_prompt_tokens`` of instruction, its budget the workload's, ready
+    one network hop after the stop; the stopped call's tool and children wait for the last
+    continuation, and the children read the whole output. False (the default, vLLM's view): the
+    output is cut at ``max_tokens`` and the run goes on (``RunMetrics.budget_truncations``)."""
+    continuation_prompt_tokens: int = 32
+    """Instruction tokens a continuation adds after the stopped call's output ("continue")."""
+    budget_rule: str = "workload"
+    """A call's ``max_tokens``: workload (as its job says) or policy (a BUDGET decision when the
+    call joins a replica's queue picks a multiplier of the workload's value among
+    ``budget_multipliers``; needs ``continue_truncated``, so that a tight budget has its cost)."""
+    budget_multipliers: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    """budget_rule=policy: the options of a BUDGET decision, multipliers of the workload's
+    ``max_tokens``, strictly ascending and including 1 (the workload's own budget)."""
     fast_forward: bool = True
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
     backend: str = "sim"
@@ -132,6 +150,22 @@ class EngineConfig:
                 f"(0 = release now), got {self.retain_ttls_s!r}"
             )
         _check_number("engine.config_every_s", self.config_every_s)
+        _check_int("engine.continuation_prompt_tokens", self.continuation_prompt_tokens, minimum=1)
+        if self.budget_rule not in BUDGET_RULES:
+            raise ValueError(f"engine.budget_rule must be one of {BUDGET_RULES}, got {self.budget_rule!r}")
+        if self.budget_rule == "policy" and not self.continue_truncated:
+            raise ValueError(
+                "engine.budget_rule=policy needs engine.continue_truncated=true: without continuations a "
+                "tight budget would only shorten outputs, for free"
+            )
+        multipliers = list(self.budget_multipliers)
+        for i, value in enumerate(multipliers):
+            _check_number(f"engine.budget_multipliers[{i}]", value, positive=True)
+        if 1.0 not in multipliers or any(b <= a for a, b in zip(multipliers, multipliers[1:], strict=False)):
+            raise ValueError(
+                "engine.budget_multipliers must be a strictly ascending list of positive multipliers of "
+                f"the workload's max_tokens that includes 1, got {self.budget_multipliers!r}"
+            )
         for name in ("config_max_num_seqs", "config_max_num_batched_tokens"):
             values = list(getattr(self, name))
             for i, value in enumerate(values):

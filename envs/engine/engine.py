@@ -32,7 +32,9 @@ from servegym.envs.engine.calls import TERMINAL, CallState, CallTable
 from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineConfig
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import (
+    budget_decision,
     candidate_decision,
+    budget_options,
     config_decision,
     config_options,
     retain_decision,
@@ -108,7 +110,10 @@ class Engine:
         self.jobs: list[Job] | JobLog = JobLog(source) if self.streaming else []
         self.job_table = JobTable()
         self.stats = OnlineStats()  # what features may learn from (nothing privileged)
-        self.trees = Trees(self.calls, self.jobs, self.job_table, self.stats, self.cluster, self._keys)
+        continuation = self.config.continuation_prompt_tokens if self.config.continue_truncated else None
+        self.trees = Trees(
+            self.calls, self.jobs, self.job_table, self.stats, self.cluster, self._keys, continuation
+        )
         self.retention = Retention(self.trees, self._retain_decision)
         self.num_jobs_finished = 0  # trees whose every call is terminal (finished or rejected)
         self.rejections: list[tuple[str, int, str]] = []  # (job id, call index, reason)
@@ -309,7 +314,9 @@ class Engine:
             return
         self.trees.resolve_prompt(call)
         spec = self.trees.spec(call)
-        eligible, reason = eligible_replicas(self.replicas, spec, int(calls.prompt_tokens[call]))
+        eligible, reason = eligible_replicas(
+            self.replicas, spec, int(calls.prompt_tokens[call]), spec.max_tokens
+        )
         if reason is not None:
             self._reject(call, reason)
             return
@@ -322,6 +329,8 @@ class Engine:
             target = int(allowed[np.argmax(scores[allowed])])  # ties and -inf: first eligible
         replica = self.replicas[target]
         self._cut_run(replica)  # the new call is scheduled when stepping would schedule it
+        if self.config.budget_rule == "policy" and calls.continues[call] < 0:
+            yield from self._budget(replica, call, spec.max_tokens)
         self.trees.observe_tools(call)
         self._backlog(call, +1)
         calls.replica[call] = target
@@ -432,9 +441,11 @@ class Engine:
         """The run ended: its calls that reached their stop finish, in batch order, each
         releasing its KV first (``Retention.release``; a RETAIN decision when
         ``pin_ttl_rule=policy``), a pin's expiry scheduled here."""
-        calls, ids = self.calls, batch.calls
+        calls, ids, trees = self.calls, batch.calls, self.trees
         done = ids[calls.num_output[ids] >= calls.target_tokens[ids]]
         for call in done.tolist():
+            if trees.needs_continuation(call):  # first: its children and tool pass to the continuation
+                trees.continue_call(call, self.now_s)
             ttl_s = yield from self.retention.release(replica, call)  # asked while it holds slot and KV
             if ttl_s is not None:
                 self._push(self.now_s + ttl_s, EventKind.UNPIN, call, replica.index)
@@ -446,6 +457,20 @@ class Engine:
     def _retain_decision(self, replica: Replica, call: int, children: int, pin_blocks: int) -> Decision:
         self._sync_all()
         return retain_decision(self, replica, call, children, pin_blocks)
+
+    # ------------------------------------------------------------------ token budgets (BUDGET)
+    def _budget(self, replica: Replica, call: int, workload_max_tokens: int) -> Generator[Decision, np.ndarray, None]:
+        """``budget_rule=policy``: the call's ``max_tokens``, a BUDGET decision among the
+        multiples of its workload budget that the replica's KV cache can hold with its prompt."""
+        calls = self.calls
+        budgets = budget_options(replica.config, workload_max_tokens)
+        fits = int(calls.prompt_tokens[call]) + budgets <= replica.capacity_tokens
+        self._sync_all()
+        scores = yield budget_decision(self, replica, call, budgets, fits)
+        allowed = np.flatnonzero(fits)  # never empty: the workload's own budget fits (routing checked it)
+        budget = int(budgets[allowed[np.argmax(scores[allowed])]])
+        calls.max_tokens[call] = budget
+        calls.target_tokens[call] = min(int(calls.true_output_tokens[call]), budget)
 
     # ------------------------------------------------------------------ batching (CONFIG)
     def _configure(self, replica: Replica) -> Generator[Decision, np.ndarray, None]:

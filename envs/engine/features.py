@@ -10,7 +10,16 @@ import numpy as np
 
 from servegym.envs.engine.calls import CallState
 from servegym.envs.engine.policy import Decision, DecisionKind
-from servegym.envs.engine.schema import CANDIDATE, CONFIG, GLOBAL, PRIVILEGED, RETAIN, ROUTE, ScaleContext
+from servegym.envs.engine.schema import (
+    BUDGET,
+    CANDIDATE,
+    CONFIG,
+    GLOBAL,
+    PRIVILEGED,
+    RETAIN,
+    ROUTE,
+    ScaleContext,
+)
 from servegym.envs.workloads.job import KNOWN_ROLES
 
 if TYPE_CHECKING:
@@ -94,15 +103,18 @@ def tree_state(engine: Engine, jobs: np.ndarray) -> np.ndarray:
 
     Computed when a decision is built, not kept up to date on every transition: a job's calls
     hold consecutive ids (``_arrive``), so one gather over the distinct trees' id ranges and one
-    bincount give every count, with no per-tree Python loop on the hot path."""
-    calls = engine.calls
+    bincount give every count, with no per-tree Python loop on the hot path (only trees that grew
+    continuations, whose ids lie past their range, are listed one by one)."""
+    calls, table = engine.calls, engine.job_table
     trees, row_tree = np.unique(jobs, return_inverse=True)
     n = len(trees)
-    first_call = engine.job_table.first_call
-    first = np.fromiter((first_call[j] for j in trees.tolist()), np.int64, n)
-    sizes = engine.job_table.num_calls[trees]
+    sizes = table.num_calls[trees]
     starts = np.cumsum(sizes) - sizes  # where each tree's range starts in the gather
-    ids = np.repeat(first - starts, sizes) + np.arange(int(sizes.sum()))
+    if table.num_extra[trees].any():
+        ids = np.fromiter((c for j in trees.tolist() for c in table.call_ids(j)), np.int64, int(sizes.sum()))
+    else:
+        first = np.fromiter((table.first_call[j] for j in trees.tolist()), np.int64, n)
+        ids = np.repeat(first - starts, sizes) + np.arange(int(sizes.sum()))
     group = np.repeat(np.arange(n), sizes)
     category = _CATEGORY[calls.state[ids]]
     category -= (category == 3) & (calls.pending_parents[ids] > 0)
@@ -325,6 +337,54 @@ def config_decision(
     return _menu_decision(engine, replica, DecisionKind.CONFIG, features, privileged)
 
 
+def budget_options(config: EngineConfig, workload_max_tokens: int) -> np.ndarray:
+    """The max_tokens options of a BUDGET decision: ``budget_multipliers`` times the call's
+    workload budget, rounded, at least 1 (int64, ascending)."""
+    multipliers = np.asarray(config.budget_multipliers, dtype=np.float64)
+    return np.maximum(np.rint(multipliers * workload_max_tokens), 1).astype(np.int64)
+
+
+def budget_decision(
+    engine: Engine, replica: Replica, call: int, budgets: np.ndarray, fits: np.ndarray
+) -> Decision:
+    """Rows are the ``budgets`` for ``call``, which joins ``replica``'s queue; ``fits`` (the
+    mask) says which the replica's KV cache holds with the call's prompt."""
+    calls, config = engine.calls, replica.config
+    role, job = int(calls.role[call]), int(calls.job[call])
+    predicted = float(predicted_output_tokens(engine, np.array([call]))[0])
+    prompt = int(calls.prompt_tokens[call])
+    children = engine.job_table.children[job]
+    assert children is not None  # the tree is live
+    bs = config.block_size
+    raw = {
+        "multiplier": np.asarray(config.budget_multipliers, dtype=np.float64),
+        "is_workload": np.asarray(config.budget_multipliers) == 1.0,
+        "max_tokens_log": budgets,
+        "over_predicted": np.minimum(budgets / max(predicted, 1.0), 8.0),
+        "budget_blocks_frac": -(-(prompt + budgets) // bs),
+        "predicted_output_log": predicted,
+        "outputs_seen_log": engine.stats.role_output_stats.get(role, [0.0, 0.0])[1],
+        "prompt_tokens_log": prompt,
+        "children_log": len(children[int(calls.call_in_job[call])]),
+        "role_id": role,
+        "depth": calls.depth[call],
+        "tree_age_s": engine.now_s - engine.job_table.arrival_s[job],
+        "tree_predicted_left_log": tree_state(engine, np.array([job]))[0, _PREDICTED_LEFT],
+    }
+    truth = {"true_remaining_output_tokens": float(calls.true_output_tokens[call]), "true_tool_latency_s": 0.0}
+    context, rows = _context(engine, replica), len(budgets)
+    decision = _menu_decision(
+        engine,
+        replica,
+        DecisionKind.BUDGET,
+        BUDGET.encode(raw, context, rows),
+        PRIVILEGED.encode(truth, context, rows),
+        call,
+    )
+    decision.mask = np.asarray(fits, dtype=bool)
+    return decision
+
+
 def _menu_decision(
     engine: Engine,
     replica: Replica,
@@ -333,7 +393,7 @@ def _menu_decision(
     privileged: np.ndarray,
     call: int = -1,
 ) -> Decision:
-    """A decision among a fixed menu of options (RETAIN's TTLs, CONFIG's caps): candidates are
+    """A decision among a fixed menu of options (RETAIN's TTLs, CONFIG's caps, BUDGET's budgets): candidates are
     the option indices, every option is allowed, and the global features are the replica's
     with its whole token budget (no iteration is being scheduled)."""
     rows = len(features)
@@ -352,6 +412,8 @@ def _menu_decision(
 
 __all__ = [
     "TREE_STATE_COLUMNS",
+    "budget_decision",
+    "budget_options",
     "candidate_decision",
     "config_decision",
     "config_options",

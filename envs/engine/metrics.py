@@ -116,6 +116,8 @@ class RunMetrics:
     call_depth_max: int  # deepest call (0: single-call trees); the levels are 0..call_depth_max
     # Faults (ClusterConfig.tool_failure_prob, network_jitter_s), over finished calls:
     tool_failures: int  # failed tool attempts (each held its tree for tool_timeout_s)
+    # Budgets (EngineConfig.continue_truncated, budget_rule):
+    continuations: int  # continuation calls finished (each resumed an output its budget had cut)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +197,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         first_rejection=_first_rejection(engine),
         **_inflation(engine, done_jobs),
         tool_failures=int(calls.tool_failures[:n][finished].sum()),
+        continuations=int((finished & (calls.continues[:n] >= 0)).sum()),
     )
 
 

@@ -27,6 +27,12 @@ a global feature vector, and a validity mask. A policy answers with one score pe
   ``CONFIG_FEATURES``, ``candidates`` their indices): the grid ``config_max_num_seqs`` x
   ``config_max_num_batched_tokens``, plus the current pair last when it is off the grid. The
   highest score is taken and holds until the next CONFIG decision.
+* ``BUDGET`` (with ``EngineConfig.budget_rule="policy"``): a ready call joins a replica's queue
+  and needs its ``max_tokens``. Candidates are the options (rows of ``BUDGET_FEATURES``,
+  ``candidates`` their indices): ``budget_multipliers`` times the call's workload budget; the
+  mask allows those whose prompt plus budget the replica's KV cache holds. The highest allowed
+  score is taken. A call stopped by its budget before its natural end spawns a continuation
+  (``EngineConfig.continue_truncated``, which this rule needs), which asks no BUDGET decision.
 
 The columns of every table (candidates, globals, routes, retention options, privileged truth),
 their order, scale and meaning are declared once in ``servegym.envs.engine.schema``; the name
@@ -41,7 +47,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from servegym.envs.engine.schema import CANDIDATE, CONFIG, GLOBAL, PRIVILEGED, RETAIN, ROUTE
+from servegym.envs.engine.schema import BUDGET, CANDIDATE, CONFIG, GLOBAL, PRIVILEGED, RETAIN, ROUTE
 
 CANDIDATE_FEATURES: tuple[str, ...] = CANDIDATE.names
 PRIVILEGED_FEATURES: tuple[str, ...] = PRIVILEGED.names
@@ -49,6 +55,7 @@ GLOBAL_FEATURES: tuple[str, ...] = GLOBAL.names
 ROUTE_FEATURES: tuple[str, ...] = ROUTE.names
 RETAIN_FEATURES: tuple[str, ...] = RETAIN.names
 CONFIG_FEATURES: tuple[str, ...] = CONFIG.names
+BUDGET_FEATURES: tuple[str, ...] = BUDGET.names
 
 
 def column(name: str, schema: tuple[str, ...] = CANDIDATE_FEATURES) -> int:
@@ -65,6 +72,7 @@ class DecisionKind(IntEnum):
     ROUTE = 2
     RETAIN = 3
     CONFIG = 4
+    BUDGET = 5
 
 
 @dataclass
@@ -72,13 +80,13 @@ class Decision:
     """A choice the engine needs made. Rows of ``features`` align with ``candidates``."""
 
     kind: DecisionKind
-    replica: int  # deciding replica (ORDER/EVICT/RETAIN/CONFIG) or -1 (ROUTE)
-    candidates: np.ndarray  # (K,) int64: call ids, replica ids (ROUTE), option indices (RETAIN, CONFIG)
+    replica: int  # deciding replica (ORDER/EVICT/RETAIN/CONFIG/BUDGET) or -1 (ROUTE)
+    candidates: np.ndarray  # (K,) int64: call ids, replica ids (ROUTE), option indices (RETAIN, CONFIG, BUDGET)
     features: np.ndarray  # (K, F) float32
     privileged: np.ndarray  # (K, P) float32; never part of an RL observation
     global_features: np.ndarray  # (G,) float32
     mask: np.ndarray  # (K,) bool: candidates the engine may accept
-    call: int = -1  # ROUTE: the call being routed; RETAIN: the call that finished
+    call: int = -1  # ROUTE: the call being routed; RETAIN: the call that finished; BUDGET: the call
     now_s: float = 0.0
     stop: bool = False  # pick-next ORDER: the answer may carry a STOP score (see ``pick``)
 
@@ -155,10 +163,15 @@ def release_scores(decision: Decision) -> np.ndarray:
     return -decision.features[:, RETAIN_FEATURES.index("ttl_s")].astype(np.float64)
 
 
+def workload_budget_scores(decision: Decision) -> np.ndarray:
+    """BUDGET as the workload says: its own ``max_tokens`` (multiplier 1) scores highest."""
+    return decision.features[:, BUDGET_FEATURES.index("is_workload")].astype(np.float64)
+
+
 class DefaultPolicy:
     """What vLLM does when nobody else decides: FCFS admission, the newest running call
     preempted, round-robin routing, a finished call's KV released to the prefix cache, the
-    configured cap and budget kept. The envs
+    configured cap and budget kept, each call's max_tokens as its workload sets it. The envs
     answer the decisions an agent does not own with it; ``servegym.agents.policies.heuristics.FCFS`` is
     the same policy as a named baseline."""
 
@@ -172,4 +185,6 @@ class DefaultPolicy:
             return release_scores(decision)
         if decision.kind == DecisionKind.CONFIG:
             return keep_config_scores(decision)
+        if decision.kind == DecisionKind.BUDGET:
+            return workload_budget_scores(decision)
         return fcfs_scores(decision)

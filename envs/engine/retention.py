@@ -130,24 +130,22 @@ class Retention:
         """The call's children and, from the tree's known structure, how many of its leading
         tokens the children's prompts repeat (the most over children) and how many its first
         segment (a role's system prompt, shared across trees) covers."""
-        calls = self.calls
+        calls, trees = self.calls, self.trees
         job_index = int(calls.job[call])
-        job = self.trees.jobs[job_index]
-        spec = job.calls[int(calls.call_in_job[call])]
+        spec = trees.spec(call)
         lengths = [n for _, n in calls.segments[call]] + [int(calls.num_output[call])]
         own = (*spec.prompt, Output(spec.call_id))
-        tree_children = self.trees.table.children[job_index]
+        tree_children = trees.table.children[job_index]
         assert tree_children is not None  # released only once every call of the tree is terminal
-        children = tree_children[spec.call_id]
+        children = [trees.call_id(job_index, c) for c in tree_children[spec.call_id]]
         reuse = 0
         for child in children:
-            prompt = job.calls[child].prompt
+            prompt = trees.spec(child).prompt
             shared = 0
             while shared < min(len(own), len(prompt)) and own[shared] == prompt[shared]:
                 shared += 1
             reuse = max(reuse, sum(lengths[:shared]))
-        base = self.trees.table.first_call[job_index]
-        return [base + c for c in children], reuse, lengths[0] if spec.prompt else 0
+        return children, reuse, lengths[0] if spec.prompt else 0
 
     def _pin_ttl_s(
         self, replica: Replica, call: int, children: int, reuse_blocks: int

@@ -63,11 +63,11 @@ def _num_gpu_blocks(index: int, profile: ModelProfile, config: EngineConfig) -> 
 
 
 def eligible_replicas(
-    replicas: list[Replica], spec: Call, prompt_tokens: int
+    replicas: list[Replica], spec: Call, prompt_tokens: int, max_tokens: int
 ) -> tuple[np.ndarray, str | None]:
     """Which replicas can take a ready call: those that serve its model and whose KV cache holds
     its prompt plus ``max_tokens``; with none, also the reason the call must be rejected."""
-    need_tokens = prompt_tokens + spec.max_tokens
+    need_tokens = prompt_tokens + max_tokens
     serves = np.array([spec.model in (None, r.profile.name, r.profile.model) for r in replicas])
     fits = np.array([need_tokens <= r.capacity_tokens for r in replicas])
     eligible = serves & fits
@@ -77,7 +77,7 @@ def eligible_replicas(
         return eligible, f"no replica serves model {spec.model!r}"
     largest = max(r.capacity_tokens for r, ok in zip(replicas, serves, strict=True) if ok)
     return eligible, (
-        f"prompt {prompt_tokens} + max_tokens {spec.max_tokens} tokens exceeds the KV cache "
+        f"prompt {prompt_tokens} + max_tokens {max_tokens} tokens exceeds the KV cache "
         f"({largest} tokens) of every replica serving it"
     )
 

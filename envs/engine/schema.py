@@ -23,11 +23,11 @@ from enum import Enum
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 5
+FEATURE_SCHEMA_VERSION = 6
 """v2 added predicted_output_log and pinned_prefix_frac; v3 the tree-state columns (tree_ready_log
 to tree_depth_left) and the global free_slots_frac; v4 the RETAIN decision kind (its one-hot in
 the global observation) and its option table ``RETAIN``; v5 the CONFIG decision kind and its
-option table ``CONFIG``. Bump it whenever a column's name, order,
+option table ``CONFIG``; v6 the BUDGET decision kind and its option table ``BUDGET``. Bump it whenever a column's name, order,
 scale or meaning changes: the runtime refuses a sidecar of another version."""
 
 
@@ -346,9 +346,39 @@ CONFIG = Table(
 )
 """One row per option of a CONFIG decision: the grid ``config_max_num_seqs`` x
 ``config_max_num_batched_tokens`` in order, plus the current pair last when it lies off the grid."""
+
+BUDGET = Table(
+    "budget",
+    (
+        # the option
+        Feature("multiplier", Scale.AS_IS, "the option's multiple of the call's workload budget", "", _X),
+        Feature("is_workload", Scale.AS_IS, "1 for the workload's own budget (multiplier 1)", "", _X),
+        Feature("max_tokens_log", Scale.LOG1P, "the option's max_tokens", "", _X),
+        Feature("over_predicted", Scale.AS_IS,
+                "max_tokens / the predicted output (as predicted_output_log), at most 8: below 1 a "
+                "continuation is likely", "", _X),
+        Feature("budget_blocks_frac", Scale.BLOCKS, "blocks the call holds at its budget: prompt + max_tokens",
+                "", _X),
+        # the call
+        Feature("predicted_output_log", Scale.LOG1P,
+                "as the candidate column: mean whole output (continuations included) of its role and tenant's "
+                "finished calls, else of its role, else its workload budget", "", _X),
+        Feature("outputs_seen_log", Scale.LOG1P, "finished outputs observed for its role: how much the "
+                "prediction is worth", "", _X),
+        Feature("prompt_tokens_log", Scale.LOG1P, "its prompt tokens", "", _X),
+        Feature("children_log", Scale.LOG1P, "calls of its tree that wait for its output", "", _X),
+        Feature("role_id", Scale.AS_IS, "its role id", "", _X),
+        Feature("depth", Scale.AS_IS, "its depth", "", _X),
+        Feature("tree_age_s", Scale.TIME, "time since its job arrived", "", _X),
+        Feature("tree_predicted_left_log", Scale.LOG1P,
+                "as the candidate column: predicted output left in its tree", "", _X),
+    ),
+)
+"""One row per option of ``EngineConfig.budget_multipliers`` of a BUDGET decision; the oracle's
+truth is the privileged ``true_remaining_output_tokens`` (the call's whole output) of every row."""
 # fmt: on
 
-TABLES: tuple[Table, ...] = (CANDIDATE, PRIVILEGED, GLOBAL, ROUTE, RETAIN, CONFIG)
+TABLES: tuple[Table, ...] = (CANDIDATE, PRIVILEGED, GLOBAL, ROUTE, RETAIN, CONFIG, BUDGET)
 
 
 def markdown(table: Table) -> str:
@@ -368,6 +398,7 @@ if __name__ == "__main__":
         print(f"\n## {table.name}\n\n{markdown(table)}")
 
 __all__ = [
+    "BUDGET",
     "CANDIDATE",
     "CONFIG",
     "FEATURE_SCHEMA_VERSION",

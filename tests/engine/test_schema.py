@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from servegym.envs.engine.policy import (
+    BUDGET_FEATURES,
     CANDIDATE_FEATURES,
     CONFIG_FEATURES,
     GLOBAL_FEATURES,
@@ -87,6 +88,7 @@ def test_the_name_tuples_everyone_imports_are_the_schema() -> None:
         ROUTE_FEATURES,
         RETAIN_FEATURES,
         CONFIG_FEATURES,
+        BUDGET_FEATURES,
     ]
     for table in TABLES:
         for feature in table.features:
