@@ -5,7 +5,8 @@ exactly the same table in training and in deployment. Numpy only.
 * ``observe``: the Dict observation: ``global`` = the decision's global features and a one-hot
   of its kind; ``candidates`` = the first K feature rows of an ORDER/EVICT decision,
   zero-padded; ``mask`` = 1 for real rows. Routing-v0 shows ``replicas`` (ROUTE rows),
-  Retention-v0 ``options`` (RETAIN rows), Config-v0 ``configs`` (CONFIG rows), in place of
+  Retention-v0 ``options`` (RETAIN rows), Config-v0 ``configs`` (CONFIG rows), Budget-v0
+  ``budgets`` (BUDGET rows), in place of
   ``candidates``.
 * ``slot_scores``: a (K,) score action back to one score per candidate. Scores are clipped to
   [-1, 1] (``ClipAction`` semantics; NaN is an error); candidates beyond K rank after every
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from servegym.envs.engine.policy import (
+    BUDGET_FEATURES,
     CANDIDATE_FEATURES,
     CONFIG_FEATURES,
     GLOBAL_FEATURES,
@@ -43,6 +45,7 @@ TABLE_FEATURES = {
     "replicas": ROUTE_FEATURES,
     "options": RETAIN_FEATURES,
     "configs": CONFIG_FEATURES,
+    "budgets": BUDGET_FEATURES,
 }
 """The columns of each slot table an observation may hold."""
 
@@ -78,7 +81,7 @@ def replica_table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.
 
 
 def _menu_table(kind: DecisionKind, columns: tuple[str, ...], menu: str) -> Any:
-    """A table builder for a decision whose rows are a fixed menu of options (RETAIN, CONFIG):
+    """A table builder for a decision whose rows are a fixed menu of options (RETAIN, CONFIG, BUDGET):
     (rows, len(columns)) option rows and their mask, zeros for any other decision."""
 
     def table(decision: Decision | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +108,8 @@ config_table = _menu_table(
     "engine.config_max_num_seqs and engine.config_max_num_batched_tokens",
 )
 """(rows, len(CONFIG_FEATURES)) option rows of a CONFIG decision and their mask."""
+budget_table = _menu_table(DecisionKind.BUDGET, BUDGET_FEATURES, "engine.budget_multipliers")
+"""(rows, len(BUDGET_FEATURES)) option rows of a BUDGET decision and their mask."""
 
 
 def observe(decision: Decision | None, max_candidates: int) -> dict[str, np.ndarray]:
@@ -152,6 +157,8 @@ observe_options = _menu_only("options", option_table)
 """The Retention-v0 observation: global, ``options`` (O, len(RETAIN_FEATURES)), their mask."""
 observe_configs = _menu_only("configs", config_table)
 """The Config-v0 observation: global, ``configs`` (O, len(CONFIG_FEATURES)), their mask."""
+observe_budgets = _menu_only("budgets", budget_table)
+"""The Budget-v0 observation: global, ``budgets`` (O, len(BUDGET_FEATURES)), their mask."""
 
 
 observe_serving = _with_candidates("replicas", replica_table, DecisionKind.ROUTE)
@@ -167,9 +174,10 @@ LAYOUTS = {
     ("options",): observe_options,
     ("candidates", "options"): observe_pick_retain,
     ("configs",): observe_configs,
+    ("budgets",): observe_budgets,
 }
 """Observation builder per set of slot tables (Scheduling/Eviction, Routing, Serving, Retention,
-PickRetain, Config)."""
+PickRetain, Config, Budget)."""
 
 
 def observation_layout(keys: Any) -> tuple[str, ...]:
@@ -261,10 +269,12 @@ __all__ = [
     "observation_layout",
     "observe",
     "observe_configs",
+    "observe_budgets",
     "observe_options",
     "observe_pick_retain",
     "observe_replicas",
     "config_table",
+    "budget_table",
     "option_table",
     "observe_serving",
     "pick_scores",

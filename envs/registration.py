@@ -29,6 +29,7 @@ ENTRY_POINTS: dict[str, str] = {
     "servegym/Retention-v0": "servegym.envs.retention_env:RetentionEnv",
     "servegym/PickRetain-v0": "servegym.envs.pick_env:PickRetainEnv",
     "servegym/Config-v0": "servegym.envs.config_env:ConfigEnv",
+    "servegym/Budget-v0": "servegym.envs.budget_env:BudgetEnv",
 }
 """Each env id and the ``module:Class`` gymnasium imports when the id is first made."""
 ENV_IDS = tuple(ENTRY_POINTS)

@@ -159,7 +159,7 @@ def _bar(owned: int, cached: int, total: int, width: int = 20) -> str:
 def _call_line(engine: Engine, call: int) -> str:
     calls = engine.calls
     job = engine.jobs[int(calls.job[call])]
-    role = job.calls[int(calls.call_in_job[call])].role
+    role = engine.trees.spec(call).role  # a continuation's call lies past its job's calls
     return (
         f"{job.job_id}/c{int(calls.call_in_job[call])} {role:10s} prompt {int(calls.prompt_tokens[call])} "
         f"out {int(calls.num_output[call])}/{int(calls.max_tokens[call])} blocks {int(calls.num_held_blocks[call])}"

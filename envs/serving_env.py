@@ -42,6 +42,7 @@ KIND_NAMES = {
     "route": DecisionKind.ROUTE,
     "retain": DecisionKind.RETAIN,
     "config": DecisionKind.CONFIG,
+    "budget": DecisionKind.BUDGET,
 }
 
 

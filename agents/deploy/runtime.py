@@ -10,7 +10,7 @@ reproduces the trained one. ``OnnxPolicy`` is that wrapper over a ``ScoreRuntime
 Sidecar (JSON, written by ``servegym.agents.deploy.export``): ``format`` (this module's
 ``SIDECAR_FORMAT``), ``feature_schema_version``, ``layout`` (the slot tables of the env it was
 trained on: ``["candidates"]`` for Scheduling/Eviction, ``["replicas"]`` for Routing, both for
-Serving, ``["options"]`` for Retention, ``["configs"]`` for Config), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
+Serving, ``["options"]`` for Retention, ``["configs"]`` for Config, ``["budgets"]`` for Budget), ``slot_features`` (the columns of the ONNX input ``candidates``: the layout's tables
 side by side, replica columns prefixed ``replica.``), ``candidate_features`` and
 ``global_features`` (names, in column order), ``normalisation``, ``action`` (``type``: ``scores`` — Box scores,
 clipped to [-1, 1], admission in descending order and eviction of the lowest — or ``logits``
@@ -66,7 +66,13 @@ GLOBAL_COLUMNS = (*GLOBAL_FEATURES, *(f"kind_{kind.name.lower()}" for kind in De
 def slot_columns(layout: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The per-slot columns a policy of this layout reads, in order (replica and option columns
     prefixed)."""
-    prefix = {"candidates": "", "replicas": "replica.", "options": "option.", "configs": "config."}
+    prefix = {
+        "candidates": "",
+        "replicas": "replica.",
+        "options": "option.",
+        "configs": "config.",
+        "budgets": "budget.",
+    }
     return tuple(prefix[table] + name for table in layout for name in TABLE_FEATURES[table])
 
 

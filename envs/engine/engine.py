@@ -33,8 +33,8 @@ from servegym.envs.engine.config import RETENTION_FIELDS, ClusterConfig, EngineC
 from servegym.envs.engine.cost_model import ModelProfile, load_profile
 from servegym.envs.engine.features import (
     budget_decision,
-    candidate_decision,
     budget_options,
+    candidate_decision,
     config_decision,
     config_options,
     retain_decision,
@@ -459,7 +459,9 @@ class Engine:
         return retain_decision(self, replica, call, children, pin_blocks)
 
     # ------------------------------------------------------------------ token budgets (BUDGET)
-    def _budget(self, replica: Replica, call: int, workload_max_tokens: int) -> Generator[Decision, np.ndarray, None]:
+    def _budget(
+        self, replica: Replica, call: int, workload_max_tokens: int
+    ) -> Generator[Decision, np.ndarray, None]:
         """``budget_rule=policy``: the call's ``max_tokens``, a BUDGET decision among the
         multiples of its workload budget that the replica's KV cache can hold with its prompt."""
         calls = self.calls

@@ -371,7 +371,10 @@ def budget_decision(
         "tree_age_s": engine.now_s - engine.job_table.arrival_s[job],
         "tree_predicted_left_log": tree_state(engine, np.array([job]))[0, _PREDICTED_LEFT],
     }
-    truth = {"true_remaining_output_tokens": float(calls.true_output_tokens[call]), "true_tool_latency_s": 0.0}
+    truth = {
+        "true_remaining_output_tokens": float(calls.true_output_tokens[call]),
+        "true_tool_latency_s": 0.0,
+    }
     context, rows = _context(engine, replica), len(budgets)
     decision = _menu_decision(
         engine,

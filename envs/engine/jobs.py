@@ -204,7 +204,11 @@ class Trees:
         calls = self.calls
         index, position = int(calls.job[call]), int(calls.call_in_job[call])
         job_calls = self.jobs[index].calls
-        return job_calls[position] if position < len(job_calls) else self.extra_specs[index][position - len(job_calls)]
+        return (
+            job_calls[position]
+            if position < len(job_calls)
+            else self.extra_specs[index][position - len(job_calls)]
+        )
 
     def call_id(self, index: int, position: int) -> int:
         """The engine id of call ``position`` of job ``index`` (a continuation's past its job's calls)."""

@@ -81,7 +81,9 @@ class Decision:
 
     kind: DecisionKind
     replica: int  # deciding replica (ORDER/EVICT/RETAIN/CONFIG/BUDGET) or -1 (ROUTE)
-    candidates: np.ndarray  # (K,) int64: call ids, replica ids (ROUTE), option indices (RETAIN, CONFIG, BUDGET)
+    candidates: (
+        np.ndarray
+    )  # (K,) int64: call ids, replica ids (ROUTE), option indices (RETAIN, CONFIG, BUDGET)
     features: np.ndarray  # (K, F) float32
     privileged: np.ndarray  # (K, P) float32; never part of an RL observation
     global_features: np.ndarray  # (G,) float32

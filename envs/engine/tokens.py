@@ -3,14 +3,20 @@
 A ``Text(key, n)`` segment holds ``n`` ids that depend only on ``key`` (a stable hash, never
 Python's salted ``hash()``), and token ``i`` does not depend on ``n``. So equal keys give equal
 tokens and equal block hashes in the prefix cache mean equal KV contents. An ``Output(call)``
-segment holds the tokens that call generated (greedy, from the model), recorded here.
+segment holds the tokens that call generated (greedy, from the model), recorded here; when a
+continuation resumed that call's output (``EngineConfig.continue_truncated``), the segment runs on
+into the continuation's tokens (the call table's ``continues`` column links them).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from servegym.envs.engine.calls import CallTable
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -52,12 +58,27 @@ class TokenStore:
         self._text: dict[int, np.ndarray] = {}  # key id -> longest prefix built so far
         self.outputs: dict[int, list[int]] = {}  # call id -> generated token ids
         self._prompts: dict[int, np.ndarray] = {}  # call id -> prompt token ids
+        self.calls: CallTable | None = None  # the engine's calls: which continuation resumed an output
 
-    def bind(self, keys: dict[str, int]) -> None:
-        """Read content keys from this engine table (called once the engine exists)."""
+    def bind(self, keys: dict[str, int], calls: CallTable | None = None) -> None:
+        """Read content keys (and continuations) from this engine's tables (called once the engine exists)."""
         if self.keys and self.keys is not keys:
             raise RuntimeError("a TokenStore serves one engine; build a new backend factory per engine")
         self.keys = keys
+        self.calls = calls
+
+    def output(self, call: int, num_tokens: int) -> list[int]:
+        """The first ``num_tokens`` of ``call``'s whole output: its own tokens, then those of the
+        continuations that resumed it, in order."""
+        tokens = self.outputs.get(call, [])
+        calls = self.calls
+        while len(tokens) < num_tokens and calls is not None:
+            after = np.flatnonzero(calls.continues[: calls.size] == call)  # rare: only past a cut
+            if not len(after):
+                break
+            call = int(after[0])
+            tokens = tokens + self.outputs.get(call, [])
+        return tokens[:num_tokens]
 
     def _key_name(self, key_id: int) -> str:
         if key_id >= len(self._names):
@@ -79,14 +100,14 @@ class TokenStore:
             for key_id, length in segments:
                 if key_id >= 0:
                     parts.append(self.text(key_id, length))
-                else:  # Output(source): the tokens the source call generated
-                    source = self.outputs.get(-1 - key_id, [])
+                else:  # Output(source): the tokens the source call (and its continuations) generated
+                    source = self.output(-1 - key_id, length)
                     if len(source) < length:
                         raise RuntimeError(
                             f"call {call}'s prompt reads {length} output tokens of call {-1 - key_id}, "
                             f"which generated only {len(source)}: the backend did not run that call"
                         )
-                    parts.append(np.asarray(source[:length], dtype=np.int64))
+                    parts.append(np.asarray(source, dtype=np.int64))
             ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
             self._prompts[call] = ids
         return ids

@@ -297,7 +297,7 @@ class TorchBackend:
         self.replica = replica
         self.calls = replica.calls
         self.block_size = replica.config.block_size
-        self.tokens.bind(keys)
+        self.tokens.bind(keys, replica.calls)
         self.runner = ModelRunner(
             self.model,
             replica.blocks.num_blocks,

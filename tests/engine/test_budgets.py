@@ -19,7 +19,9 @@ from servegym.envs.workloads.source import FixedJobs
 from servegym.envs.workloads.workload import Workload
 from tests.envs.small import TINY
 
-ENGINE = EngineConfig(profile="tiny_cpu", block_size=4, num_gpu_blocks=400, max_num_seqs=4, continue_truncated=True)
+ENGINE = EngineConfig(
+    profile="tiny_cpu", block_size=4, num_gpu_blocks=400, max_num_seqs=4, continue_truncated=True
+)
 NETWORK_S, TOOL_S = 0.01, 0.5
 
 
@@ -29,7 +31,14 @@ def _two_step_job(output: int = 100, budget: int = 40) -> Job:
         "j0",
         0.0,
         (
-            Call(0, "planner", (Text("sys/planner", 12), Text("j0/q", 9)), output, budget, tool_latency_s=TOOL_S),
+            Call(
+                0,
+                "planner",
+                (Text("sys/planner", 12), Text("j0/q", 9)),
+                output,
+                budget,
+                tool_latency_s=TOOL_S,
+            ),
             Call(1, "worker", (Text("sys/worker", 8), Output(0), Text("j0/tool", 5)), 7, 64, parents=(0,)),
         ),
     )
@@ -110,7 +119,9 @@ def test_a_budget_decision_sets_max_tokens(index: int, calls: int, continuations
     column = BUDGET_FEATURES.index
     np.testing.assert_allclose(first.features[:, column("multiplier")], [0.5, 1.0, 3.0])
     assert first.features[:, column("is_workload")].tolist() == [0, 1, 0]
-    np.testing.assert_allclose(np.expm1(first.features[:, column("max_tokens_log")]), [20, 40, 120], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.expm1(first.features[:, column("max_tokens_log")]), [20, 40, 120], rtol=1e-5
+    )
     assert (first.privileged[:, PRIVILEGED_FEATURES.index("true_remaining_output_tokens")] == 100).all()
     assert engine.calls.size == calls and engine.metrics().continuations == continuations
     assert engine.calls.max_tokens[0] == [20, 40, 120][index]

@@ -27,6 +27,7 @@ from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.engine.features import predicted_output_tokens
 from servegym.envs.engine.metrics import RunMetrics
 from servegym.envs.engine.policy import (
+    BUDGET_FEATURES,
     CANDIDATE_FEATURES,
     CONFIG_FEATURES,
     GLOBAL_FEATURES,
@@ -77,12 +78,14 @@ class Linear:
         self.w_route = rng.normal(size=len(ROUTE_FEATURES))
         self.w_retain = rng.normal(size=len(RETAIN_FEATURES))  # drawn last: w, w_route as before
         self.w_config = rng.normal(size=len(CONFIG_FEATURES))
+        self.w_budget = rng.normal(size=len(BUDGET_FEATURES))
 
     def scores(self, decision: Decision) -> np.ndarray:
         weights = {
             DecisionKind.ROUTE: self.w_route,
             DecisionKind.RETAIN: self.w_retain,
             DecisionKind.CONFIG: self.w_config,
+            DecisionKind.BUDGET: self.w_budget,
         }
         return decision.features.astype(np.float64) @ weights.get(decision.kind, self.w)
 
@@ -176,6 +179,7 @@ class Scenario:
     admission: str = "rank"
     faults: bool = False  # tool failures (retried after a timeout) and network jitter
     config_every_s: float = 0.0  # CONFIG decisions over CONFIG_GRID
+    budgets: bool = False  # continuations of truncated outputs, and BUDGET decisions over BUDGET_MULTIPLIERS
 
 
 @st.composite
@@ -202,28 +206,48 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         prefix_eviction=draw(st.sampled_from(["lru", "workflow"])),
         admission=draw(st.sampled_from(["rank", "rank", "pick"])),
         faults=draw(st.sampled_from([False, False, True])),
-        config_every_s=draw(st.sampled_from([0.0, 0.0, 0.02])),  # drawn last: the others as before
+        config_every_s=draw(st.sampled_from([0.0, 0.0, 0.02])),
+        budgets=draw(st.sampled_from([False, False, True])),  # drawn last: the others as before
     )
 
 
-def largest_call_tokens(source: JobSource) -> int:
-    """Prompt + max_tokens of the largest call (a bound for a closed loop, whose jobs come later)."""
+BUDGET_MULTIPLIERS = [0.25, 1.0, 2.0]
+CONTINUATION_TOKENS = 8
+
+
+def largest_call_tokens(source: JobSource, continued: bool = False) -> int:
+    """Prompt + max_tokens of the largest call (a bound for a closed loop, whose jobs come later).
+    ``continued``: outputs are whole (continuations resume what a budget cut), so prompts read
+    true output lengths, and a chain's last continuation also holds its call's output and one
+    instruction per link (a link makes at least a quarter of the workload budget)."""
     if not isinstance(source, FixedJobs):
         return MAX_CONTEXT_TOKENS
-    return max(job.prompt_tokens(c.call_id) + c.max_tokens for job in source.jobs for c in job.calls)
+    if not continued:
+        return max(job.prompt_tokens(c.call_id) + c.max_tokens for job in source.jobs for c in job.calls)
+    largest = 0
+    for job in source.jobs:
+        for c in job.calls:
+            prompt = sum(
+                seg.num_tokens if isinstance(seg, Text) else job.calls[seg.call].output_tokens
+                for seg in c.prompt
+            )
+            links = 1 + math.ceil(4 * c.output_tokens / c.max_tokens)
+            largest = max(largest, prompt + c.output_tokens + links * CONTINUATION_TOKENS + c.max_tokens)
+    return largest
 
 
 def build(sc: Scenario) -> Engine:
     workload = Workload(
         generator=GENERATORS[sc.generator],
-        arrival=sc.arrival,
+        # budgets: a list of jobs, whose whole outputs bound the cache the run needs
+        arrival="poisson" if sc.budgets and sc.arrival == "closed" else sc.arrival,
         arrival_rate=sc.arrival_rate,
         num_jobs=sc.num_jobs,
         num_users=4,
         think_time_s=0.02,
     )
     source = workload.build(sc.seed)
-    fit_blocks = -(-largest_call_tokens(source) // sc.block_size)  # every call fits alone
+    fit_blocks = -(-largest_call_tokens(source, sc.budgets) // sc.block_size)  # every call fits alone
     block_bytes = load_profile(PROFILE).kv_bytes_per_token * sc.block_size
     config = EngineConfig(
         profile=PROFILE,
@@ -244,6 +268,10 @@ def build(sc: Scenario) -> Engine:
         config_every_s=sc.config_every_s,
         config_max_num_seqs=[2, 4, 256],
         config_max_num_batched_tokens=[16, 8192],
+        continue_truncated=sc.budgets,
+        continuation_prompt_tokens=CONTINUATION_TOKENS,
+        budget_rule="policy" if sc.budgets else "workload",
+        budget_multipliers=BUDGET_MULTIPLIERS,
     )
     faults = FAULTS if sc.faults else {}
     if sc.replicas == "hetero":
@@ -279,6 +307,9 @@ def check_decision(engine: Engine, decision: Decision) -> None:
         return
     if decision.kind == DecisionKind.CONFIG:
         check_config(replica, decision)
+        return
+    if decision.kind == DecisionKind.BUDGET:
+        check_budget(engine, replica, decision)
         return
     assert decision.features.shape == (k, len(CANDIDATE_FEATURES))
     assert decision.features.dtype == np.float32
@@ -341,6 +372,24 @@ def check_retain(engine: Engine, replica, decision: Decision) -> None:
     assert np.allclose(truth, calls.tool_latency_s[call] + engine.cluster.network_delay_s, atol=1e-5)
 
 
+def check_budget(engine: Engine, replica, decision: Decision) -> None:
+    """A BUDGET decision: asked for a workload call (never a continuation) routed to the replica
+    but not queued yet, one row per multiplier, the mask what the replica's cache holds."""
+    calls, call = engine.calls, decision.call
+    assert replica.config.budget_rule == "policy" and calls.continues[call] == -1
+    assert calls.state[call] == CallState.PENDING and call not in replica.waiting
+    multipliers = np.asarray(replica.config.budget_multipliers)
+    assert decision.features.shape == (len(multipliers), len(BUDGET_FEATURES))
+    assert np.allclose(decision.features[:, column("multiplier", BUDGET_FEATURES)], multipliers)
+    budgets = np.expm1(decision.features[:, column("max_tokens_log", BUDGET_FEATURES)].astype(np.float64))
+    workload = engine.trees.spec(call).max_tokens
+    assert np.allclose(budgets, np.maximum(np.rint(multipliers * workload), 1), rtol=1e-5)
+    fits = calls.prompt_tokens[call] + np.rint(budgets) <= replica.capacity_tokens
+    assert (decision.mask == fits).all() and decision.mask[multipliers == 1.0].all()
+    truth = decision.privileged[:, PRIVILEGED_FEATURES.index("true_remaining_output_tokens")]
+    assert (truth == calls.true_output_tokens[call]).all()
+
+
 TREE_STATE = ("tree_ready_log", "tree_running_log", "tree_blocked_log", "tree_tool_paused_log")
 
 
@@ -348,9 +397,7 @@ def check_tree_state(engine: Engine, decision: Decision) -> None:
     """The tree-state columns (schema v3) against a call-by-call count over each row's tree."""
     calls = engine.calls
     for row, call in enumerate(decision.candidates.tolist()):
-        job = int(calls.job[call])
-        first = engine.job_table.first_call[job]
-        tree = range(first, first + int(engine.job_table.num_calls[job]))
+        tree = engine.job_table.call_ids(int(calls.job[call]))
         states = [CallState(int(calls.state[c])) for c in tree]
         counts = (
             sum(s in (CallState.WAITING, CallState.SWAPPED) for s in states),
@@ -387,23 +434,55 @@ def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:
     assert len(jobs) == num_jobs
     assert metrics.jobs_completed + metrics.jobs_failed == num_jobs
     assert metrics.jobs_failed == 0 and metrics.calls_rejected == 0 and engine.rejections == []
-    assert n == sum(len(job.calls) for job in jobs) == metrics.calls_completed
+    trees, continued = engine.trees, engine.config.continue_truncated
+    assert n == sum(len(job.calls) for job in jobs) + metrics.continuations == metrics.calls_completed
     assert (calls.state[:n] == CallState.FINISHED).all()
     # each call finished exactly once: a double finish would overcount its job
-    assert engine.job_table.calls_done[: len(jobs)].tolist() == [len(job.calls) for job in jobs]
+    extra = engine.job_table.num_extra[: len(jobs)]
+    assert engine.job_table.calls_done[: len(jobs)].tolist() == [
+        len(job.calls) + e for job, e in zip(jobs, extra, strict=False)
+    ]
+    assert int(extra.sum()) == metrics.continuations and (continued or metrics.continuations == 0)
     assert not np.isnan(engine.job_table.finish_s[: len(jobs)]).any()
     delay = engine.cluster.network_delay_s
+
+    def chain(call: int) -> list[int]:  # a call and the continuations that resumed its output
+        links = [call]
+        while links[-1] in trees.continued:
+            links.append(trees.continued[links[-1]])
+        return links
+
     for index, job in enumerate(jobs):
         base = engine.job_table.first_call[index]
         for spec in job.calls:
             call = base + spec.call_id
+            links = chain(call)
             assert calls.call_in_job[call] == spec.call_id and calls.job[call] == index
-            assert calls.num_output[call] == calls.target_tokens[call] == spec.generated_tokens
-            assert calls.prompt_tokens[call] == job.prompt_tokens(spec.call_id)
+            # the whole output when truncation is continued (each link to its own stop), else the budget's
+            assert (calls.num_output[links] == calls.target_tokens[links]).all()
+            whole = int(calls.num_output[links].sum())
+            assert whole == (spec.output_tokens if continued else spec.generated_tokens)
+            assert calls.prompt_tokens[call] == sum(
+                seg.num_tokens
+                if isinstance(seg, Text)
+                else int(calls.num_output[chain(base + seg.call)].sum())
+                for seg in spec.prompt
+            )
+            for before, after in zip(
+                links, links[1:], strict=False
+            ):  # a continuation: one hop after the stop
+                assert calls.continues[after] == before and calls.tool_latency_s[before] == 0
+                assert calls.ready_s[after] == calls.finish_s[before] + delay
+                assert calls.prompt_tokens[after] == (
+                    calls.prompt_tokens[before] + calls.num_output[before] + CONTINUATION_TOKENS
+                )
             # the last sampled token is never computed: KV holds prompt + output - 1 tokens
-            assert calls.num_computed[call] == calls.prompt_tokens[call] + calls.num_output[call] - 1
-            # its pause: the tool's latency; with faults, failed attempts' timeouts and jitter too
-            pause, failures = calls.tool_latency_s[call], int(calls.tool_failures[call])
+            assert (
+                calls.num_computed[links] == calls.prompt_tokens[links] + calls.num_output[links] - 1
+            ).all()
+            # its pause (after its last continuation): the tool's latency; with faults, failed
+            # attempts' timeouts and jitter too
+            pause, failures = calls.tool_latency_s[links[-1]], int(calls.tool_failures[links[-1]])
             if not engine.cluster.faults:
                 assert pause == spec.tool_latency_s and failures == 0
             else:
@@ -414,12 +493,14 @@ def check_drained(engine: Engine, metrics: RunMetrics, num_jobs: int) -> None:
                 assert pause >= bare - 1e-12 and (c.network_jitter_s > 0 or pause == bare)
             # ready exactly when the last parent finished, its tool returned and the network crossed
             if spec.parents:
-                release = max(calls.finish_s[base + p] + calls.tool_latency_s[base + p] for p in spec.parents)
+                ends = [chain(base + p)[-1] for p in spec.parents]
+                release = max(calls.finish_s[end] + calls.tool_latency_s[end] for end in ends)
                 assert calls.ready_s[call] == max(job.arrival_s, release) + delay
             else:
                 assert calls.ready_s[call] == job.arrival_s
-            assert calls.ready_s[call] < calls.first_token_s[call] <= calls.finish_s[call]
-        assert engine.job_table.finish_s[index] == max(calls.finish_s[base : base + len(job.calls)])
+            assert (calls.ready_s[links] < calls.first_token_s[links]).all()
+            assert (calls.first_token_s[links] <= calls.finish_s[links]).all()
+        assert engine.job_table.finish_s[index] == max(calls.finish_s[engine.job_table.call_ids(index)])
     for replica in engine.replicas:
         bm = replica.blocks
         bm.check_invariants()
@@ -467,6 +548,7 @@ def test_random_workloads_drain_without_leaks(time_limit, sc: Scenario) -> None:
     check_drained(engine, metrics, sc.num_jobs)
     event(f"preempted: {metrics.preemptions > 0}")
     event(f"swapped: {metrics.swapped_bytes > 0}")
+    event(f"continued: {metrics.continuations > 0}")
 
 
 @given(sc=scenarios())

@@ -216,3 +216,47 @@ def test_kernel_warm_up_writes_nothing() -> None:
     before = runner.kv_cache.clone()
     runner._compile_kernels()
     assert torch.equal(before, runner.kv_cache)
+
+
+def test_continuations_run_on_real_tokens_and_children_read_the_whole_output(time_limit) -> None:
+    """continue_truncated on the torch backend: a continuation's prompt is its stopped call's
+    prompt and generated tokens plus the instruction, a child's Output is the chain's tokens in
+    order, and the cost-model clock still gives the sim's trajectory bit for bit."""
+    cfg = config(continue_truncated=True, continuation_prompt_tokens=3, num_gpu_blocks=96)
+    generator = MapReduce(
+        fan_out=2, system_tokens=16, input_tokens_mean=20.0, tool_tokens_mean=8.0,
+        output_tokens_mean=16.0, max_tokens=6, max_context_tokens=240,
+    )  # fmt: skip
+    jobs = Workload(generator=generator, arrival_rate=1e4, num_jobs=3).build(5)
+    factory = TorchBackendFactory(cfg, device="cpu", timing="cost_model")
+    engine = Engine(jobs, engine=cfg, backend_factory=factory)
+    sim = Engine(
+        Workload(generator=generator, arrival_rate=1e4, num_jobs=3).build(5),
+        engine=replace(cfg, fast_forward=False),
+    )
+    with time_limit(RUN_LIMIT_S):
+        metrics, metrics_sim = engine.run(FCFS()), sim.run(FCFS())
+    engine.check_invariants()
+    assert_all_terminal(engine)
+    assert metrics.continuations > 0 and metrics.jobs_completed == 3
+    assert repr(metrics.as_dict()) == repr(metrics_sim.as_dict())
+    store, calls, trees = factory.tokens, engine.calls, engine.trees
+    checked = 0
+    for call in range(calls.size):
+        source = int(calls.continues[call])
+        prompt = store.prompt(call, calls.segments[call])
+        if source >= 0:  # its stopped call's tokens, then the instruction
+            stopped = np.concatenate([store.prompt(source, calls.segments[source]), store.outputs[source]])
+            assert prompt[: len(stopped)].tolist() == stopped.tolist() and len(prompt) == len(stopped) + 3
+            continue
+        for key, length in calls.segments[call]:
+            if key < 0 and trees.last_of(-1 - key) != -1 - key:  # a continued parent's output
+                chain, link = [], -1 - key
+                while True:
+                    chain += store.outputs[link]
+                    if trees.last_of(link) == link:
+                        break
+                    link = trees.continued[link]
+                assert length == len(chain) and store.output(-1 - key, length) == chain
+                checked += 1
+    assert checked > 0

@@ -71,6 +71,16 @@ def small_kwargs(env_id: str) -> dict[str, Any]:
                 config_max_num_batched_tokens=[64, 8192],
             ),
         )
+    if name == "Budget-v0":  # short ReAct chains with long outputs: budgets cut some, continuations follow
+        return dict(
+            workload=Workload(
+                generator=ReactChain(turns_mean=4.0, **{**TINY, "max_tokens": 16}), arrival_rate=20.0, num_jobs=6
+            ),
+            engine=EngineConfig(
+                profile="tiny_cpu", block_size=4, num_gpu_blocks=400, max_num_seqs=4,
+                continue_truncated=True, budget_rule="policy",
+            ),
+        )  # fmt: skip
     raise KeyError(f"no small setting for {env_id!r}")
 
 
