@@ -745,8 +745,9 @@ class SchedulerAdapter:
         if not set(self.kinds) & {DecisionKind.ORDER, DecisionKind.EVICT}:
             raise ValueError(
                 f"the policy answers {sorted(k.name for k in self.kinds)} decisions only; inside vLLM's "
-                "scheduler servegym makes ORDER and EVICT choices (vLLM has no router or KV pins to "
-                "hand a ROUTE or RETAIN policy), so it would change nothing"
+                "scheduler servegym makes ORDER and EVICT choices (vLLM has no router, KV pins, "
+                "cap changes or continuations to hand a ROUTE, RETAIN, CONFIG or BUDGET policy), "
+                "so it would change nothing"
             )
         self.time_scale_s = time_scale_s
         self.clock = clock if clock is not None else StepClock()

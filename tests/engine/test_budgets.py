@@ -174,3 +174,23 @@ def test_continued_react_trees_drain_with_every_call_once() -> None:
     a, b = run(), run()
     assert a.metrics().continuations > 0 and a.metrics().jobs_completed == 12
     np.testing.assert_array_equal(a.calls.finish_s[: a.calls.size], b.calls.finish_s[: b.calls.size])
+
+
+def test_a_streaming_source_gives_the_list_results_with_continuations() -> None:
+    """A streamed trace drops a finished tree's structure, continuations included, and still
+    gives the list source's trajectory."""
+    from servegym.envs.workloads.source import StreamedJobs
+
+    config = dataclasses.replace(POLICY, budget_multipliers=[0.25, 1.0])
+    jobs = Workload(generator=ReactChain(turns_mean=3.0, **TINY), arrival_rate=6.0, num_jobs=10).build(4).jobs
+
+    def run(source) -> Engine:
+        engine = Engine(source, ClusterConfig(), config)
+        engine.run(Budgets(0))
+        assert_all_terminal(engine)
+        return engine
+
+    listed, streamed = run(FixedJobs(jobs)), run(StreamedJobs(lambda: iter(jobs)))
+    assert listed.metrics().continuations > 0
+    assert repr(listed.metrics().as_dict()) == repr(streamed.metrics().as_dict())
+    assert not streamed.trees.continued and not streamed.trees.extra_specs  # dropped with their trees
