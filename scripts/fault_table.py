@@ -5,7 +5,8 @@
 
 Each fault scenario is a set of ``cluster.*`` overrides (``FAULTS``): none; tool failures (5% of
 tool attempts hang until a 30 s timeout, then retry); one replica of four throttled 10x for 60 s
-(``cluster.slowdowns``). Every policy meets the same faults (they are drawn per call, not per
+(``cluster.slowdowns``); one replica of four down for 60 s (``cluster.outages``: its calls lose
+their KV and are requeued to the other three). Every policy meets the same faults (they are drawn per call, not per
 schedule). Per scenario and policy: mean and p99 tree time over held-out seeds with 95% t
 intervals, and the p99's ratio to the no-fault run of the same policy and seeds (how far the
 fault spreads into the tail). Prints a markdown table; ``--out`` also writes it.
@@ -26,6 +27,7 @@ FAULTS: dict[str, list[str]] = {
     "replica 0 at 1/10 speed, 60-120 s": [
         "cluster.slowdowns=[{replica: 0, start_s: 60, duration_s: 60, factor: 10}]"
     ],
+    "replica 0 down, 60-120 s": ["cluster.outages=[{replica: 0, start_s: 60, duration_s: 60}]"],
 }
 WORLD = [
     "workload=react_long",

@@ -90,6 +90,9 @@ class SwapListener(Protocol):
 
     def swap_out(self, call: int) -> None: ...
     def swap_in(self, call: int, num_hit_blocks: int) -> None: ...
+    def drop(self, call: int) -> None: ...  # a replica outage: its KV and host copy are lost, and
+
+    # so are the tokens of the iteration in flight (the engine never applied them)
 
 
 def make_backend_factory(config: EngineConfig) -> Callable[[ModelProfile], Backend]:

@@ -156,6 +156,7 @@ class BlockManager:
         self.ref_count = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_eviction = prefix_eviction
         self.free_queue: FreeQueue = PREFIX_EVICTION_ORDERS[prefix_eviction](range(num_blocks))
         self.num_cached_free_blocks = 0  # unreferenced blocks that still hold a reusable prefix
         self.num_evictions = 0
@@ -243,6 +244,7 @@ class BlockManager:
 
     def set_eviction_order(self, prefix_eviction: str) -> None:
         """Switch the free queue's order, keeping its blocks (in their current order)."""
+        self.prefix_eviction = prefix_eviction
         queue = PREFIX_EVICTION_ORDERS[prefix_eviction]([])
         hashes = self.block_hash
         blocks = list(self.free_queue)
@@ -286,6 +288,19 @@ class BlockManager:
         self.num_freed_total += len(blocks)
         if released and self.listener is not None:
             self.listener.released(released)
+
+    def drop_cache(self) -> None:
+        """The device lost its memory (a replica outage): every cached prefix is gone. Needs
+        every block unreferenced; the free queue starts over empty-first, as at start."""
+        if len(self.free_queue) != self.num_blocks:
+            raise AssertionError("drop_cache() with blocks still referenced")
+        hashed = [block for block, h in enumerate(self.block_hash) if h is not None]
+        if hashed and self.listener is not None:
+            self.listener.evicted(hashed)
+        self.block_hash = [None] * self.num_blocks
+        self.cached.clear()
+        self.num_cached_free_blocks = 0
+        self.free_queue = PREFIX_EVICTION_ORDERS[self.prefix_eviction](range(self.num_blocks))
 
     def reserve_host(self, num: int) -> bool:
         """Claim host-tier space for a swap-out; False when the tier is full."""

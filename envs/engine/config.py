@@ -224,6 +224,27 @@ class Slowdown:
 
 
 @dataclass
+class Outage:
+    """A window in which a replica is down (``ClusterConfig.outages``): at ``start_s`` it loses
+    what its GPU held (the running and queued calls' KV, its prefix cache, its swap tier and its
+    pins) and takes no call until ``start_s + duration_s``; its calls are requeued to the
+    replicas that are up (nothing is lost, only recomputed)."""
+
+    replica: int = 0
+    start_s: float = 0.0
+    duration_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_int("cluster.outages[].replica", self.replica, minimum=0)
+        _check_number("cluster.outages[].start_s", self.start_s)
+        _check_number("cluster.outages[].duration_s", self.duration_s, positive=True)
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+
+@dataclass
 class ClusterConfig:
     """Replicas (possibly of different model sizes) and the network between them."""
 
@@ -245,6 +266,8 @@ class ClusterConfig:
     model after the timeout and the tree goes on (agent frameworks surface tool errors)."""
     slowdowns: list[Slowdown] = field(default_factory=list)
     """Windows in which a replica runs slower (``Slowdown``); windows of one replica may not overlap."""
+    outages: list[Outage] = field(default_factory=list)
+    """Windows in which a replica is down (``Outage``); windows of one replica may not overlap."""
     fault_seed: int = 0
     """Seed of the fault draws. A call's draws depend only on (fault_seed, its job's index, its
     call index), never on the schedule, so every policy meets the same faults."""
@@ -260,18 +283,20 @@ class ClusterConfig:
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
             raise ValueError(f"cluster.tool_failure_prob must be a probability in [0, 1], got {p!r}")
         self.slowdowns = [s if isinstance(s, Slowdown) else Slowdown(**s) for s in self.slowdowns]
+        self.outages = [o if isinstance(o, Outage) else Outage(**o) for o in self.outages]
         count = len(self.replicas) or self.num_replicas
-        windows = sorted((s.replica, s.start_s, s.end_s) for s in self.slowdowns)
-        for (replica, _, end), (other, start, _) in zip(windows, windows[1:], strict=False):
-            if replica == other and start < end:
-                raise ValueError(
-                    f"cluster.slowdowns: two windows of replica {replica} overlap at {start!r} s"
-                )
-        for replica, _, _ in windows:
-            if replica >= count:
-                raise ValueError(
-                    f"cluster.slowdowns: replica {replica} does not exist (the cluster has {count})"
-                )
+        for name, spans in (("slowdowns", self.slowdowns), ("outages", self.outages)):
+            windows = sorted((s.replica, s.start_s, s.end_s) for s in spans)
+            for (replica, _, end), (other, start, _) in zip(windows, windows[1:], strict=False):
+                if replica == other and start < end:
+                    raise ValueError(
+                        f"cluster.{name}: two windows of replica {replica} overlap at {start!r} s"
+                    )
+            for replica, _, _ in windows:
+                if replica >= count:
+                    raise ValueError(
+                        f"cluster.{name}: replica {replica} does not exist (the cluster has {count})"
+                    )
         if not all(isinstance(name, str) and name for name in self.replicas):
             raise ValueError(f"cluster.replicas must be a list of profile names, got {self.replicas!r}")
 

@@ -1,7 +1,9 @@
 """The cluster engine: one discrete-event virtual clock over replicas, jobs and tools.
 
 Events are job arrivals, calls becoming ready (parents done, tools returned, network crossed),
-replica iterations ending and TTL pins expiring (Continuum; ``EngineConfig.pin_ttl_rule``, whose
+replica iterations ending, replicas slowing down or going down (``ClusterConfig.slowdowns``,
+``outages``: a replica that goes down loses its KV and its calls are requeued elsewhere) and TTL
+pins expiring (Continuum; ``EngineConfig.pin_ttl_rule``, whose
 TTL may itself be a RETAIN decision). The engine does not call a policy: ``next_decision()`` advances
 the clock until a choice is needed and returns it, ``decide(scores)`` applies the answer, and
 ``run(policy)`` is the plain driver loop that does both. Nothing here reads wall-clock time.
@@ -63,6 +65,7 @@ class EventKind(IntEnum):
     STEP = 3
     UNPIN = 4  # a TTL pin expires (key: the pinned call, payload: its replica)
     SLOW = 5  # a slowdown window opens or closes (key: the replica, payload: its new speed factor)
+    DOWN = 6  # an outage starts (key: the replica, payload: when it ends); it ends by itself
 
 
 class Engine:
@@ -130,6 +133,10 @@ class Engine:
         for window in self.cluster.slowdowns:
             self._push(window.start_s, EventKind.SLOW, window.replica, float(window.factor))
             self._push(window.end_s, EventKind.SLOW, window.replica, 1.0)
+        for outage in self.cluster.outages:
+            self._push(outage.start_s, EventKind.DOWN, outage.replica, float(outage.end_s))
+        self._requeued: set[int] = set()  # calls an outage took off their replica, not routed again yet
+        self.num_requeued = 0
         if self.config.config_every_s > 0:
             for replica in self.replicas:
                 self._push(0.0, EventKind.CONFIG, replica.index)
@@ -252,6 +259,8 @@ class Engine:
                 self.replicas[key].slowdown = payload
             elif kind == EventKind.CONFIG:
                 yield from self._configure(self.replicas[key])
+            elif kind == EventKind.DOWN:
+                self._fail(self.replicas[key], payload)
             else:
                 yield from self._step(self.replicas[key])
         self._drain_arrivals()
@@ -312,30 +321,39 @@ class Engine:
         calls = self.calls
         if calls.state[call] != CallState.PENDING:  # rejected with its tree meanwhile
             return
-        self.trees.resolve_prompt(call)
+        requeued = call in self._requeued  # back from a replica that went down: already resolved
+        if not requeued:
+            self.trees.resolve_prompt(call)
         spec = self.trees.spec(call)
         eligible, reason = eligible_replicas(
-            self.replicas, spec, int(calls.prompt_tokens[call]), spec.max_tokens
+            self.replicas, spec, int(calls.prompt_tokens[call]), int(calls.max_tokens[call])
         )
         if reason is not None:
             self._reject(call, reason)
             return
-        if eligible.sum() == 1:
-            target = int(np.flatnonzero(eligible)[0])
+        up = eligible & np.array([not r.is_down(self.now_s) for r in self.replicas])
+        if not up.any():  # every replica that could take it is down: it waits for the first back
+            back_s = min(r.down_until_s for r, ok in zip(self.replicas, eligible, strict=True) if ok)
+            self._push(back_s, EventKind.READY, call)
+            return
+        if up.sum() == 1:
+            target = int(np.flatnonzero(up)[0])
         else:
             self._sync_all()
-            scores = yield route_decision(self, call, eligible)
-            allowed = np.flatnonzero(eligible)
+            scores = yield route_decision(self, call, up)
+            allowed = np.flatnonzero(up)
             target = int(allowed[np.argmax(scores[allowed])])  # ties and -inf: first eligible
         replica = self.replicas[target]
         self._cut_run(replica)  # the new call is scheduled when stepping would schedule it
-        if self.config.budget_rule == "policy" and calls.continues[call] < 0:
-            yield from self._budget(replica, call, spec.max_tokens)
-        self.trees.observe_tools(call)
+        if not requeued:
+            if self.config.budget_rule == "policy" and calls.continues[call] < 0:
+                yield from self._budget(replica, call, spec.max_tokens)
+            self.trees.observe_tools(call)
+            calls.ready_s[call] = self.now_s  # a requeued call keeps its place (as a preempted one)
+        self._requeued.discard(call)
         self._backlog(call, +1)
         calls.replica[call] = target
         calls.state[call] = CallState.WAITING
-        calls.ready_s[call] = self.now_s
         calls.enqueue_s[call] = self.now_s
         tree_replicas = self.job_table.replicas[int(calls.job[call])]
         assert tree_replicas is not None  # released only once every call of the tree is terminal
@@ -479,8 +497,12 @@ class Engine:
         """Every ``config_every_s``: the replica's cap and budget, a CONFIG decision, applied
         from its next iteration (a folded run is cut there, as for any change). Once every tree
         is done nobody asks any more, so the clock stops with the workload."""
-        if self.num_jobs_finished == len(self.jobs) and all(e[1] == EventKind.CONFIG for e in self._events):
+        quiet = (EventKind.CONFIG, EventKind.DOWN)  # events that bring no work
+        if self.num_jobs_finished == len(self.jobs) and all(e[1] in quiet for e in self._events):
             return  # the workload drained: nothing more will arrive
+        if replica.is_down(self.now_s):  # nothing to configure: ask again once it is back
+            self._push(self.now_s + self.config.config_every_s, EventKind.CONFIG, replica.index)
+            return
         self._cut_run(replica)
         self._sync_all()
         now = self._config_counters(replica)
@@ -512,6 +534,24 @@ class Engine:
             iterations,
             len(replica.running),
         )
+
+    def _fail(self, replica: Replica, until_s: float) -> None:
+        """An outage (``ClusterConfig.outages``): the replica loses its KV until ``until_s``, and
+        the calls it held are requeued, each one network hop later, to the replicas that are up
+        (or wait for the first eligible one to come back). Iterations that ended before now count;
+        the one in flight is lost."""
+        self._sync(replica)
+        calls = self.calls
+        held = replica.fail(until_s)
+        for call in held:
+            assert (
+                calls.num_output[call] < calls.target_tokens[call]
+            )  # a call at its stop finished at its STEP
+            self._backlog(call, -1)
+            calls.state[call] = CallState.PENDING
+            self._requeued.add(call)
+            self._push(self.now_s + self.cluster.network_delay_s, EventKind.READY, call)
+        self.num_requeued += len(held)
 
     def _expire_pin(self, replica: Replica, call: int) -> None:
         """A TTL ran out: the pinned blocks join the prefix cache, and the replica sees them at

@@ -118,6 +118,8 @@ class RunMetrics:
     tool_failures: int  # failed tool attempts (each held its tree for tool_timeout_s)
     # Budgets (EngineConfig.continue_truncated, budget_rule):
     continuations: int  # continuation calls finished (each resumed an output its budget had cut)
+    # Outages (ClusterConfig.outages):
+    requeued_calls: int  # calls a replica that went down held, requeued to others (counted per outage)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +200,7 @@ def collect_metrics(engine: Engine) -> RunMetrics:
         **_inflation(engine, done_jobs),
         tool_failures=int(calls.tool_failures[:n][finished].sum()),
         continuations=int((finished & (calls.continues[:n] >= 0)).sum()),
+        requeued_calls=engine.num_requeued,
     )
 
 

@@ -131,6 +131,8 @@ class Replica:
         self.swap_listener: SwapListener | None = None  # set by a backend that holds real KV
         self.step_version = 0  # only the latest STEP event pushed for this replica counts
         self.slowdown = 1.0  # iteration time factor of an open ClusterConfig.slowdowns window
+        self.down_until_s = -np.inf  # in a ClusterConfig.outages window until then
+        self.num_outages = 0
         # statistics
         self.num_iterations = 0
         self.busy_s = 0.0
@@ -232,6 +234,44 @@ class Replica:
             swap_bytes = 0.0
         self.waiting.enqueue(call, front=True)  # vLLM puts a preempted request at the queue front
         return swap_bytes
+
+    # ---------------------------------------------------------------- outages
+    def is_down(self, now_s: float) -> bool:
+        return now_s < self.down_until_s
+
+    def fail(self, until_s: float) -> list[int]:
+        """The replica goes down until ``until_s``: its in-flight iteration is lost, and so is
+        everything its GPU held: every running, queued and swapped call loses its KV (its
+        generated tokens survive, as a recompute preemption's do), pins and the prefix cache are
+        gone. Returns the calls it held, oldest-queued first, for the engine to requeue."""
+        calls, bm = self.calls, self.blocks
+        self.in_flight = None
+        self.step_version += 1  # the lost iteration's STEP event is void
+        held = [*self.running, *self.waiting]
+        for call in self.running:
+            bm.free(calls.blocks[call])
+        for call in list(self.waiting):
+            self.waiting.dequeue(call)
+            if calls.state[call] == CallState.SWAPPED:
+                bm.release_host(int(calls.host_blocks[call]))
+                calls.host_blocks[call] = 0
+        self.running.clear()
+        for call in held:
+            if self.swap_listener is not None:
+                self.swap_listener.drop(call)
+            calls.blocks[call] = []
+            calls.num_held_blocks[call] = 0
+            calls.num_registered_blocks[call] = 0
+            calls.lost_tokens[call] = max(int(calls.lost_tokens[call]), int(calls.num_computed[call]))
+            calls.num_computed[call] = 0
+        for pinned in list(self.pins):
+            self.pins.unpin(pinned)
+        self.pins.waiters.clear()
+        self.pins.of_child.clear()
+        bm.drop_cache()
+        self.down_until_s = until_s
+        self.num_outages += 1
+        return held
 
     # ---------------------------------------------------------------- one iteration
     def schedule(self) -> Generator[Decision, np.ndarray, Batch | None]:

@@ -414,6 +414,19 @@ class TorchBackend:
         )
         self.num_swapped_in_blocks += num - num_hit_blocks
 
+    def drop(self, call: int) -> None:
+        """The replica went down: the call's host copy is lost (it recomputes elsewhere), and so
+        is the token the iteration in flight sampled for it (the engine never applied it; the
+        model samples it again where the call resumes)."""
+        self.host_kv.pop(call, None)
+        kept = int(self.calls.num_output[call])
+        outputs = self.tokens.outputs.get(call)
+        if outputs is not None:
+            del outputs[kept:]
+        if call in self.logits:
+            end = int(self.calls.prompt_tokens[call]) + kept
+            self.logits[call] = [(ctx, row) for ctx, row in self.logits[call] if ctx < end]
+
 
 def _check_profile(cfg: ModelConfig, profile: ModelProfile) -> None:
     """The replica's KV budget and cost model come from the profile: its shape must be the model's."""

@@ -416,3 +416,19 @@ TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(
     max_examples=4 * settings.default.max_examples, stateful_step_count=60
 )
+
+
+@pytest.mark.parametrize("order", ["lru", "workflow"])
+def test_drop_cache_forgets_every_prefix(order: str) -> None:
+    """A replica outage: the device's memory is gone, so no prefix hits are left."""
+    bm = BlockManager(8, 4, prefix_eviction=order)
+    blocks = bm.allocate(3)
+    bm.register(blocks, [11, 12, 13])
+    with pytest.raises(AssertionError, match="referenced"):
+        bm.drop_cache()
+    bm.free(blocks)
+    assert bm.match_prefix([11, 12, 13], 3) == blocks and bm.num_cached_free_blocks == 3
+    bm.drop_cache()
+    bm.check_invariants()
+    assert bm.match_prefix([11, 12, 13], 3) == [] and bm.num_cached_free_blocks == 0
+    assert bm.num_free_blocks == 8 and not bm.cached

@@ -149,8 +149,9 @@ FAULTS = dict(
     tool_retries=1,
     network_jitter_s=0.002,
     slowdowns=[{"replica": 0, "start_s": 0.005, "duration_s": 0.03, "factor": 8.0}],
+    outages=[{"replica": 0, "start_s": 0.004, "duration_s": 0.02}],
 )
-"""Scenario.faults: faults on the scenarios' millisecond time scale."""
+"""Scenario.faults: tool failures, jitter, a slowdown and an outage on the scenarios' millisecond time scale."""
 """pin_ttl_rule=policy: a RETAIN menu on these scenarios' millisecond time scale."""
 
 
@@ -549,6 +550,7 @@ def test_random_workloads_drain_without_leaks(time_limit, sc: Scenario) -> None:
     event(f"preempted: {metrics.preemptions > 0}")
     event(f"swapped: {metrics.swapped_bytes > 0}")
     event(f"continued: {metrics.continuations > 0}")
+    event(f"requeued: {metrics.requeued_calls > 0}")
 
 
 @given(sc=scenarios())

@@ -19,7 +19,7 @@ import torch
 
 from servegym.agents.policies.heuristics import FCFS
 from servegym.envs.engine.calls import CallState
-from servegym.envs.engine.config import EngineConfig
+from servegym.envs.engine.config import ClusterConfig, EngineConfig, Outage
 from servegym.envs.engine.engine import Engine, assert_all_terminal
 from servegym.envs.engine.torch_backend import TorchBackend, TorchBackendFactory
 from servegym.envs.workloads.generators import MapReduce
@@ -260,3 +260,29 @@ def test_continuations_run_on_real_tokens_and_children_read_the_whole_output(tim
                 assert length == len(chain) and store.output(-1 - key, length) == chain
                 checked += 1
     assert checked > 0
+
+
+def test_an_outage_on_real_kv_requeues_and_recomputes(time_limit) -> None:
+    """Two replicas of the tiny model, one going down mid-run (swap preemption, so some calls
+    lose a host copy too): every call completes with the tokens it generates without the
+    outage (the lost iteration's tokens are dropped and sampled again), and the cost-model
+    clock still gives the sim's trajectory bit for bit."""
+    cfg = config("swap")
+    cluster = ClusterConfig(num_replicas=2, outages=[Outage(replica=0, start_s=0.02, duration_s=0.05)])
+    factory = TorchBackendFactory(cfg, device="cpu", timing="cost_model")
+    engine = Engine(workload(num_jobs=6), cluster=cluster, engine=cfg, backend_factory=factory)
+    sim = Engine(workload(num_jobs=6), cluster=cluster, engine=replace(cfg, fast_forward=False))
+    with time_limit(RUN_LIMIT_S):
+        metrics, metrics_sim = engine.run(FCFS()), sim.run(FCFS())
+    engine.check_invariants()
+    assert_all_terminal(engine)
+    assert metrics.requeued_calls > 0 and metrics.jobs_completed == 6
+    assert repr(metrics.as_dict()) == repr(metrics_sim.as_dict())
+    assert all(not replica.backend.host_kv for replica in engine.replicas)
+    # greedy tokens depend only on the context: the run without the outage generates the same ones
+    calm = TorchBackendFactory(cfg, device="cpu", timing="cost_model")
+    with time_limit(RUN_LIMIT_S):
+        Engine(
+            workload(num_jobs=6), cluster=ClusterConfig(num_replicas=2), engine=cfg, backend_factory=calm
+        ).run(FCFS())
+    assert factory.tokens.outputs == calm.tokens.outputs
