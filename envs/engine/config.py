@@ -199,24 +199,18 @@ def _check_number(name: str, value: object, positive: bool = False) -> None:
 
 
 @dataclass
-class Slowdown:
-    """A replica that runs ``factor`` times slower from ``start_s`` for ``duration_s`` (a
-    thermal throttle, a noisy neighbour, a stall when the factor is large): every iteration that
-    starts in the window takes ``factor`` times its time (the one in flight when it opens or
-    closes keeps the speed it started with)."""
+class Window:
+    """A replica and a span of virtual time: ``start_s`` to ``start_s + duration_s``."""
 
     replica: int = 0
     start_s: float = 0.0
     duration_s: float = 1.0
-    factor: float = 10.0
 
     def __post_init__(self) -> None:
-        _check_int("cluster.slowdowns[].replica", self.replica, minimum=0)
-        _check_number("cluster.slowdowns[].start_s", self.start_s)
-        _check_number("cluster.slowdowns[].duration_s", self.duration_s, positive=True)
-        _check_number("cluster.slowdowns[].factor", self.factor, positive=True)
-        if not 1.0 <= self.factor <= 1e4:
-            raise ValueError(f"cluster.slowdowns[].factor must be in [1, 1e4], got {self.factor!r}")
+        name = f"cluster.{type(self).__name__.lower()}s[]"
+        _check_int(f"{name}.replica", self.replica, minimum=0)
+        _check_number(f"{name}.start_s", self.start_s)
+        _check_number(f"{name}.duration_s", self.duration_s, positive=True)
 
     @property
     def end_s(self) -> float:
@@ -224,24 +218,29 @@ class Slowdown:
 
 
 @dataclass
-class Outage:
+class Slowdown(Window):
+    """A replica that runs ``factor`` times slower from ``start_s`` for ``duration_s`` (a
+    thermal throttle, a noisy neighbour, a stall when the factor is large): every iteration that
+    starts in the window takes ``factor`` times its time (the one in flight when it opens or
+    closes keeps the speed it started with)."""
+
+    factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("cluster.slowdowns[].factor", self.factor, positive=True)
+        if not 1.0 <= self.factor <= 1e4:
+            raise ValueError(f"cluster.slowdowns[].factor must be in [1, 1e4], got {self.factor!r}")
+
+
+@dataclass
+class Outage(Window):
     """A window in which a replica is down (``ClusterConfig.outages``): at ``start_s`` it loses
     what its GPU held (the running and queued calls' KV, its prefix cache, its swap tier and its
     pins) and takes no call until ``start_s + duration_s``; its calls are requeued to the
     replicas that are up (nothing is lost, only recomputed)."""
 
-    replica: int = 0
-    start_s: float = 0.0
     duration_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        _check_int("cluster.outages[].replica", self.replica, minimum=0)
-        _check_number("cluster.outages[].start_s", self.start_s)
-        _check_number("cluster.outages[].duration_s", self.duration_s, positive=True)
-
-    @property
-    def end_s(self) -> float:
-        return self.start_s + self.duration_s
 
 
 @dataclass

@@ -92,3 +92,33 @@ def decision_trace(engine, policy) -> list:
         decisions.append((decision.kind, int(np.argmax(scores))))
         engine.decide(scores)
     return decisions
+
+
+TREE_SRPT = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
+"""The fallback the one-choice export tests train under, as a sidecar names it."""
+
+
+def export_one_choice(env, kind: str, tmp_path):
+    """A tiny MaskablePPO trained on the one-choice ``env`` (made with a tree-SRPT fallback) and
+    exported with that fallback in its sidecar: (model, export paths)."""
+    from servegym.agents.deploy.export import export_policy
+
+    model = tiny_maskable_model(env)
+    paths = export_policy(
+        model, tmp_path / "policy.onnx", (kind,), env_id=env.spec.id, config={"env": {"fallback": TREE_SRPT}}
+    )
+    return model, paths
+
+
+def assert_onnx_makes_the_sb3_decisions(model, paths, kind: str, run, at_least: int) -> None:
+    """``run(policy)`` (a ``decision_trace``) is the same for the SB3 model answering ``kind``
+    under a tree-SRPT fallback and for its exported ONNX copy, which rebuilds that fallback from
+    its sidecar; the run asks at least ``at_least`` decisions of ``kind``."""
+    from servegym.agents.deploy.runtime import OnnxPolicy
+    from servegym.agents.policies.heuristics import PredictedTreeSRPT
+    from servegym.agents.rl.learned import SB3Policy
+    from servegym.envs.engine.policy import DecisionKind
+
+    sb3 = run(SB3Policy(model=model, kinds=(kind,), fallback=PredictedTreeSRPT()))
+    assert sum(k == DecisionKind[kind.upper()] for k, _ in sb3) >= at_least
+    assert run(OnnxPolicy(str(paths["onnx"]))) == sb3

@@ -9,14 +9,10 @@ import gymnasium as gym
 import pytest
 
 import servegym.envs  # noqa: F401  (registers the ids)
-from servegym.agents.deploy.export import export_policy
-from servegym.agents.deploy.runtime import OnnxPolicy
 from servegym.agents.policies.batching import Batching
 from servegym.agents.policies.heuristics import PredictedTreeSRPT
-from servegym.agents.rl.learned import SB3Policy
 from servegym.envs.engine.engine import Engine
-from servegym.envs.engine.policy import DecisionKind
-from tests.agents.conftest import decision_trace, tiny_maskable_model
+from tests.agents.conftest import assert_onnx_makes_the_sb3_decisions, decision_trace, export_one_choice
 from tests.envs.small import small_kwargs
 
 KWARGS = small_kwargs("servegym/Config-v0")
@@ -60,20 +56,10 @@ def test_fixed_and_keep_rules() -> None:
 @pytest.mark.slow
 def test_exported_config_policy_reproduces_its_decisions(tmp_path) -> None:
     env = gym.make("servegym/Config-v0", **KWARGS, fallback=PredictedTreeSRPT())
-    model = tiny_maskable_model(env)
-    fallback = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
-    paths = export_policy(
-        model,
-        tmp_path / "policy.onnx",
-        ("config",),
-        env_id="servegym/Config-v0",
-        config={"env": {"fallback": fallback}},
-    )
+    model, paths = export_one_choice(env, "config", tmp_path)
     assert json.loads(paths["sidecar"].read_text())["layout"] == ["configs"]
 
     def run(policy):
         return decision_trace(Engine(KWARGS["workload"].build(3), engine=KWARGS["engine"]), policy)
 
-    sb3 = run(SB3Policy(model=model, kinds=("config",), fallback=PredictedTreeSRPT()))
-    assert sum(kind == DecisionKind.CONFIG for kind, _ in sb3) > 3
-    assert run(OnnxPolicy(str(paths["onnx"]))) == sb3
+    assert_onnx_makes_the_sb3_decisions(model, paths, "config", run, 4)

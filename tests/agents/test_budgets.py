@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 
 import servegym.envs  # noqa: F401  (registers the ids)
-from servegym.agents.deploy.export import export_policy
-from servegym.agents.deploy.runtime import OnnxPolicy
 from servegym.agents.policies.budgets import Budgeting
 from servegym.agents.policies.heuristics import PredictedTreeSRPT
-from servegym.agents.rl.learned import SB3Policy
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import GLOBAL_FEATURES, Decision, DecisionKind
-from tests.agents.conftest import decision_trace, tiny_maskable_model
+from tests.agents.conftest import assert_onnx_makes_the_sb3_decisions, decision_trace, export_one_choice
 from tests.envs.small import small_kwargs
 
 KWARGS = small_kwargs("servegym/Budget-v0")  # max_tokens 16, outputs of 40 on average: budgets bind
@@ -113,20 +110,6 @@ def test_budget_env_sets_the_rule_it_needs() -> None:
 @pytest.mark.slow
 def test_exported_budget_policy_reproduces_its_decisions(tmp_path) -> None:
     env = gym.make("servegym/Budget-v0", **KWARGS, fallback=PredictedTreeSRPT())
-    model = tiny_maskable_model(env)
-    fallback = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
-    paths = export_policy(
-        model,
-        tmp_path / "policy.onnx",
-        ("budget",),
-        env_id="servegym/Budget-v0",
-        config={"env": {"fallback": fallback}},
-    )
+    model, paths = export_one_choice(env, "budget", tmp_path)
     assert json.loads(paths["sidecar"].read_text())["layout"] == ["budgets"]
-
-    def run(policy):
-        return decision_trace(_engine(3), policy)
-
-    sb3 = run(SB3Policy(model=model, kinds=("budget",), fallback=PredictedTreeSRPT()))
-    assert sum(kind == DecisionKind.BUDGET for kind, _ in sb3) > 10
-    assert run(OnnxPolicy(str(paths["onnx"]))) == sb3
+    assert_onnx_makes_the_sb3_decisions(model, paths, "budget", lambda p: decision_trace(_engine(3), p), 10)

@@ -21,7 +21,13 @@ from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import DecisionKind
 from servegym.envs.workloads.generators import ReactChain
 from servegym.envs.workloads.workload import Workload
-from tests.agents.conftest import decision_trace, tiny_maskable_model
+from tests.agents.conftest import (
+    TREE_SRPT,
+    assert_onnx_makes_the_sb3_decisions,
+    decision_trace,
+    export_one_choice,
+    tiny_maskable_model,
+)
 from tests.envs.small import TINY
 
 MENU = [0.0, 0.5, 2.0, 8.0]
@@ -141,17 +147,9 @@ def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallba
     env = gym.make(
         "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
     )
-    model = tiny_maskable_model(env)
-    fallback = {"_target_": "servegym.agents.policies.heuristics.PredictedTreeSRPT"}
-    paths = export_policy(
-        model,
-        tmp_path / "policy.onnx",
-        ("retain",),
-        env_id="servegym/Retention-v0",
-        config={"env": {"fallback": fallback}},
-    )
+    model, paths = export_one_choice(env, "retain", tmp_path)
     meta = json.loads(paths["sidecar"].read_text())
-    assert meta["layout"] == ["options"] and meta["fallback"] == fallback
+    assert meta["layout"] == ["options"] and meta["fallback"] == TREE_SRPT
     with pytest.raises(SidecarError, match="fallback must be null"):  # a sidecar is data, not code
         check_sidecar({**meta, "fallback": {"_target_": "os.system", "command": "true"}})
     onnx = OnnxPolicy(str(paths["onnx"]))
@@ -160,9 +158,7 @@ def test_exported_retain_policy_reproduces_its_decisions_with_the_sidecar_fallba
     def run(policy):  # the policy's retention hints make the engine ask
         return decision_trace(Engine(_workload().build(3), engine=_config(pin_ttl_rule="off")), policy)
 
-    sb3 = run(SB3Policy(model=model, kinds=("retain",), fallback=PredictedTreeSRPT()))
-    assert sum(kind == DecisionKind.RETAIN for kind, _ in sb3) > 5
-    assert run(onnx) == sb3
+    assert_onnx_makes_the_sb3_decisions(model, paths, "retain", run, 6)
 
 
 def test_a_sidecar_fallback_is_built_without_hydra() -> None:
