@@ -28,6 +28,7 @@ from servegym.envs.engine.policy import (
     column,
     fcfs_scores,
 )
+from servegym.envs.workloads.job import KNOWN_ROLES, role_id
 
 _WAIT = column("wait_s")
 _PROMPT = column("prompt_tokens_log")
@@ -297,6 +298,7 @@ _R_CACHED = ROUTE_FEATURES.index("cached_prefix_frac")
 _R_TREE = ROUTE_FEATURES.index("is_tree_replica")
 _R_PARAMS = ROUTE_FEATURES.index("model_params_log10")
 _R_PROMPT = ROUTE_FEATURES.index("call_prompt_tokens_log")
+_R_ROLE = ROUTE_FEATURES.index("call_role_id")
 
 
 class LlumnixRouting(FCFS):
@@ -342,14 +344,24 @@ class ThresholdModelRouting(FCFS):
     when the call's estimated need passes ``threshold``, else the small one; among replicas of
     the chosen size, Llumnix-style freeness. The estimate here is a stand-in for RouteLLM's
     learned win-rate: the prompt length (longer, harder calls to the large model), so
-    ``threshold`` is in prompt tokens."""
+    ``threshold`` is in prompt tokens. ``role_min_params`` (the cluster's
+    ``role_min_params``, as the operator configured it) keeps a role off the models below its
+    minimum whenever a large enough one may take it: where the cluster lets such a call run
+    below at an output penalty (``below_min_output_factor``), this router pays it only when it
+    must."""
 
     routing_only = True  # ORDER/EVICT are FCFS's: one replica leaves it nothing to decide
 
-    def __init__(self, threshold_tokens: float = 4096.0) -> None:
+    def __init__(
+        self, threshold_tokens: float = 4096.0, role_min_params: dict[str, float] | None = None
+    ) -> None:
         super().__init__()
         self.threshold = np.log1p(threshold_tokens)
         self.freeness = LlumnixRouting()
+        # role id -> log10 of its minimum parameters (the ROUTE rows' model_params_log10 scale)
+        self.min_params_log10 = np.zeros(len(KNOWN_ROLES))
+        for role, params in (role_min_params or {}).items():
+            self.min_params_log10[role_id(role)] = np.log10(params)
 
     def route_scores(self, decision: Decision) -> np.ndarray:
         f = decision.features.astype(np.float64)
@@ -357,7 +369,8 @@ class ThresholdModelRouting(FCFS):
         want_large = f[0, _R_PROMPT] >= self.threshold
         size_score = params if want_large else -params
         free = self.freeness.scores(decision)
-        return 100.0 * size_score + np.clip(free, -1.0, 1.0)
+        below = params < self.min_params_log10[int(f[0, _R_ROLE])] - 1e-6
+        return 100.0 * size_score + np.clip(free, -1.0, 1.0) - 1e4 * below
 
 
 class RandomPolicy:

@@ -267,6 +267,13 @@ class ClusterConfig:
     """Windows in which a replica runs slower (``Slowdown``); windows of one replica may not overlap."""
     outages: list[Outage] = field(default_factory=list)
     """Windows in which a replica is down (``Outage``); windows of one replica may not overlap."""
+    role_min_params: dict[str, float] = field(default_factory=dict)
+    """Roles that need a model of at least this many parameters, e.g. ``{planner: 7e10}`` (a
+    planner or a critic that a small model does badly). See ``below_min_output_factor``."""
+    below_min_output_factor: float = 0.0
+    """0: a call of a role in ``role_min_params`` runs only on replicas at or above its minimum
+    (rejected, with its tree, when no replica is large enough). > 0: it may run below, paying
+    ``1 + factor`` times the output tokens there (a weaker model rambles or retries)."""
     fault_seed: int = 0
     """Seed of the fault draws. A call's draws depend only on (fault_seed, its job's index, its
     call index), never on the schedule, so every policy meets the same faults."""
@@ -296,6 +303,9 @@ class ClusterConfig:
                     raise ValueError(
                         f"cluster.{name}: replica {replica} does not exist (the cluster has {count})"
                     )
+        for role, params in self.role_min_params.items():
+            _check_number(f"cluster.role_min_params[{role!r}]", params, positive=True)
+        _check_number("cluster.below_min_output_factor", self.below_min_output_factor)
         if not all(isinstance(name, str) and name for name in self.replicas):
             raise ValueError(f"cluster.replicas must be a list of profile names, got {self.replicas!r}")
 

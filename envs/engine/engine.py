@@ -325,8 +325,14 @@ class Engine:
         if not requeued:
             self.trees.resolve_prompt(call)
         spec = self.trees.spec(call)
+        min_params = self.cluster.role_min_params.get(spec.role, 0.0)
+        hard = self.cluster.below_min_output_factor == 0
         eligible, reason = eligible_replicas(
-            self.replicas, spec, int(calls.prompt_tokens[call]), int(calls.max_tokens[call])
+            self.replicas,
+            spec,
+            int(calls.prompt_tokens[call]),
+            int(calls.max_tokens[call]),
+            min_params * hard,
         )
         if reason is not None:
             self._reject(call, reason)
@@ -346,6 +352,12 @@ class Engine:
         replica = self.replicas[target]
         self._cut_run(replica)  # the new call is scheduled when stepping would schedule it
         if not requeued:
+            if replica.profile.num_params < min_params:  # below its role's minimum: it rambles
+                grown = int(
+                    np.ceil(calls.true_output_tokens[call] * (1 + self.cluster.below_min_output_factor))
+                )
+                calls.true_output_tokens[call] = grown
+                calls.target_tokens[call] = min(grown, int(calls.max_tokens[call]))
             if self.config.budget_rule == "policy" and calls.continues[call] < 0:
                 yield from self._budget(replica, call, spec.max_tokens)
             self.trees.observe_tools(call)

@@ -63,17 +63,26 @@ def _num_gpu_blocks(index: int, profile: ModelProfile, config: EngineConfig) -> 
 
 
 def eligible_replicas(
-    replicas: list[Replica], spec: Call, prompt_tokens: int, max_tokens: int
+    replicas: list[Replica], spec: Call, prompt_tokens: int, max_tokens: int, min_params: float = 0.0
 ) -> tuple[np.ndarray, str | None]:
-    """Which replicas can take a ready call: those that serve its model and whose KV cache holds
-    its prompt plus ``max_tokens``; with none, also the reason the call must be rejected."""
+    """Which replicas can take a ready call: those that serve its model, have at least
+    ``min_params`` parameters (its role's hard minimum, ``ClusterConfig.role_min_params``) and
+    whose KV cache holds its prompt plus ``max_tokens``; with none, also the reason the call must
+    be rejected."""
     need_tokens = prompt_tokens + max_tokens
-    serves = np.array([spec.model in (None, r.profile.name, r.profile.model) for r in replicas])
+    serves = np.array(
+        [
+            spec.model in (None, r.profile.name, r.profile.model) and r.profile.num_params >= min_params
+            for r in replicas
+        ]
+    )
     fits = np.array([need_tokens <= r.capacity_tokens for r in replicas])
     eligible = serves & fits
     if eligible.any():
         return eligible, None
     if not serves.any():
+        if min_params > 0:
+            return eligible, f"no replica has the {min_params:g} parameters role {spec.role!r} needs"
         return eligible, f"no replica serves model {spec.model!r}"
     largest = max(r.capacity_tokens for r, ok in zip(replicas, serves, strict=True) if ok)
     return eligible, (
