@@ -275,9 +275,10 @@ def build(sc: Scenario) -> Engine:
         budget_multipliers=BUDGET_MULTIPLIERS,
     )
     faults = FAULTS if sc.faults else {}
-    if sc.replicas == "hetero":
+    if sc.replicas == "hetero":  # with faults, critics and aggregators need the larger model
+        sizes = {"role_min_params": {"critic": 1e9, "aggregator": 1e9}} if sc.faults else {}
         cluster = ClusterConfig(
-            replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s, **faults
+            replicas=[PROFILE, "llama1b_h100"], network_delay_s=sc.network_delay_s, **faults, **sizes
         )
     else:
         cluster = ClusterConfig(num_replicas=int(sc.replicas), network_delay_s=sc.network_delay_s, **faults)
