@@ -337,7 +337,9 @@ class Engine:
         if reason is not None:
             self._reject(call, reason)
             return
-        up = eligible & np.array([not r.is_down(self.now_s) for r in self.replicas])
+        up = eligible
+        if self.cluster.outages:
+            up = eligible & np.array([not r.is_down(self.now_s) for r in self.replicas])
         if not up.any():  # every replica that could take it is down: it waits for the first back
             back_s = min(r.down_until_s for r, ok in zip(self.replicas, eligible, strict=True) if ok)
             self._push(back_s, EventKind.READY, call)
