@@ -98,6 +98,12 @@ class EngineConfig:
     budget_multipliers: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     """budget_rule=policy: the options of a BUDGET decision, multipliers of the workload's
     ``max_tokens``, strictly ascending and including 1 (the workload's own budget)."""
+    reserve_output_frac: float = 0.0
+    """Admission holds back KV for decodes to come, as SGLang does (its new_token_ratio): each
+    running call reserves this fraction of its unspent budget (max_tokens - generated), and a
+    waiting call is admitted only if its blocks plus its own reservation fit in what is left.
+    0 (vLLM's admission, the default) reserves nothing; in (0, 1]. With it a call's budget costs
+    KV now, so BUDGET trades concurrency against continuations."""
     fast_forward: bool = True
     """Advance runs of decode-only iterations in closed form; results equal stepping one by one."""
     backend: str = "sim"
@@ -151,6 +157,11 @@ class EngineConfig:
             )
         _check_number("engine.config_every_s", self.config_every_s)
         _check_int("engine.continuation_prompt_tokens", self.continuation_prompt_tokens, minimum=1)
+        _check_number("engine.reserve_output_frac", self.reserve_output_frac)
+        if self.reserve_output_frac > 1:
+            raise ValueError(
+                f"engine.reserve_output_frac must be in [0, 1], got {self.reserve_output_frac!r}"
+            )
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"engine.budget_rule must be one of {BUDGET_RULES}, got {self.budget_rule!r}")
         if self.budget_rule == "policy" and not self.continue_truncated:

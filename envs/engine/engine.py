@@ -322,6 +322,8 @@ class Engine:
         if calls.state[call] != CallState.PENDING:  # rejected with its tree meanwhile
             return
         requeued = call in self._requeued  # back from a replica that went down: already resolved
+        if np.isnan(calls.ready_s[call]):  # ready now, whatever waits for a replica to come back
+            calls.ready_s[call] = self.now_s
         if not requeued:
             self.trees.resolve_prompt(call)
         spec = self.trees.spec(call)
@@ -363,8 +365,7 @@ class Engine:
             if self.config.budget_rule == "policy" and calls.continues[call] < 0:
                 yield from self._budget(replica, call, spec.max_tokens)
             self.trees.observe_tools(call)
-            calls.ready_s[call] = self.now_s  # a requeued call keeps its place (as a preempted one)
-        self._requeued.discard(call)
+        self._requeued.discard(call)  # it keeps its ready time and place (as a preempted call)
         self._backlog(call, +1)
         calls.replica[call] = target
         calls.state[call] = CallState.WAITING
@@ -554,7 +555,11 @@ class Engine:
         the calls it held are requeued, each one network hop later, to the replicas that are up
         (or wait for the first eligible one to come back). Iterations that ended before now count;
         the one in flight is lost."""
-        self._sync(replica)
+        done = self._sync(replica)
+        batch = replica.in_flight
+        if batch is not None and done > 0:  # a folded run's completed iterations count, as stepped ones would
+            truncate(batch, done)
+            replica.account(batch)
         calls = self.calls
         held = replica.fail(until_s)
         for call in held:

@@ -134,8 +134,15 @@ class Replica:
         )
         self.pins = Pins(self.blocks)  # TTL pins (retention.py)
         self.capacity_tokens = num_blocks * bs
-        self.waiting = WaitingQueue(calls, self.blocks, bs, config.long_prefill_token_threshold)
         self.running: list[int] = []
+        self.waiting = WaitingQueue(
+            calls,
+            self.blocks,
+            bs,
+            config.long_prefill_token_threshold,
+            self.running,
+            config.reserve_output_frac,
+        )
         self.in_flight: Batch | None = None
         self.swap_listener: SwapListener | None = None  # set by a backend that holds real KV
         self.step_version = 0  # only the latest STEP event pushed for this replica counts
@@ -344,7 +351,13 @@ class Replica:
             and (
                 not self.waiting
                 or len(self.running) >= cfg.max_num_seqs
-                or (blocked_waiting and not admitted and batch.prefill_tokens == 0)
+                # (a reservation shrinks as the running calls decode: a blocked call may fit later)
+                or (
+                    blocked_waiting
+                    and not admitted
+                    and batch.prefill_tokens == 0
+                    and not cfg.reserve_output_frac
+                )
             )
         )
         return batch

@@ -5,6 +5,13 @@ subtract, hits sitting in the free queue add back) and whether a chunk of it fit
 plans all its calls at once from the prefix watch's columns (``queue_needs``), or in plain
 Python when it is short; ``admission_plan`` plans one call (the scheduler's admission, and the
 reference a test compares the vectorised plan with).
+
+With ``EngineConfig.reserve_output_frac`` > 0 admission also holds KV back for decodes to come,
+as SGLang's scheduler does (its ``new_token_ratio``): every running call reserves that fraction
+of its unspent budget (``max_tokens`` minus tokens generated), and a waiting call fits only if
+its chunk's blocks plus its own reservation fit in what the free blocks leave after the running
+calls'. An idle replica reserves nothing (a lone call always starts), so a reservation never
+stalls a run. vLLM reserves nothing (0, the default).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class AdmissionPlan:
     new_blocks: int
     reclaimed_blocks: int  # prefix hits that sit in the free queue
     swap_in_blocks: int
+    reserve_blocks: int = 0  # KV it would hold back for its decode (reserve_output_frac)
 
     @property
     def total_blocks(self) -> int:
@@ -52,13 +60,21 @@ class WaitingQueue(deque[int]):
     hits tracked (``watch``) once the queue is long enough to plan in numpy."""
 
     def __init__(
-        self, calls: CallTable, blocks: BlockManager, block_size: int, long_prefill_token_threshold: int
+        self,
+        calls: CallTable,
+        blocks: BlockManager,
+        block_size: int,
+        long_prefill_token_threshold: int,
+        running: list[int] | None = None,
+        reserve_output_frac: float = 0.0,
     ) -> None:
         super().__init__()
         self.calls = calls
         self.blocks = blocks
         self.block_size = block_size
         self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: no cap on a chunk
+        self.running = running if running is not None else []  # the replica's running calls
+        self.reserve_output_frac = reserve_output_frac
         self.watch = PrefixWatch(blocks, calls)  # prefix hits of the waiting calls
         self._unwatched: list[int] = []  # waiting calls the watch does not track yet
 
@@ -77,6 +93,22 @@ class WaitingQueue(deque[int]):
             self.watch.unwatch(call)
         else:
             self._unwatched.remove(call)
+
+    def reserve(self, calls: np.ndarray) -> np.ndarray:
+        """KV blocks each of ``calls`` holds back for its decode: ``reserve_output_frac`` of its
+        unspent budget, rounded up to blocks (int64)."""
+        c = self.calls
+        left = np.maximum(c.max_tokens[calls] - c.num_output[calls], 0)
+        blocks: np.ndarray = np.ceil(self.reserve_output_frac * left / self.block_size).astype(np.int64)
+        return blocks
+
+    def admittable_blocks(self) -> int:
+        """Free blocks a waiting call may plan on: all of them, less the running calls'
+        reservations (none with no reservation, or on an idle replica)."""
+        free = self.blocks.num_free_blocks
+        if not self.reserve_output_frac or not self.running:
+            return free
+        return free - int(self.reserve(np.array(self.running, dtype=np.int64)).sum())
 
     def hit_limit(self, call: int) -> int:
         """Most leading blocks a prefix hit may cover: a swapped call's full computed blocks
@@ -104,10 +136,11 @@ class WaitingQueue(deque[int]):
         if self.long_prefill_token_threshold:
             chunk = min(chunk, self.long_prefill_token_threshold)
         new = -(-(computed + chunk) // bs) - len(hits)
-        return AdmissionPlan(hits, chunk, new, bm.num_reclaimed_by_taking(hits), swap_in)
+        reserve = int(self.reserve(np.array([call]))[0]) if self.reserve_output_frac and self.running else 0
+        return AdmissionPlan(hits, chunk, new, bm.num_reclaimed_by_taking(hits), swap_in, reserve)
 
     def fits(self, plan: AdmissionPlan) -> bool:
-        return plan.chunk_tokens > 0 and plan.total_blocks <= self.blocks.num_free_blocks
+        return plan.chunk_tokens > 0 and plan.total_blocks + plan.reserve_blocks <= self.admittable_blocks()
 
     def queue_needs(self, budget_tokens: int) -> QueueNeeds:
         """``admission_plan`` of every waiting call, vectorised over the watch's columns: equal
@@ -124,7 +157,9 @@ class WaitingQueue(deque[int]):
         if self.long_prefill_token_threshold:
             chunk = np.minimum(chunk, self.long_prefill_token_threshold)
         needed = -(-(computed + chunk) // bs) - hits + calls.prefix_free_hits[q]
-        fits = (chunk > 0) & (needed <= self.blocks.num_free_blocks)
+        room = self.admittable_blocks()
+        own = self.reserve(q) if self.reserve_output_frac and self.running else 0
+        fits = (chunk > 0) & (needed + own <= room)
         return QueueNeeds(q, hits, needed, fits)
 
     def _watch_all(self) -> None:
@@ -136,11 +171,13 @@ class WaitingQueue(deque[int]):
     def _queue_needs_scalar(self, budget_tokens: int) -> QueueNeeds:
         """``queue_needs`` for a short queue in plain Python (a dozen numpy calls cost more)."""
         calls, bs = self.calls, self.block_size
-        threshold, free = self.long_prefill_token_threshold, self.blocks.num_free_blocks
+        threshold, free = self.long_prefill_token_threshold, self.admittable_blocks()
         queue = list(self)
+        reserving = bool(self.reserve_output_frac and self.running)
+        reserves = self.reserve(np.array(queue, dtype=np.int64)).tolist() if reserving else [0] * len(queue)
         hits, needed, fits = [], [], []
         bm, watch = self.blocks, self.watch
-        for call in queue:
+        for call, reserve in zip(queue, reserves, strict=True):
             if call in watch:
                 m, free_hits = int(calls.prefix_hits[call]), int(calls.prefix_free_hits[call])
             else:  # not tracked yet: match it now
@@ -155,7 +192,7 @@ class WaitingQueue(deque[int]):
             need = -(-(computed + chunk) // bs) - m + free_hits
             hits.append(m)
             needed.append(need)
-            fits.append(chunk > 0 and need <= free)
+            fits.append(chunk > 0 and need + reserve <= free)
         return QueueNeeds(
             np.array(queue, dtype=np.int64),
             np.array(hits, dtype=np.int64),

@@ -194,3 +194,31 @@ def test_a_streaming_source_gives_the_list_results_with_continuations() -> None:
     assert listed.metrics().continuations > 0
     assert repr(listed.metrics().as_dict()) == repr(streamed.metrics().as_dict())
     assert not streamed.trees.continued and not streamed.trees.extra_specs  # dropped with their trees
+
+
+def _mean_running(engine: Engine) -> float:
+    replica = engine.replicas[0]
+    return replica.running_call_iterations / replica.num_iterations
+
+
+def test_a_reservation_makes_a_budget_cost_kv_now() -> None:
+    """SGLang-style admission (reserve_output_frac): running calls hold back KV for their
+    unspent budgets, so fewer run at once, and a tighter budget lets more in."""
+    workload = Workload(generator=ReactChain(turns_mean=4.0, **TINY), arrival_rate=40.0, num_jobs=16)
+    config = dataclasses.replace(POLICY, num_gpu_blocks=260, budget_multipliers=[0.25, 1.0, 4.0])
+
+    def run(reserve: float, index: int) -> Engine:
+        engine = Engine(
+            workload.build(2), ClusterConfig(), dataclasses.replace(config, reserve_output_frac=reserve)
+        )
+        engine.run(Budgets(index))
+        engine.check_invariants()
+        assert_all_terminal(engine)
+        assert engine.metrics().jobs_completed == 16
+        return engine
+
+    free, reserved = run(0.0, 2), run(1.0, 2)
+    assert _mean_running(reserved) < _mean_running(free)
+    assert _mean_running(run(1.0, 0)) > _mean_running(reserved)  # tight budgets reserve less
+    with pytest.raises(ValueError, match="reserve_output_frac"):
+        EngineConfig(reserve_output_frac=1.5)

@@ -181,6 +181,7 @@ class Scenario:
     faults: bool = False  # tool failures (retried after a timeout) and network jitter
     config_every_s: float = 0.0  # CONFIG decisions over CONFIG_GRID
     budgets: bool = False  # continuations of truncated outputs, and BUDGET decisions over BUDGET_MULTIPLIERS
+    reserve_output_frac: float = 0.0  # SGLang-style KV reservation for decodes at admission
 
 
 @st.composite
@@ -208,7 +209,8 @@ def scenarios(draw: st.DrawFn, tight: bool = True) -> Scenario:
         admission=draw(st.sampled_from(["rank", "rank", "pick"])),
         faults=draw(st.sampled_from([False, False, True])),
         config_every_s=draw(st.sampled_from([0.0, 0.0, 0.02])),
-        budgets=draw(st.sampled_from([False, False, True])),  # drawn last: the others as before
+        budgets=draw(st.sampled_from([False, False, True])),
+        reserve_output_frac=draw(st.sampled_from([0.0, 0.0, 0.5, 1.0])),  # drawn last: the others as before
     )
 
 
@@ -273,6 +275,7 @@ def build(sc: Scenario) -> Engine:
         continuation_prompt_tokens=CONTINUATION_TOKENS,
         budget_rule="policy" if sc.budgets else "workload",
         budget_multipliers=BUDGET_MULTIPLIERS,
+        reserve_output_frac=sc.reserve_output_frac,
     )
     faults = FAULTS if sc.faults else {}
     if sc.replicas == "hetero":  # with faults, critics and aggregators need the larger model
