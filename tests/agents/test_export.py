@@ -179,7 +179,9 @@ def test_replica_table_policies_export_and_reproduce_their_decisions(env_id: str
     from servegym.envs.engine.config import ClusterConfig
 
     th.manual_seed(0)
-    cluster = ClusterConfig(replicas=["llama8b_h100", "llama8b_h100", "llama70b_h100x4"])
+    # replicas of three sizes: two identical idle replicas tie exactly, and torch and
+    # onnxruntime may round such a tie apart differently (seen once the schema grew a column)
+    cluster = ClusterConfig(replicas=["llama1b_h100", "llama8b_h100", "llama70b_h100x4"])
     env = gym.make(env_id, workload=_workload(), cluster=cluster, env=EnvConfig(max_candidates=8))
     routing = env_id == "servegym/Routing-v0"
     algo, policy = (MaskablePPO, MaskableSetActorCriticPolicy) if routing else (PPO, SetActorCriticPolicy)
