@@ -122,3 +122,17 @@ def assert_onnx_makes_the_sb3_decisions(model, paths, kind: str, run, at_least: 
     sb3 = run(SB3Policy(model=model, kinds=(kind,), fallback=PredictedTreeSRPT()))
     assert sum(k == DecisionKind[kind.upper()] for k, _ in sb3) >= at_least
     assert run(OnnxPolicy(str(paths["onnx"]))) == sb3
+
+
+def drive_by_rule(env, rule, workload_seed: int) -> tuple[int, dict]:
+    """Play one episode of a one-choice env with ``rule``'s own slots (``policy_slot``: what
+    cloning learns from) on workload ``workload_seed``; each slot must be one of the rule's
+    tied best and valid. Returns (steps, the last step's info, which holds the run's metrics)."""
+    env.reset(seed=0, options={"workload_seed": workload_seed})
+    done, steps, info = False, 0, {}
+    while not done:
+        slot, best = env.unwrapped.policy_slot(rule)
+        assert best[slot] and env.unwrapped.action_masks()[slot]
+        _, _, terminated, truncated, info = env.step(slot)
+        done, steps = terminated or truncated, steps + 1
+    return steps, info

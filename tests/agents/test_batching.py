@@ -12,7 +12,12 @@ import servegym.envs  # noqa: F401  (registers the ids)
 from servegym.agents.policies.batching import Batching
 from servegym.agents.policies.heuristics import PredictedTreeSRPT
 from servegym.envs.engine.engine import Engine
-from tests.agents.conftest import assert_onnx_makes_the_sb3_decisions, decision_trace, export_one_choice
+from tests.agents.conftest import (
+    assert_onnx_makes_the_sb3_decisions,
+    decision_trace,
+    drive_by_rule,
+    export_one_choice,
+)
 from tests.envs.small import small_kwargs
 
 KWARGS = small_kwargs("servegym/Config-v0")
@@ -28,13 +33,7 @@ def test_config_env_slots_carry_out_a_rule_and_the_fallback_answers_the_rest() -
     fallback, is Batching(tree-SRPT, kv_fit)'s run."""
     rule = Batching(PredictedTreeSRPT(), "kv_fit")
     env = gym.make("servegym/Config-v0", **KWARGS, fallback=PredictedTreeSRPT())
-    env.reset(seed=0, options={"workload_seed": 6})
-    done, steps = False, 0
-    while not done:
-        slot, best = env.unwrapped.policy_slot(rule)
-        assert best[slot] and env.unwrapped.action_masks()[slot]
-        _, _, terminated, truncated, info = env.step(slot)
-        done, steps = terminated or truncated, steps + 1
+    steps, info = drive_by_rule(env, rule, workload_seed=6)
     assert steps > 3
     assert (
         info["metrics"]["jct_mean_s"] == _run(Batching(PredictedTreeSRPT(), "kv_fit"), seed=6)["jct_mean_s"]

@@ -14,7 +14,12 @@ from servegym.agents.policies.budgets import Budgeting
 from servegym.agents.policies.heuristics import PredictedTreeSRPT
 from servegym.envs.engine.engine import Engine
 from servegym.envs.engine.policy import GLOBAL_FEATURES, Decision, DecisionKind
-from tests.agents.conftest import assert_onnx_makes_the_sb3_decisions, decision_trace, export_one_choice
+from tests.agents.conftest import (
+    assert_onnx_makes_the_sb3_decisions,
+    decision_trace,
+    drive_by_rule,
+    export_one_choice,
+)
 from tests.envs.small import small_kwargs
 
 KWARGS = small_kwargs("servegym/Budget-v0")  # max_tokens 16, outputs of 40 on average: budgets bind
@@ -86,13 +91,7 @@ def test_budget_env_slots_carry_out_a_rule_and_the_fallback_answers_the_rest() -
     Budgeting(tree-SRPT, oracle)'s run."""
     rule = Budgeting(PredictedTreeSRPT(), "oracle")
     env = gym.make("servegym/Budget-v0", **KWARGS, fallback=PredictedTreeSRPT())
-    env.reset(seed=0, options={"workload_seed": 6})
-    done, steps = False, 0
-    while not done:
-        slot, best = env.unwrapped.policy_slot(rule)
-        assert best[slot] and env.unwrapped.action_masks()[slot]
-        _, _, terminated, truncated, info = env.step(slot)
-        done, steps = terminated or truncated, steps + 1
+    steps, info = drive_by_rule(env, rule, workload_seed=6)
     assert steps > 10
     want = _engine(6).run(Budgeting(PredictedTreeSRPT(), "oracle"))
     assert info["metrics"]["jct_mean_s"] == want.jct_mean_s

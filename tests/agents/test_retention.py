@@ -25,6 +25,7 @@ from tests.agents.conftest import (
     TREE_SRPT,
     assert_onnx_makes_the_sb3_decisions,
     decision_trace,
+    drive_by_rule,
     export_one_choice,
     tiny_maskable_model,
 )
@@ -250,12 +251,6 @@ def test_retention_env_policy_slot_carries_out_a_rule() -> None:
     env = gym.make(
         "servegym/Retention-v0", workload=_workload(), engine=_config(), fallback=PredictedTreeSRPT()
     )
-    env.reset(seed=0, options={"workload_seed": 6})
-    done = False
-    while not done:
-        slot, best = env.unwrapped.policy_slot(rule)
-        assert best[slot]
-        _, _, terminated, truncated, info = env.step(slot)
-        done = terminated or truncated
+    _, info = drive_by_rule(env, rule, workload_seed=6)
     direct, _ = _run(Retaining(PredictedTreeSRPT(), rule="tool_mean", grace_s=1.0), seed=6)
     assert info["metrics"]["jct_mean_s"] == direct["jct_mean_s"]
