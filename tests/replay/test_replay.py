@@ -25,7 +25,9 @@ def config(url: str, **overrides) -> ReplayConfig:
 
 def test_every_call_runs_once_after_its_parents_with_their_outputs(server) -> None:
     jobs = small_trees()
-    result = replay(FixedJobs(jobs), config(f"http://127.0.0.1:{server.port}/v1"))
+    # nothing fails here: a generous timeout, so a loaded machine (CI on 2 shared cores once took
+    # over 0.5 s to answer) does not turn a slow answer into a retry
+    result = replay(FixedJobs(jobs), config(f"http://127.0.0.1:{server.port}/v1", request_timeout_s=10.0))
     by_tag = {}
     for received in server.log:
         assert received.tag not in by_tag, f"{received.tag} sent twice"
