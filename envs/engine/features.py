@@ -4,7 +4,7 @@ here knows a column's position or scale."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from servegym.envs.engine.schema import (
     RETAIN,
     ROUTE,
     ScaleContext,
+    Table,
 )
 from servegym.envs.workloads.job import KNOWN_ROLES
 
@@ -286,16 +287,7 @@ def retain_decision(engine: Engine, replica: Replica, call: int, children: int, 
     }
     true_pause = calls.tool_latency_s[call] + engine.cluster.network_delay_s
     privileged = {"true_remaining_output_tokens": 0.0, "true_tool_latency_s": true_pause}
-    context = _context(engine, replica)
-    rows = len(ttls)
-    return _menu_decision(
-        engine,
-        replica,
-        DecisionKind.RETAIN,
-        RETAIN.encode(raw, context, rows),
-        PRIVILEGED.encode(privileged, context, rows),
-        call,
-    )
+    return _menu_decision(engine, replica, DecisionKind.RETAIN, RETAIN, raw, len(ttls), privileged, call)
 
 
 def config_options(config: EngineConfig) -> list[tuple[int, int]]:
@@ -332,9 +324,7 @@ def config_decision(
         "finished_since_log": now.calls_finished - mark.calls_finished,
         "mean_running_frac": ran / max(iterations, 1) / config.max_num_seqs,
     }
-    features = CONFIG.encode(raw, _context(engine, replica), len(options))
-    privileged = np.zeros((len(options), len(PRIVILEGED)), dtype=np.float32)
-    return _menu_decision(engine, replica, DecisionKind.CONFIG, features, privileged)
+    return _menu_decision(engine, replica, DecisionKind.CONFIG, CONFIG, raw, len(options))
 
 
 def budget_options(config: EngineConfig, workload_max_tokens: int) -> np.ndarray:
@@ -375,39 +365,39 @@ def budget_decision(
         "true_remaining_output_tokens": float(calls.true_output_tokens[call]),
         "true_tool_latency_s": 0.0,
     }
-    context, rows = _context(engine, replica), len(budgets)
-    decision = _menu_decision(
-        engine,
-        replica,
-        DecisionKind.BUDGET,
-        BUDGET.encode(raw, context, rows),
-        PRIVILEGED.encode(truth, context, rows),
-        call,
-    )
-    decision.mask = np.asarray(fits, dtype=bool)
-    return decision
+    return _menu_decision(engine, replica, DecisionKind.BUDGET, BUDGET, raw, len(budgets), truth, call, fits)
 
 
 def _menu_decision(
     engine: Engine,
     replica: Replica,
     kind: DecisionKind,
-    features: np.ndarray,
-    privileged: np.ndarray,
+    table: Table,
+    raw: dict[str, Any],
+    rows: int,
+    truth: dict[str, Any] | None = None,
     call: int = -1,
+    mask: np.ndarray | None = None,
 ) -> Decision:
-    """A decision among a fixed menu of options (RETAIN's TTLs, CONFIG's caps, BUDGET's budgets): candidates are
-    the option indices, every option is allowed, and the global features are the replica's
-    with its whole token budget (no iteration is being scheduled)."""
-    rows = len(features)
+    """A decision among a fixed menu of ``rows`` options (RETAIN's TTLs, CONFIG's caps, BUDGET's
+    budgets), ``raw`` read into ``table`` and ``truth`` into the privileged columns (zeros when
+    None): candidates are the option indices, every option is allowed unless ``mask`` says
+    otherwise, and the global features are the replica's with its whole token budget (no
+    iteration is being scheduled)."""
+    context = _context(engine, replica)
+    privileged = (
+        PRIVILEGED.encode(truth, context, rows)
+        if truth is not None
+        else np.zeros((rows, len(PRIVILEGED)), dtype=np.float32)
+    )
     return Decision(
         kind=kind,
         replica=replica.index,
         candidates=np.arange(rows, dtype=np.int64),
-        features=features,
+        features=table.encode(raw, context, rows),
         privileged=privileged,
         global_features=global_features(engine, replica, replica.config.max_num_batched_tokens),
-        mask=np.ones(rows, dtype=bool),
+        mask=np.ones(rows, dtype=bool) if mask is None else np.asarray(mask, dtype=bool),
         call=call,
         now_s=engine.now_s,
     )

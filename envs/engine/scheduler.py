@@ -281,9 +281,7 @@ class Replica:
             calls.lost_tokens[call] = max(int(calls.lost_tokens[call]), int(calls.num_computed[call]))
             calls.num_computed[call] = 0
         for pinned in list(self.pins):
-            self.pins.unpin(pinned)
-        self.pins.waiters.clear()
-        self.pins.of_child.clear()
+            self.pins.unpin(pinned)  # each pin takes its waiters and children's entries with it
         bm.drop_cache()
         self.down_until_s = until_s
         self.num_outages += 1
