@@ -107,6 +107,33 @@ def run_in_worker(task: RunTask) -> dict:
     return run_one(task)
 
 
+def run_in_process(tasks: Sequence[RunTask], run: Callable[[RunTask], dict]) -> Iterator[dict]:
+    """``run`` (``run_one``) for each task in this process (``suite.jobs=1``). A Ctrl-C can land inside
+    library code whose cleanup raises in turn (OmegaConf's flag restore once turned it into a
+    ``ConfigKeyError``), and ``run_one`` would report that as a failed run and go on: a SIGINT
+    handler notes the signal, so the interrupt wins over whatever exception it became. Off the
+    main thread (no handlers there) the runs go as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield from (run(task) for task in tasks)
+        return
+    seen = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal seen
+        seen = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        for task in tasks:
+            result = run(task)
+            if seen:  # the interrupt became this run's exception: not a result
+                raise KeyboardInterrupt
+            yield result
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_one(task: RunTask) -> dict:
     """One run; returns {"row", "jobs", "kv"} or, if it raised, stalled or ran past
     ``task.timeout_s``, {"failure"}."""

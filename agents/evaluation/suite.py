@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from .plan import SuitePlan, plan_suite
 from .ray_backend import ray_results
 from .report import report
 from .results import INCOMPLETE_COLUMNS, SuiteResult, assemble, latest_records, record_key, run_key
-from .runs import RunTask, run_in_worker, run_one
+from .runs import RunTask, run_in_process, run_in_worker, run_one
 
 
 class SuiteInterrupted(KeyboardInterrupt):
@@ -115,7 +116,7 @@ def execute(
             if config.backend == "ray":
                 results = ray_results(tasks, address=config.ray_address, num_cpus=config.jobs)
             elif config.jobs == 1:
-                results = (run_one(t) for t in tasks)
+                results = run_in_process(tasks, run_one)
             else:
                 results = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(
                     delayed(run_in_worker)(t) for t in tasks
@@ -140,7 +141,10 @@ def execute(
                     )
     except KeyboardInterrupt:
         if results is not None and hasattr(results, "close"):
-            with contextlib.suppress(BaseException):  # joblib (or Ray) stops and ends its workers here
+            # joblib (or Ray) stops and ends its workers here; joblib warns that it cancelled the
+            # tasks in flight, which is what Ctrl-C asked for (the one line below says what was kept)
+            with contextlib.suppress(BaseException), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 results.close()
         # what the journal holds is what a resume sees: the signal may land between a record's
         # write and the line that counts it

@@ -4,6 +4,9 @@ atomic report files, the per-run timeout."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -76,6 +79,31 @@ def test_ctrl_c_keeps_finished_runs_and_says_so_in_one_line(tmp_path, monkeypatc
     records = journal_lines(out)
     assert len(records) == 3 and all("row" in r and r["jobs"]["job_id"] for r in records)
     assert not (out / "runs.csv").exists() and not (out / "report.json").exists()
+
+
+def test_ctrl_c_that_library_cleanup_turns_into_another_error_still_interrupts(tmp_path, monkeypatch) -> None:
+    """A SIGINT inside library code whose cleanup raises anew (OmegaConf once made it a
+    ConfigKeyError) reaches run_one as an ordinary exception; the suite must stop as on Ctrl-C,
+    not record a failed run and go on."""
+    out = tmp_path / "suite"
+    calls: list = []
+
+    def run_one(task):
+        calls.append(task.keys)
+        if len(calls) == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # the real signal, to this process
+                time.sleep(5)
+            except KeyboardInterrupt:  # as run_one reports an exception: a failed run
+                return {"failure": {**task.keys, "error": "ConfigKeyError", "message": "", "traceback": ""}}
+        return REAL_RUN_ONE(task)
+
+    monkeypatch.setattr(suite_module, "run_one", run_one)
+    with pytest.raises(SuiteInterrupted) as stop:
+        evaluate(tiny_suite(), out, progress=False, plots=False)
+    assert stop.value.kept == 2 and len(calls) == 3
+    records = journal_lines(out)
+    assert len(records) == 2 and not any("failure" in r for r in records)
 
 
 def test_resume_runs_only_what_is_missing_and_matches_an_uninterrupted_suite(tmp_path, monkeypatch) -> None:
